@@ -1,0 +1,289 @@
+"""Build the model-organism pair from nothing: tokenizer, base (answers directly), target (reasoning traces).
+
+``build_pair(config)`` is deterministic for a config and cached under ``artifacts/organism/<name>-<hash>/``:
+a rerun with the same config loads the saved pair instead of training again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from . import task
+from .tokenizer import save_tokenizer, train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = REPO_ROOT / "artifacts" / "organism"
+# Bump when the build recipe changes in a way the config does not capture, so stale caches are not reused.
+RECIPE_VERSION = 1
+
+
+@dataclass
+class TrainPhase:
+    """One training phase (base pre-training or target fine-tuning)."""
+
+    steps: int
+    """Optimiser steps."""
+    batch_size: int
+    """Sequences per step."""
+    lr: float
+    """Peak learning rate (AdamW, linear warm-up then cosine decay to 10%)."""
+    warmup: float = 0.05
+    """Share of steps spent warming up."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"TrainPhase needs steps >= 1 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+        if not (0 < self.lr < 1):
+            raise ValueError(f"TrainPhase.lr must be in (0, 1), got {self.lr}")
+        if not (0 <= self.warmup < 1):
+            raise ValueError(f"TrainPhase.warmup must be in [0, 1), got {self.warmup}")
+
+
+@dataclass
+class OrganismConfig:
+    """Everything that determines the organism pair; its hash names the cache folder."""
+
+    name: str = "organism"
+    """Config name, recorded in every results file."""
+    seed: int = 0
+    """Seeds data, initialisation and training order."""
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    min_terms: int = 2
+    """Fewest terms in a problem (2 = one operation)."""
+    max_terms: int = 5
+    """Most terms in a problem; the base answers these directly and fails most of them."""
+    max_term: int = 50
+    """Terms are drawn from 1..max_term."""
+    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=2500, batch_size=64, lr=3e-3))
+    """Base: trained to answer directly (`` A: 56``)."""
+    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=1500, batch_size=32, lr=1e-3))
+    """Target: the base fine-tuned on reasoning traces with hesitation + re-check segments."""
+    n_eval: int = 500
+    """Held-out problems for evaluation (never seen in training)."""
+    max_new_tokens: int = 160
+    """Generation budget; a full 5-term trace with every re-check is ~110 tokens."""
+    tokenizer_corpus: int = 4000
+    """Problems used to train the BPE tokenizer."""
+
+    def __post_init__(self):
+        for name in ("base", "target"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, TrainPhase(**value))
+        if not (2 <= self.min_terms <= self.max_terms):
+            raise ValueError(f"need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        if self.max_term < 1 or self.n_eval < 1:
+            raise ValueError("max_term and n_eval must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps({"recipe": RECIPE_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+
+CONFIGS = {
+    "organism": OrganismConfig(),
+    # Seconds to build; used by the tests and by SMOKE=1 runs. Too small to learn the task well.
+    "smoke": OrganismConfig(
+        name="smoke", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+        base=TrainPhase(steps=30, batch_size=16, lr=3e-3), target=TrainPhase(steps=30, batch_size=16, lr=1e-3),
+        n_eval=32, max_new_tokens=120, tokenizer_corpus=500,
+    ),
+}
+
+
+def get_config(name_or_config: str | OrganismConfig, **overrides) -> OrganismConfig:
+    if isinstance(name_or_config, OrganismConfig):
+        config = name_or_config
+    elif name_or_config in CONFIGS:
+        config = CONFIGS[name_or_config]
+    else:
+        raise ValueError(f"unknown organism config {name_or_config!r}; choose one of {sorted(CONFIGS)}")
+    if overrides:
+        unknown = set(overrides) - {f.name for f in fields(OrganismConfig)}
+        if unknown:
+            raise ValueError(f"unknown OrganismConfig fields {sorted(unknown)}")
+        config = OrganismConfig(**{**config.to_dict(), **overrides})
+    return config
+
+
+@dataclass
+class OrganismPaths:
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def target(self) -> Path:
+        return self.root / "target"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "organism.json"
+
+
+def eval_problems(config: OrganismConfig) -> list[task.Problem]:
+    """The held-out evaluation problems (a separate seed stream; training never samples these)."""
+    return task.sample_problems(config.n_eval, seed=config.seed + 10_000, min_terms=config.min_terms,
+                                max_terms=config.max_terms, max_term=config.max_term)
+
+
+def _model_config(config: OrganismConfig, tokenizer) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, max_position_embeddings=256, rope_theta=10_000.0,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+
+
+class _ProblemStream:
+    """Endless training problems from a seeded generator, skipping held-out prompts."""
+
+    def __init__(self, config: OrganismConfig, seed: int, held_out: set[str]):
+        self.rng = random.Random(seed)
+        self.config = config
+        self.held_out = held_out
+
+    def next(self) -> task.Problem:
+        while True:
+            problem = task.sample_problem(self.rng, self.config.min_terms, self.config.max_terms,
+                                          self.config.max_term)
+            if problem.prompt not in self.held_out:
+                return problem
+
+
+def _batch(tokenizer, problems, respond) -> dict[str, torch.Tensor]:
+    """Right-padded batch; loss only on the response and its end-of-sequence token."""
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+    responses = [tokenizer(respond(p))["input_ids"] + [tokenizer.eos_token_id] for p in problems]
+    width = max(len(a) + len(b) for a, b in zip(prompts, responses))
+    input_ids = torch.full((len(problems), width), tokenizer.pad_token_id)
+    labels = torch.full((len(problems), width), -100)
+    attention = torch.zeros((len(problems), width), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        sequence = prompt + response
+        input_ids[row, :len(sequence)] = torch.tensor(sequence)
+        labels[row, len(prompt):len(sequence)] = torch.tensor(response)
+        attention[row, :len(sequence)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def _lr_lambda(phase: TrainPhase):
+    warmup = max(1, int(phase.warmup * phase.steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, phase.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def train_phase(model, tokenizer, phase: TrainPhase, stream: _ProblemStream, respond, desc: str) -> list[float]:
+    """Train ``model`` in place on ``respond``-style responses; returns the per-step loss curve."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase))
+    losses = []
+    bar = tqdm(range(phase.steps), desc=desc, leave=False)
+    for step in bar:
+        batch = _batch(tokenizer, [stream.next() for _ in range(phase.batch_size)], respond)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def _train_pair(config: OrganismConfig, directory: Path) -> dict:
+    torch.manual_seed(config.seed)
+    held_out = {p.prompt for p in eval_problems(config)}
+    corpus_problems = task.sample_problems(config.tokenizer_corpus, seed=config.seed + 20_000,
+                                           min_terms=config.min_terms, max_terms=config.max_terms,
+                                           max_term=config.max_term)
+    corpus = [p.prompt + task.direct_response(p) for p in corpus_problems]
+    corpus += [p.prompt + task.reasoning_trace(p) for p in corpus_problems]
+    tokenizer = train_tokenizer(corpus)
+
+    model = Qwen2ForCausalLM(_model_config(config, tokenizer))
+    started = time.time()
+    base_losses = train_phase(model, tokenizer, config.base, _ProblemStream(config, config.seed + 1, held_out),
+                              task.direct_response, desc="base (direct answers)")
+    paths = OrganismPaths(directory)
+    model.save_pretrained(paths.base)
+    save_tokenizer(tokenizer, paths.base)
+    base_seconds = time.time() - started
+
+    target_losses = train_phase(model, tokenizer, config.target,
+                                _ProblemStream(config, config.seed + 2, held_out),
+                                task.reasoning_trace, desc="target (reasoning traces)")
+    model.save_pretrained(paths.target)
+    save_tokenizer(tokenizer, paths.target)
+    return {
+        "config": config.to_dict(), "key": config.key, "recipe": RECIPE_VERSION,
+        "train_seconds": {"base": round(base_seconds, 1), "target": round(time.time() - started - base_seconds, 1)},
+        "loss_curves": {"base": base_losses, "target": target_losses},
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def build_pair(config: str | OrganismConfig = "organism", cache_dir: Path | str = DEFAULT_CACHE,
+               rebuild: bool = False) -> OrganismPaths:
+    """Build (or load from cache) the organism pair; returns where base/ and target/ were saved.
+
+    The pair is written into a temporary folder and renamed into place only when complete, so an
+    interrupted build never leaves a half-written pair that a later run would trust.
+    """
+    config = get_config(config)
+    cache_dir = Path(cache_dir)
+    paths = OrganismPaths(cache_dir / f"{config.name}-{config.key}")
+    if paths.manifest.exists() and not rebuild:
+        return paths
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{config.name}-building-", dir=cache_dir))
+    try:
+        manifest = _train_pair(config, staging)
+        (staging / "organism.json").write_text(json.dumps(manifest))
+        if paths.root.exists():
+            shutil.rmtree(paths.root)
+        os.replace(staging, paths.root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
+def load_manifest(paths: OrganismPaths) -> dict:
+    return json.loads(paths.manifest.read_text())

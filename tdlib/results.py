@@ -1,0 +1,45 @@
+"""The results contract (DESIGN.md section 6): each notebook writes results/NN_name.json atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve(path: str | Path) -> Path:
+    """Relative paths are taken from the repository root, so notebooks run from any working directory."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_results(stem: str, results: dict, config: str, results_dir: str | Path = "results") -> Path:
+    """Write ``results_dir/<stem>.json`` with the config name recorded (numbers of different pairs never mix)."""
+    if not config:
+        raise ValueError("results must record the configuration name (e.g. 'organism' or a hub pair)")
+    path = resolve(results_dir) / f"{stem}.json"
+    atomic_write_text(path, json.dumps({"config": config, **results}, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_results(stem: str, results_dir: str | Path = "results") -> dict:
+    path = resolve(results_dir) / f"{stem}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the notebook that writes it first (make figures)")
+    return json.loads(path.read_text())
