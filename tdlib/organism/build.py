@@ -64,20 +64,22 @@ class OrganismConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    min_terms: int = 2
+    min_terms: int = 3
     """Fewest terms in a problem (2 = one operation)."""
-    max_terms: int = 5
-    """Most terms in a problem; the base answers these directly and fails most of them."""
-    max_term: int = 50
-    """Terms are drawn from 1..max_term."""
-    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=2500, batch_size=64, lr=3e-3))
+    max_terms: int = 8
+    """Most terms in a problem; answering long chains in one forward pass is what the base fails at."""
+    max_term: int = 9
+    """Terms are drawn from 1..max_term. Single digits keep each step easy to learn, so the target's gain
+    comes from chaining steps (multi-digit terms made copying them from the prompt too slow to learn on a CPU)."""
+    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=600, batch_size=64, lr=3e-3))
     """Base: trained to answer directly (`` A: 56``)."""
-    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=1500, batch_size=32, lr=1e-3))
-    """Target: the base fine-tuned on reasoning traces with hesitation + re-check segments."""
+    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=3000, batch_size=16, lr=3e-3))
+    """Target: the base fine-tuned on reasoning traces with hesitation + re-check segments. Accuracy jumps
+    between ~800 and ~1600 steps (measured: greedy accuracy 10% at 800, 79% at 1600)."""
     n_eval: int = 500
     """Held-out problems for evaluation (never seen in training)."""
-    max_new_tokens: int = 160
-    """Generation budget; a full 5-term trace with every re-check is ~110 tokens."""
+    max_new_tokens: int = 200
+    """Generation budget; an 8-term trace with a re-check after every step is ~150 tokens."""
     tokenizer_corpus: int = 4000
     """Problems used to train the BPE tokenizer."""
 
