@@ -49,7 +49,7 @@ def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] 
     for notebook in notebooks:
         executed = run_dir / notebook.name
         started = time.time()
-        print(f"[pipeline] {notebook.name} -> {executed.relative_to(REPO_ROOT)}", flush=True)
+        print(f"[pipeline] {notebook.name} -> {executed}", flush=True)
         try:
             papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
                                        cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False)

@@ -1,0 +1,159 @@
+"""The splice: the target model with a per-layer choice of MLP.
+
+Every model in the paper is "the target with some layers' MLPs swapped" (DESIGN.md section 1):
+
+    target            all layers "target"
+    hybrid            all layers "base"
+    adapter model     all layers "adapter"  (base MLP + transcoder adapter)
+    bridges           "adapter" below/above a cut k, "target" elsewhere
+
+``splice`` replaces each MLP of the target, in place, by a ``SplicedMLP`` holding the target's MLP, a copy of
+the base's, and optionally an adapter; ``set_mlp_choice`` picks per layer. The result is still a plain
+transformers model (``generate`` runs at full speed) and works inside nnsight traces.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterable, Mapping
+
+from torch import nn
+
+from .adapter import AdapterSet, TranscoderAdapter
+from .models import check_compatible, find_layers, get_mlp, set_mlp, unwrap
+
+CHOICES = ("target", "base", "adapter")
+
+
+class SplicedMLP(nn.Module):
+    def __init__(self, target_mlp: nn.Module, base_mlp: nn.Module, adapter: TranscoderAdapter | None = None):
+        super().__init__()
+        self.target_mlp = target_mlp
+        self.base_mlp = base_mlp
+        self.adapter = adapter
+        self.choice = "target"
+
+    def forward(self, x):
+        if self.choice == "target":
+            return self.target_mlp(x)
+        if self.choice == "base":
+            return self.base_mlp(x)
+        if self.adapter is None:
+            raise RuntimeError("this layer's MLP choice is 'adapter' but it has no adapter; attach_adapters first")
+        return self.base_mlp(x) + self.adapter(x).out
+
+    def extra_repr(self) -> str:
+        return f"choice={self.choice!r}"
+
+
+def spliced_mlps(model) -> list[SplicedMLP]:
+    mlps = [get_mlp(model, i) for i in range(len(find_layers(model)))]
+    if not all(isinstance(m, SplicedMLP) for m in mlps):
+        raise ValueError("this model is not spliced; call tdlib.splice.splice(target, base) first")
+    return mlps
+
+
+def is_spliced(model) -> bool:
+    return isinstance(get_mlp(model, 0), SplicedMLP)
+
+
+def splice(target, base, adapters: AdapterSet | None = None):
+    """Give every layer of ``target`` (in place) the choice between its MLP, the base's MLP and base + adapter.
+
+    ``target`` and ``base`` may be transformers models or nnsight wrappers; the base's MLPs are copied to the
+    target's dtype and device, so the base model can be freed afterwards. All layers start as "target".
+    """
+    if is_spliced(target):
+        raise ValueError("the target is already spliced; splice a fresh copy instead")
+    check_compatible(base, target)
+    for layer in range(len(find_layers(target))):
+        target_mlp = get_mlp(target, layer)
+        reference = next(target_mlp.parameters())
+        base_mlp = copy.deepcopy(get_mlp(base, layer)).to(device=reference.device, dtype=reference.dtype)
+        set_mlp(unwrap(target), layer, SplicedMLP(target_mlp, base_mlp))
+    if adapters is not None:
+        attach_adapters(target, adapters)
+    return target
+
+
+def attach_adapters(model, adapters: AdapterSet):
+    """Put ``adapters`` into a spliced model (replacing any there); layers without an adapter get none."""
+    mlps = spliced_mlps(model)
+    d_model = unwrap(model).config.hidden_size
+    if adapters.config.d_model != d_model:
+        raise ValueError(f"adapters are {adapters.config.d_model} wide but the model's hidden size is {d_model}")
+    if adapters.layers and max(adapters.layers) >= len(mlps):
+        raise ValueError(f"adapters name layer {max(adapters.layers)} but the model has {len(mlps)} layers")
+    reference = next(mlps[0].parameters())
+    for layer, mlp in enumerate(mlps):
+        adapter = adapters[layer]
+        mlp.adapter = None if adapter is None else adapter.to(device=reference.device, dtype=reference.dtype)
+    return model
+
+
+def _per_layer(choice, n_layers: int) -> list[str]:
+    if isinstance(choice, str):
+        choices = [choice] * n_layers
+    elif isinstance(choice, Mapping):
+        unknown = [k for k in choice if not 0 <= k < n_layers]
+        if unknown:
+            raise ValueError(f"MLP choice names layers {unknown} outside 0..{n_layers - 1}")
+        choices = [choice.get(i, "target") for i in range(n_layers)]
+    else:
+        choices = list(choice)
+        if len(choices) != n_layers:
+            raise ValueError(f"MLP choice has {len(choices)} entries but the model has {n_layers} layers")
+    bad = sorted({c for c in choices if c not in CHOICES})
+    if bad:
+        raise ValueError(f"unknown MLP choice {bad}; each layer takes one of {CHOICES}")
+    return choices
+
+
+def get_mlp_choice(model) -> list[str]:
+    return [mlp.choice for mlp in spliced_mlps(model)]
+
+
+def set_mlp_choice(model, choice: str | Iterable[str] | Mapping[int, str]) -> None:
+    """``choice``: one of "target"/"base"/"adapter" for every layer, a list with one per layer, or a dict
+    {layer: choice} (unnamed layers use the target's MLP)."""
+    mlps = spliced_mlps(model)
+    choices = _per_layer(choice, len(mlps))
+    for layer, (mlp, chosen) in enumerate(zip(mlps, choices)):
+        if chosen == "adapter" and mlp.adapter is None:
+            raise ValueError(f"layer {layer} has no adapter; attach_adapters before choosing 'adapter'")
+        mlp.choice = chosen
+
+
+@contextmanager
+def mlp_choice(model, choice):
+    """Temporarily set the MLP choice; the previous choice is restored on exit, even after an error."""
+    previous = get_mlp_choice(model)
+    set_mlp_choice(model, choice)
+    try:
+        yield model
+    finally:
+        set_mlp_choice(model, previous)
+
+
+def choice_for(kind: str, n_layers: int, k: int | None = None) -> list[str]:
+    """Named per-layer choices: target, hybrid, adapter, bridge_adapter_to_target (adapter below k),
+    bridge_target_to_adapter (adapter from k on)."""
+    simple = {"target": "target", "hybrid": "base", "adapter": "adapter"}
+    if kind in simple:
+        return [simple[kind]] * n_layers
+    if kind not in ("bridge_adapter_to_target", "bridge_target_to_adapter"):
+        raise ValueError(f"unknown model kind {kind!r}; use target, hybrid, adapter, bridge_adapter_to_target "
+                         "or bridge_target_to_adapter")
+    if k is None or not 0 <= k <= n_layers:
+        raise ValueError(f"a bridge needs a cut k in 0..{n_layers}, got {k}")
+    below, above = ("adapter", "target") if kind == "bridge_adapter_to_target" else ("target", "adapter")
+    return [below if i < k else above for i in range(n_layers)]
+
+
+def build_hybrid_copy(target, base) -> nn.Module:
+    """An independent copy of ``target`` whose MLP weights are the base's (the reference hybrid for tests)."""
+    check_compatible(base, target)
+    hybrid = copy.deepcopy(unwrap(target))
+    for layer in range(len(find_layers(hybrid))):
+        get_mlp(hybrid, layer).load_state_dict(get_mlp(base, layer).state_dict())
+    return hybrid
