@@ -35,7 +35,7 @@ def organism_figure(results: dict, models=("base", "target", "hybrid")):
     length_axis.bar(models, [results[m]["mean_response_tokens"] for m in models], color=colors)
     length_axis.set(ylabel="mean response length (tokens)", title="Response length")
     wait_axis.bar(models, [100 * results[m]["wait_rate"] for m in models], color=colors)
-    wait_axis.axhspan(15, 60, color="grey", alpha=0.15, label='design band for the target (15-60%)')
+    wait_axis.axhspan(15, 60, color="grey", alpha=0.15, zorder=0, label='design band for the target (15-60%)')
     wait_axis.set(ylabel='responses containing "wait" (%)', ylim=(0, 100), title="Hesitation")
     wait_axis.legend(loc="upper right", fontsize=8)
     fig.suptitle(f"Model organism, {results['n_problems']} held-out problems, greedy decoding")
