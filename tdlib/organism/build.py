@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from ..schedule import warmup_cosine
 from . import task
 from .tokenizer import save_tokenizer, train_tokenizer
 
@@ -195,23 +195,11 @@ def _batch(tokenizer, problems, respond) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def _lr_lambda(phase: TrainPhase):
-    warmup = max(1, int(phase.warmup * phase.steps))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, phase.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return schedule
-
-
 def train_phase(model, tokenizer, phase: TrainPhase, stream: _ProblemStream, respond, desc: str) -> list[float]:
     """Train ``model`` in place on ``respond``-style responses; returns the per-step loss curve."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(phase))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, phase.warmup))
     losses = []
     bar = tqdm(range(phase.steps), desc=desc, leave=False)
     for step in bar:

@@ -1,0 +1,341 @@
+"""Training transcoder adapters with the paper's objective (DESIGN.md section 1), resumable from checkpoints.
+
+Per batch, with the target's MLPs replaced by base MLP + adapter ("adapter" choice):
+
+    loss = lambda_kl     * KL(p_target || p_adapter)
+         + lambda_bridge * [KL(p_target || p_bridge A->T at k) + KL(p_target || p_bridge T->A at k)]
+         + lambda_nmse   * mean over embeddings + L layers of NMSE(h_adapter, h_target)
+         + l1_weight     * sum over layers of mean over tokens of sum_f act_f * ||W_dec[:, f]||
+
+Each forward pass runs once: the target's pass (no grad) gives the KL targets, the NMSE targets and the
+residual that starts the T->A bridge; the adapter pass gives the NMSE inputs and the residual that starts the
+A->T bridge; each bridge runs only the layers above its cut (``residual.run_from_layer``).
+
+Three kinds share the loop: ``adapter`` (the method), ``mlp_finetune`` (the skyline: the hybrid's base MLPs
+trained densely with the same objective, no sparsity) and ``local_mse`` (a per-layer transcoder fitted only to
+the local MLP difference target_mlp(x) - base_mlp(x), no end-to-end loss).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .models import find_layers, get_mlp
+from .residual import capture_features, capture_residuals, run_from_layer
+from .schedule import warmup_cosine
+from .splice import mlp_choice, spliced_mlps
+
+KINDS = ("adapter", "mlp_finetune", "local_mse")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults follow the paper's text except lambda_bridge (the released 7B config's 2.0)."""
+
+    kind: str = "adapter"
+    """adapter | mlp_finetune (dense skyline) | local_mse (per-layer transcoder, no end-to-end loss)."""
+    n_features: int = 512
+    """Adapter features per layer (the paper: 8192 for a 3584-wide model)."""
+    l1_weight: float = 1e-3
+    """Weight of the decoder-norm-weighted L1 penalty; the sparsity knob of the sweep."""
+    lr: float = 8e-4
+    """Peak learning rate (AdamW)."""
+    warmup: float = 0.05
+    """Share of steps spent in linear warm-up (then cosine decay to 10%)."""
+    steps: int = 1000
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Sequences per step."""
+    lambda_kl: float = 1.0
+    """Weight of the adapt-only KL(target || adapter)."""
+    lambda_bridge: float = 2.0
+    """Weight of each bridging KL (the paper's text: 1.0; its released 7B config: 2.0)."""
+    lambda_nmse: float = 1.0
+    """Weight of the hidden-state NMSE."""
+    min_cut: int = 1
+    """Bridge cuts k are drawn uniformly from min_cut..L (the paper: 1; its released code: 0)."""
+    grad_clip: float = 1.0
+    """Gradient norm clip."""
+    seed: int = 0
+    """Seeds adapter initialisation, batches and bridge cuts."""
+    checkpoint_every: int = 200
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"TrainConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("n_features", "steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("l1_weight", "lambda_kl", "lambda_bridge", "lambda_nmse", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"TrainConfig.lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"TrainConfig.warmup must be in [0, 1), got {self.warmup}")
+        if self.min_cut not in (0, 1):
+            raise ValueError(f"TrainConfig.min_cut must be 0 (released code) or 1 (paper), got {self.min_cut}")
+
+    @property
+    def replacement(self) -> str:
+        """The MLP choice of the layers being trained."""
+        return "base" if self.kind == "mlp_finetune" else "adapter"
+
+
+class Batches(Protocol):
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch for ``step``: deterministic in the step, so a resumed run sees the same data."""
+
+
+class Objective(NamedTuple):
+    loss: torch.Tensor
+    kl: torch.Tensor
+    bridge_kl: torch.Tensor
+    nmse: torch.Tensor
+    l1: torch.Tensor
+    l0: torch.Tensor
+    """Active features per token, per layer (zeros for kinds without features)."""
+    features: dict
+    """Layer -> feature activations of the adapter pass."""
+
+
+# ------------------------------------------------------------------------------------------------ terms
+
+def kl_divergence(target_logits, model_logits, mask) -> torch.Tensor:
+    """KL(p_target || p_model) summed over the vocabulary, mean over tokens where ``mask`` is 1."""
+    target_logp = F.log_softmax(target_logits.float(), dim=-1)
+    model_logp = F.log_softmax(model_logits.float(), dim=-1)
+    per_token = (target_logp.exp() * (target_logp - model_logp)).sum(-1)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def nmse(model_residuals, target_residuals, mask) -> torch.Tensor:
+    """Mean over entries of sum((h_model - h_target)^2) / sum(h_target^2) over non-padding positions."""
+    weights = mask.unsqueeze(-1).to(target_residuals[0].dtype)
+    ratios = [(((a - t) ** 2) * weights).sum() / ((t ** 2) * weights).sum()
+              for a, t in zip(model_residuals, target_residuals)]
+    return torch.stack(ratios).mean()
+
+
+def sparsity(model, features: dict, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder-norm-weighted L1 summed over layers, L0 per layer), each a mean over non-padding tokens."""
+    n_layers = len(find_layers(model))
+    l0 = torch.zeros(n_layers)
+    l1 = torch.zeros((), device=mask.device)
+    tokens = mask.sum()
+    for layer, acts in features.items():
+        norms = get_mlp(model, layer).adapter.decoder_norms()
+        l1 = l1 + ((acts * norms).sum(-1) * mask).sum() / tokens
+        l0[layer] = (((acts > 0).sum(-1) * mask).sum() / tokens).detach().cpu()
+    return l1, l0
+
+
+def bridge_choices(replacement: str, n_layers: int, cut: int) -> dict[str, list[str]]:
+    """Per-layer MLP choices of the two bridges at ``cut``; a direction with no replaced layer is left out."""
+    bridges = {}
+    if cut > 0:
+        bridges["replaced_to_target"] = [replacement if i < cut else "target" for i in range(n_layers)]
+    if cut < n_layers:
+        bridges["target_to_replaced"] = ["target" if i < cut else replacement for i in range(n_layers)]
+    return bridges
+
+
+def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
+    """The full objective with each forward pass computed once."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n_layers = len(find_layers(model))
+    with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals:
+        target_logits = model(input_ids=ids, attention_mask=mask).logits
+    with mlp_choice(model, config.replacement), capture_residuals(model) as residuals, \
+            capture_features(model) as features:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    kl = kl_divergence(target_logits, logits, mask)
+    bridge_kl = torch.zeros((), device=ids.device)
+    for name, choice in bridge_choices(config.replacement, n_layers, cut).items():
+        start = residuals[cut] if name == "replaced_to_target" else target_residuals[cut]
+        with mlp_choice(model, choice):
+            bridge_kl = bridge_kl + kl_divergence(target_logits, run_from_layer(model, start, cut, ids, mask), mask)
+    hidden_nmse = nmse(residuals, target_residuals, mask)
+    l1, l0 = sparsity(model, features, mask)
+    weight_l1 = config.l1_weight if config.kind == "adapter" else 0.0
+    loss = (config.lambda_kl * kl + config.lambda_bridge * bridge_kl + config.lambda_nmse * hidden_nmse
+            + weight_l1 * l1)
+    return Objective(loss, kl, bridge_kl, hidden_nmse, l1, l0, features)
+
+
+def naive_objective(model, batch, config: TrainConfig, cut: int) -> torch.Tensor:
+    """The same loss from one full forward pass per term (the reference the efficient version must match)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n_layers = len(find_layers(model))
+
+    def run(choice):
+        with mlp_choice(model, choice), capture_residuals(model) as residuals, capture_features(model) as feats:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return logits, residuals, feats
+
+    with torch.no_grad():
+        target_logits, target_residuals, _ = run("target")
+    logits, residuals, features = run(config.replacement)
+    loss = config.lambda_kl * kl_divergence(target_logits, logits, mask)
+    for choice in bridge_choices(config.replacement, n_layers, cut).values():
+        loss = loss + config.lambda_bridge * kl_divergence(target_logits, run(choice)[0], mask)
+    loss = loss + config.lambda_nmse * nmse(residuals, target_residuals, mask)
+    if config.kind == "adapter":
+        loss = loss + config.l1_weight * sparsity(model, features, mask)[0]
+    return loss
+
+
+def local_mse_objective(model, batch, config: TrainConfig) -> Objective:
+    """Per-layer transcoder loss: MSE to target_mlp(x) - base_mlp(x) on the target's own MLP inputs, plus L1."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    mlps = spliced_mlps(model)
+    inputs = {}
+    handles = [mlp.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+               for i, mlp in enumerate(mlps)]
+    try:
+        with torch.no_grad(), mlp_choice(model, "target"):
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    weights = mask.unsqueeze(-1).float()
+    mse = torch.zeros(())
+    features = {}
+    for i, mlp in enumerate(mlps):
+        x = inputs[i]
+        with torch.no_grad():
+            difference = mlp.target_mlp(x) - mlp.base_mlp(x)
+        out, acts = mlp.adapter(x)
+        features[i] = acts
+        mse = mse + (((out - difference) ** 2) * weights).sum() / ((difference ** 2) * weights).sum()
+    l1, l0 = sparsity(model, features, mask)
+    zero = torch.zeros(())
+    return Objective(mse + config.l1_weight * l1, zero, zero, mse / len(mlps), l1, l0, features)
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+def trainable_parameters(model, config: TrainConfig) -> list[torch.nn.Parameter]:
+    mlps = spliced_mlps(model)
+    if config.kind == "mlp_finetune":
+        return [p for mlp in mlps for p in mlp.base_mlp.parameters()]
+    if any(mlp.adapter is None for mlp in mlps):
+        raise ValueError(f"kind={config.kind!r} trains adapters but some layers have none; attach_adapters first")
+    return [p for mlp in mlps for p in mlp.adapter.parameters()]
+
+
+def cut_for_step(config: TrainConfig, n_layers: int, step: int) -> int:
+    return random.Random(config.seed * 1_000_003 + step).randint(config.min_cut, n_layers)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+class TrainResult(NamedTuple):
+    log: list[dict]
+    """One row per step: losses, mean L0, learning rate."""
+    tokens_since_fired: dict[int, torch.Tensor]
+    """Per layer and feature: training tokens since the feature last fired (dead features are only counted)."""
+
+
+def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progress: bool = True) -> TrainResult:
+    """Train ``model``'s adapters (or base MLPs) in place; resumes from ``run_dir/checkpoint.pt`` if present.
+
+    A resumed run ends with the same weights as an uninterrupted one: batches and cuts are functions of the
+    step, and the checkpoint holds the optimiser and scheduler states.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parameters = trainable_parameters(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in parameters:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
+    n_layers = len(find_layers(model))
+    log: list[dict] = []
+    since_fired = {i: torch.zeros(config.n_features, dtype=torch.long) for i in range(n_layers)}
+    start = 0
+    checkpoint_path = run_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint_path} was written by a different TrainConfig; use a new run_dir or "
+                             f"delete the checkpoint. Saved: {state['config']}")
+        for p, saved in zip(parameters, state["parameters"]):
+            p.data.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, log, since_fired = state["step"], state["log"], state["since_fired"]
+
+    model.train()
+    bar = tqdm(range(start, config.steps), desc=f"train {config.kind} l1={config.l1_weight:g}",
+               initial=start, total=config.steps, disable=not progress, leave=False)
+    for step in bar:
+        batch = data.batch(step)
+        if config.kind == "local_mse":
+            result = local_mse_objective(model, batch, config)
+        else:
+            result = objective(model, batch, config, cut_for_step(config, n_layers, step))
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        n_tokens = int(batch["attention_mask"].sum())
+        mask = batch["attention_mask"].bool()
+        for layer, acts in result.features.items():
+            fired = (acts.detach()[mask] > 0).any(0).cpu()
+            since_fired[layer] = torch.where(fired, 0, since_fired[layer] + n_tokens)
+        log.append({"step": step + 1, "loss": result.loss.item(), "kl": result.kl.item(),
+                    "bridge_kl": result.bridge_kl.item(), "nmse": result.nmse.item(), "l1": result.l1.item(),
+                    "l0": result.l0.mean().item(), "lr": scheduler.get_last_lr()[0]})
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", l0=f"{log[-1]['l0']:.1f}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            _atomic_torch_save({"config": asdict(config), "step": step + 1, "log": log, "since_fired": since_fired,
+                                "parameters": [p.detach().clone() for p in parameters],
+                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                               checkpoint_path)
+    model.eval()
+    _write_log(log, run_dir / "log.csv")
+    return TrainResult(log, since_fired)
+
+
+def _write_log(log: list[dict], path: Path) -> None:
+    if not log:
+        return
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent, text=True)
+    with os.fdopen(handle, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(log[0]))
+        writer.writeheader()
+        writer.writerows(log)
+    os.replace(temporary, path)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+    return TrainConfig(**values)
