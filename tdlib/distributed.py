@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
                         "pair's per-process default)")
     parser.add_argument("--max-tokens", type=int, default=None, help="truncate training sequences (hub pairs; "
                         "default: the pair's, 10k for paper-7b; see docs/memory_plan.md for what fits)")
+    parser.add_argument("--kl-chunk-tokens", type=int, default=None,
+                        help="head and KL this many tokens at a time (default: the pair's; 1024 for paper-7b)")
+    parser.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=None,
+                        help="1: recompute layers in the backward pass (default: the pair's; on for paper-7b)")
     parser.add_argument("--root", default=None, help="folder of run folders (default: artifacts/train/<pair key>)")
     args = parser.parse_args(argv)
     rank, world, device = init_from_env()
@@ -153,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
               "l1_weight": args.l1_weight, "batch_size": args.batch_size or world * defaults["batch_size"]}
     if args.steps or "steps" in defaults:
         values["steps"] = args.steps or defaults["steps"]
+    chosen = {"kl_chunk_tokens": args.kl_chunk_tokens, "gradient_checkpointing":
+              None if args.gradient_checkpointing is None else bool(args.gradient_checkpointing)}
+    for name, value in chosen.items():
+        if value is not None or name in defaults:
+            values[name] = defaults[name] if value is None else value
     config = TrainConfig(**values)
     model = spliced_target(pair)
     adapters = AdapterSet.for_model(model, config.n_features, seed=config.seed,

@@ -11,6 +11,11 @@ keeps q, k, v, the output and the log-sum-exp, never the T x T matrix), which is
 
 Gradient checkpointing is derived from the same measurement: a checkpointed decoder layer keeps only its input
 during the forward pass and re-creates its own saved tensors, one layer at a time, in the backward pass.
+
+The chunked KL (``TrainConfig.kl_chunk_tokens``) is measured by running the objective a second time with chunks:
+the real non-reentrant ``torch.utils.checkpoint`` runs on meta tensors, so the hooks see what each checkpointed
+chunk keeps (its inputs) and everything saved outside the chunks; each chunk's function is also run once outside
+its checkpoint to measure what the backward pass re-creates for one chunk.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from unittest import mock
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 GB = 1e9
 """Memory is reported in decimal gigabytes (1e9 bytes), like GPU spec sheets (an 80 GB H100 has 79.6e9 usable)."""
@@ -81,7 +87,7 @@ class MemoryPlanConfig:
     runtime_overhead_gb: float = 3.0
     """CUDA context, cuBLAS workspaces and allocator slack (an allowance, not measured)."""
     kl_chunk_tokens: int = 1024
-    """Token chunk for the chunked-vocabulary strategy (logits and KL computed and checkpointed per chunk)."""
+    """Token chunk for the chunked-vocabulary strategy (``TrainConfig.kl_chunk_tokens``)."""
 
     def __post_init__(self):
         for name in ("n_features", "seq_tokens", "kl_chunk_tokens"):
@@ -180,6 +186,10 @@ class SavedActivations:
     """Saved tensors with the vocabulary as last dimension (head output, log-softmax, KL terms)."""
     other: int = 0
     """Everything else outside the layers (embeddings, final norm, residuals kept for the NMSE)."""
+    kl_chunks: int = 0
+    """Chunked KL only: what the chunks keep outside their checkpoints (their input hidden states, per-token KL)."""
+    kl_chunk_recompute: int = 0
+    """Chunked KL only: the largest chunk's saved tensors, which the backward pass re-creates one chunk at a time."""
 
 
 @contextmanager
@@ -216,13 +226,20 @@ def _meta_safe_sparsity(model, features, mask):
     return l1, torch.zeros(len(features))
 
 
-def measure_saved_activations(model, seq_tokens: int, cut: int = 1) -> SavedActivations:
+def _meta_token_rows(tensor, mask):
+    """``tdlib.train.token_rows`` for a batch without padding (a meta tensor cannot select by its values)."""
+    return tensor.flatten(0, 1)
+
+
+def measure_saved_activations(model, seq_tokens: int, cut: int = 1,
+                              kl_chunk_tokens: int | None = None) -> SavedActivations:
     """Run ``tdlib.train.objective`` once on meta inputs and add up what autograd saves, by place.
 
     ``cut=1`` is the worst case of the paper's cut range 1..L: both bridges run L-1 layers with grad.
+    ``kl_chunk_tokens``: run the chunked KL (``TrainConfig.kl_chunk_tokens``) under real checkpointing.
     A tensor saved by two operations is counted twice (an upper bound)."""
     from . import train as train_module
-    from .train import TrainConfig
+    from .train import TrainConfig, chunked_kl_divergence
 
     shape_config = model.config
     n_layers = shape_config.num_hidden_layers
@@ -236,9 +253,34 @@ def measure_saved_activations(model, seq_tokens: int, cut: int = 1) -> SavedActi
     saved = SavedActivations(layer_input_bytes=seq_tokens * shape_config.hidden_size *
                              next(model.parameters()).element_size())
 
+    weights = {id(p) for p in model.parameters()}
+    in_chunked_kl = [False]
+
+    def activation_bytes(tensor):
+        is_weight = id(tensor) in weights or (tensor._base is not None and id(tensor._base) in weights)
+        return 0 if is_weight else tensor.numel() * tensor.element_size()
+
+    def chunked_kl_and_measure(*args, **kwargs):
+        in_chunked_kl[0] = True
+        try:
+            return chunked_kl_divergence(*args, **kwargs)
+        finally:
+            in_chunked_kl[0] = False
+
+    def checkpoint_and_measure(function, *args, **kwargs):
+        recomputed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: recomputed.append(activation_bytes(t)) or t,
+                                                      lambda t: t):
+            function(*args)  # what the backward pass re-creates for this chunk
+        saved.kl_chunk_recompute = max(saved.kl_chunk_recompute, sum(recomputed))
+        return checkpoint(function, *args, **kwargs)
+
     with _layer_tracker(model) as where:
         def pack(tensor):
-            if seq_tokens in tensor.shape:  # activations carry the sequence dimension; weights never do
+            # the real checkpoint hides what a chunk saves inside it; what it keeps outside is counted here
+            if in_chunked_kl[0]:
+                saved.kl_chunks += activation_bytes(tensor)
+            elif seq_tokens in tensor.shape:  # activations carry the sequence dimension; weights never do
                 size = tensor.numel() * tensor.element_size()
                 if where["layer"] is not None:
                     where["calls"][where["layer"]] += size
@@ -249,9 +291,13 @@ def measure_saved_activations(model, seq_tokens: int, cut: int = 1) -> SavedActi
             return tensor
 
         n_features = train_module.spliced_mlps(model)[0].adapter.config.n_features
+        config = TrainConfig(n_features=n_features, kl_chunk_tokens=kl_chunk_tokens)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-                mock.patch.object(train_module, "sparsity", _meta_safe_sparsity):
-            train_module.objective(model, batch, TrainConfig(n_features=n_features), cut=cut)
+                mock.patch.object(train_module, "sparsity", _meta_safe_sparsity), \
+                mock.patch.object(train_module, "token_rows", _meta_token_rows), \
+                mock.patch.object(train_module, "checkpoint", checkpoint_and_measure), \
+                mock.patch.object(train_module, "chunked_kl_divergence", chunked_kl_and_measure):
+            train_module.objective(model, batch, config, cut=cut)
     saved.layer_calls = [size for size in where["calls"] if size > 0]
     expected_calls = n_layers + 2 * (n_layers - cut)
     if len(saved.layer_calls) != expected_calls:
@@ -280,6 +326,8 @@ class MemoryPlan:
     """Frozen weights, adapter weights, gradients, AdamW states, runtime overhead (GB)."""
     activations_gb: dict
     """Measured saved activations by place (GB), without checkpointing."""
+    chunked_kl_gb: dict
+    """Measured with the chunked KL: what it keeps outside the decoder layers (GB)."""
     strategies: list[Strategy]
     """Total step memory under each activation strategy and whether it fits ``gpu_gb``."""
 
@@ -313,23 +361,29 @@ def plan_memory(config: MemoryPlanConfig | None = None, cut: int = 1) -> MemoryP
     # The largest transient outside saved tensors: two fp32 vocabulary-wide tensors alive at once in a KL term.
     transient = 2 * config.seq_tokens * config.shape.vocab_size * 4 / GB
     checkpointed_layers = (len(saved.layer_calls) * saved.layer_input_bytes + max(saved.layer_calls)) / GB
-    chunk_share = min(1.0, config.kl_chunk_tokens / config.seq_tokens)
-    chunked_logits = saved.logits_and_kl * chunk_share / GB
-    chunked_transient = transient * chunk_share
+    chunked = measure_saved_activations(model, config.seq_tokens, cut=cut, kl_chunk_tokens=config.kl_chunk_tokens)
+    chunked_kl = {
+        "chunk inputs and per-token KL (kept for the backward pass)": chunked.kl_chunks / GB,
+        "one chunk's saved tensors (re-created in the backward pass)": chunked.kl_chunk_recompute / GB,
+        "vocabulary-wide tensors saved outside the chunks": chunked.logits_and_kl / GB,
+        "embeddings, residuals for NMSE, final norm": chunked.other / GB,
+        "largest transient (2 fp32 vocabulary tensors of one chunk)":
+            transient * min(config.kl_chunk_tokens, config.seq_tokens) / config.seq_tokens,
+    }
     activations = {
         "no checkpointing": layers + measured["logits, log-softmax and KL terms"] + measured[
             "embeddings, residuals for NMSE, final norm"] + transient,
         "layer checkpointing": checkpointed_layers + measured["logits, log-softmax and KL terms"] + measured[
             "embeddings, residuals for NMSE, final norm"] + transient,
-        f"layer checkpointing + KL in {config.kl_chunk_tokens}-token chunks": checkpointed_layers + chunked_logits
-        + measured["embeddings, residuals for NMSE, final norm"] + chunked_transient,
+        f"layer checkpointing + KL in {config.kl_chunk_tokens}-token chunks":
+            checkpointed_layers + sum(chunked_kl.values()),
     }
     static_total = sum(static.values())
     strategies = [Strategy(name, value, static_total + value, static_total + value <= config.gpu_gb)
                   for name, value in activations.items()]
     measured["largest transient (2 fp32 vocabulary tensors)"] = transient
     config_record = {**asdict(config), "shape": asdict(config.shape), "cut": cut}
-    return MemoryPlan(config_record, asdict(counts), static, measured, strategies)
+    return MemoryPlan(config_record, asdict(counts), static, measured, chunked_kl, strategies)
 
 
 def render_markdown(plan: MemoryPlan) -> str:
@@ -374,6 +428,12 @@ def render_markdown(plan: MemoryPlan) -> str:
         "|---|---:|",
         *[f"| {name} | {value:.1f} |" for name, value in plan.activations_gb.items()],
         "",
+        f"## Chunked KL outside the decoder layers (measured, {config['kl_chunk_tokens']}-token chunks)",
+        "",
+        "| part | GB |",
+        "|---|---:|",
+        *[f"| {name} | {value:.2f} |" for name, value in plan.chunked_kl_gb.items()],
+        "",
         "## Does it fit?",
         "",
         "| strategy | activations GB | total GB | fits |",
@@ -391,12 +451,18 @@ def render_markdown(plan: MemoryPlan) -> str:
     lines += [
         "",
         "Notes:",
-        "- Layer checkpointing keeps each decoder-layer call's input and re-creates one layer's saved tensors at "
-        "a time in the backward pass. transformers' `model.gradient_checkpointing_enable()` does not work with "
-        "tdlib's splice yet: the recomputation runs after `mlp_choice` restored the previous MLP choice, so it "
-        "runs a different MLP (torch raises CheckpointError); the splice must pin each layer's choice first.",
-        "- The chunked-KL strategy computes the head, log-softmax and KL per token chunk under checkpointing; "
-        "tdlib's `kl_divergence` does the whole sequence at once today, so that strategy needs that change.",
+        f"- Switch both on with `TrainConfig(gradient_checkpointing=True, kl_chunk_tokens="
+        f"{config['kl_chunk_tokens']})`; neither changes the loss or the gradients (tested), and runs differing "
+        "only in them count as the same run (`tdlib.train.training_identity`).",
+        "- Layer checkpointing (derived from the measurement above) keeps each decoder-layer call's input and "
+        "re-creates one layer's saved tensors at a time in the backward pass; `train` turns it on with "
+        "`tdlib.splice.enable_gradient_checkpointing`, which pins each layer's MLP choice while it is recomputed "
+        "(transformers' own `gradient_checkpointing_enable()` would recompute with the wrong MLP).",
+        "- The chunked KL is measured directly: `tdlib.train.objective` runs with `kl_chunk_tokens` set, under "
+        "the real non-reentrant `torch.utils.checkpoint`, on meta tensors. The passes stop at the final hidden "
+        "state; each chunk keeps only its input hidden states, and one chunk's logits, log-softmax and KL "
+        "terms are re-created at a time in the backward pass (measured by running one chunk outside its "
+        "checkpoint). The strategy's total adds that chunk and its transient to the layers' peak, an upper bound.",
         "- tdlib's `attach_adapters` casts adapters to the model's dtype (bf16 on GPU); the plan budgets fp32 "
         "master weights, gradients and AdamW states, which is the safe choice for a 1-epoch run at lr 8e-4.",
         "- A tensor that two operations save is counted twice, so measured activations are an upper bound.",

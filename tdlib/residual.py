@@ -5,6 +5,7 @@
 * ``run_from_layer``: run the model from layer k on a given residual, reusing the model's own forward (masks,
   rotary embeddings, final norm and head) by temporarily replacing layers < k with pass-through modules, so a
   bridge costs only the layers above the cut.
+* ``final_hidden``: the final-normed hidden state (the head's input) without running the head.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import find_layers, get_mlp
+from .models import find_layers, get_mlp, unwrap
 
 
 def _hidden(output):
@@ -72,9 +73,20 @@ class _Inject(nn.Module):
         return self.residual
 
 
-def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_mask=None):
+def final_hidden(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """The final-normed hidden state of a transformers CausalLM: its decoder's output, the head's input."""
+    inner = unwrap(model)
+    decoder = inner.get_decoder()
+    if decoder is inner:
+        raise ValueError(f"{type(inner).__name__}.get_decoder() returns the model itself; the final hidden state "
+                         "needs a CausalLM whose decoder is a submodule")
+    return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_mask=None, hidden: bool = False):
     """Logits of ``model`` when layer ``k`` receives ``residual`` as its input (``residual`` = the output of
-    layer k-1, or the embedding output for k = 0, which the model recomputes itself)."""
+    layer k-1, or the embedding output for k = 0, which the model recomputes itself); with ``hidden`` the final
+    hidden state instead (``final_hidden``: the head is not run)."""
     layers = find_layers(model)
     if not 0 <= k <= len(layers):
         raise ValueError(f"cut k must be in 0..{len(layers)}, got {k}")
@@ -82,6 +94,8 @@ def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_m
     for i in range(k):
         layers[i] = _Inject(residual) if i == k - 1 else _PassThrough()
     try:
+        if hidden:
+            return final_hidden(model, input_ids, attention_mask)
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     finally:
         for i, layer in enumerate(originals):

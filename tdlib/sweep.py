@@ -23,7 +23,7 @@ from .models import load_hf
 from .pairs import Pair
 from .results import atomic_write_text
 from .splice import attach_adapters, set_mlp_choice, splice, spliced_mlps
-from .train import TrainConfig, TrainResult, config_from_dict, train
+from .train import TrainConfig, TrainResult, config_from_dict, train, training_identity
 
 RUN_FILE = "run.json"
 BASE_MLPS_FILE = "base_mlps.safetensors"
@@ -81,10 +81,11 @@ def read_run(directory: Path) -> dict | None:
 
 def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progress: bool = True):
     """Train (or load when finished, or resume when interrupted) one run; returns (spliced model, TrainResult or
-    None when loaded). A finished run whose config differs from ``spec`` is stale and trained again."""
+    None when loaded). A finished run whose config differs from ``spec`` is stale and trained again; fields that
+    only change memory (``tdlib.train.MEMORY_FIELDS``) do not count."""
     directory = run_dir(pair, spec.name, root)
     finished = read_run(directory)
-    if finished is not None and finished["train_config"] == asdict(spec.config):
+    if finished is not None and training_identity(finished["train_config"]) == training_identity(spec.config):
         return load_named(pair, spec.name, root), None
     if finished is not None or _stale_checkpoint(directory, spec.config):
         print(f"[sweep] {spec.name}: config changed since {directory} was written; training it again")
@@ -117,7 +118,7 @@ def _stale_checkpoint(directory: Path, config: TrainConfig) -> bool:
     checkpoint = directory / "checkpoint.pt"
     if not checkpoint.exists():
         return False
-    return torch.load(checkpoint, weights_only=False)["config"] != asdict(config)
+    return training_identity(torch.load(checkpoint, weights_only=False)["config"]) != training_identity(config)
 
 
 def trained_runs(pair: Pair, root: Path | None = None) -> dict[str, dict]:
@@ -183,6 +184,9 @@ class SweepPlan:
     """Shared settings (features, steps, batch size, lr, loss weights, seed) of every run."""
     n_validation_batches: int = 8
     """Held-out batches (of ``base.batch_size`` sequences) for the final metrics."""
+    baselines: bool = True
+    """Also train the dense MLP fine-tune skyline and the local-MSE transcoder. The skyline trains every base MLP
+    (5.7e9 parameters on the 7B pair: ~70 GB of gradients and AdamW states), so a one-GPU 7B run sets False."""
 
     def __post_init__(self):
         if not self.l1_weights or any(w <= 0 for w in self.l1_weights):
@@ -192,7 +196,7 @@ class SweepPlan:
 
     @property
     def specs(self) -> list[RunSpec]:
-        return sweep_specs(self.l1_weights, self.base)
+        return sweep_specs(self.l1_weights, self.base, self.baselines)
 
 
 # Per-configuration defaults. The organism's hybrid is far from its target (KL ~8.6 nats/token), so its adapters

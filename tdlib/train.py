@@ -11,6 +11,11 @@ Each forward pass runs once: the target's pass (no grad) gives the KL targets, t
 residual that starts the T->A bridge; the adapter pass gives the NMSE inputs and the residual that starts the
 A->T bridge; each bridge runs only the layers above its cut (``residual.run_from_layer``).
 
+Two memory knobs leave the result unchanged (``training_identity`` ignores them): ``gradient_checkpointing``
+recomputes decoder layers in the backward pass, and ``kl_chunk_tokens`` stops every pass at the final hidden state
+and runs the head, log-softmax and KL a chunk of tokens at a time, recomputing each chunk in the backward pass
+(``chunked_kl_divergence``), so no [batch, seq, vocab] logits are ever stored.
+
 Three kinds share the loop: ``adapter`` (the method), ``mlp_finetune`` (the skyline: the hybrid's base MLPs
 trained densely with the same objective, no sparsity) and ``local_mse`` (a per-layer transcoder fitted only to
 the local MLP difference target_mlp(x) - base_mlp(x), no end-to-end loss).
@@ -28,16 +33,19 @@ from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .models import find_layers, get_mlp
+from .models import find_layers, get_mlp, unwrap
 from .results import atomic_write_text
-from .residual import capture_features, capture_residuals, run_from_layer
+from .residual import capture_features, capture_residuals, final_hidden, run_from_layer
 from .schedule import warmup_cosine
-from .splice import mlp_choice, spliced_mlps
+from .splice import enable_gradient_checkpointing, mlp_choice, spliced_mlps
 
 KINDS = ("adapter", "mlp_finetune", "local_mse")
 CHECKPOINT = "checkpoint.pt"
+MEMORY_FIELDS = ("kl_chunk_tokens", "gradient_checkpointing", "checkpoint_every")
+"""TrainConfig fields that change memory or checkpoint frequency, not the trained weights."""
 
 
 @dataclass
@@ -72,6 +80,12 @@ class TrainConfig:
     """Seeds adapter initialisation, batches and bridge cuts."""
     checkpoint_every: int = 200
     """Write a resumable checkpoint every this many steps (and at the end)."""
+    kl_chunk_tokens: int | None = None
+    """None: the whole sequence at once; N: head, log-softmax and KL computed N token positions at a time under
+    checkpointing, so no full-sequence logits are stored (what makes 10k-token 7B steps fit)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of storing its activations: ``train`` calls
+    ``tdlib.splice.enable_gradient_checkpointing`` on the model (kinds adapter and mlp_finetune)."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -88,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup must be in [0, 1), got {self.warmup}")
         if self.min_cut not in (0, 1):
             raise ValueError(f"TrainConfig.min_cut must be 0 (released code) or 1 (paper), got {self.min_cut}")
+        if self.kl_chunk_tokens is not None and self.kl_chunk_tokens < 1:
+            raise ValueError(f"TrainConfig.kl_chunk_tokens must be None or >= 1, got {self.kl_chunk_tokens}")
 
     @property
     def replacement(self) -> str:
@@ -114,12 +130,40 @@ class Objective(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------ terms
 
-def kl_divergence(target_logits, model_logits, mask) -> torch.Tensor:
-    """KL(p_target || p_model) summed over the vocabulary, mean over tokens where ``mask`` is 1."""
+def token_kl(target_logits, model_logits) -> torch.Tensor:
+    """KL(p_target || p_model) summed over the vocabulary, per position."""
     target_logp = F.log_softmax(target_logits.float(), dim=-1)
     model_logp = F.log_softmax(model_logits.float(), dim=-1)
-    per_token = (target_logp.exp() * (target_logp - model_logp)).sum(-1)
-    return (per_token * mask).sum() / mask.sum()
+    return (target_logp.exp() * (target_logp - model_logp)).sum(-1)
+
+
+def kl_divergence(target_logits, model_logits, mask) -> torch.Tensor:
+    """KL(p_target || p_model) summed over the vocabulary, mean over tokens where ``mask`` is 1."""
+    return (token_kl(target_logits, model_logits) * mask).sum() / mask.sum()
+
+
+def token_rows(tensor, mask) -> torch.Tensor:
+    """[batch, seq, ...] -> [non-padding positions, ...]."""
+    return tensor.flatten(0, 1)[mask.flatten().bool()]
+
+
+def chunk_kl(head, target_hidden, hidden) -> torch.Tensor:
+    """Per-position KL of one chunk of final hidden states, through the head (the target's side without grad)."""
+    with torch.no_grad():
+        target_logits = head(target_hidden)
+    return token_kl(target_logits, head(hidden))
+
+
+def chunked_kl_divergence(head, target_hidden, hidden, mask, chunk_tokens: int) -> torch.Tensor:
+    """``kl_divergence(head(target_hidden), head(hidden), mask)`` over the non-padding positions, ``chunk_tokens``
+    at a time; each chunk is checkpointed, so its logits are recomputed in the backward pass, never stored."""
+    target_rows, rows, weights = token_rows(target_hidden, mask), token_rows(hidden, mask), token_rows(mask, mask)
+    total = torch.zeros((), device=hidden.device)
+    for start in range(0, rows.shape[0], chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        per_token = checkpoint(chunk_kl, head, target_rows[chunk], rows[chunk], use_reentrant=False)
+        total = total + (per_token * weights[chunk]).sum()
+    return total / mask.sum()
 
 
 def nmse(model_residuals, target_residuals, mask) -> torch.Tensor:
@@ -153,21 +197,43 @@ def bridge_choices(replacement: str, n_layers: int, cut: int) -> dict[str, list[
     return bridges
 
 
+def chunkable_head(model):
+    """The output head, when logits are exactly ``head(final hidden state)`` (what chunking recomputes)."""
+    config = unwrap(model).config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(unwrap(model)).__name__} transforms its logits ({name}={getattr(config, name)}); "
+                             "kl_chunk_tokens assumes logits = head(hidden state): set kl_chunk_tokens=None")
+    return unwrap(model).get_output_embeddings()
+
+
 def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
-    """The full objective with each forward pass computed once."""
+    """The full objective with each forward pass computed once (passes end at the final hidden state and the KL
+    terms run the head chunk by chunk when ``config.kl_chunk_tokens`` is set)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     n_layers = len(find_layers(model))
+    chunked = config.kl_chunk_tokens is not None
+    head = chunkable_head(model) if chunked else None
+
+    def run():
+        return final_hidden(model, ids, mask) if chunked else model(input_ids=ids, attention_mask=mask).logits
+
+    def divergence(target_out, out):
+        if chunked:
+            return chunked_kl_divergence(head, target_out, out, mask, config.kl_chunk_tokens)
+        return kl_divergence(target_out, out, mask)
+
     with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals:
-        target_logits = model(input_ids=ids, attention_mask=mask).logits
+        target_out = run()
     with mlp_choice(model, config.replacement), capture_residuals(model) as residuals, \
             capture_features(model) as features:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    kl = kl_divergence(target_logits, logits, mask)
+        out = run()
+    kl = divergence(target_out, out)
     bridge_kl = torch.zeros((), device=ids.device)
     for name, choice in bridge_choices(config.replacement, n_layers, cut).items():
         start = residuals[cut] if name == "replaced_to_target" else target_residuals[cut]
         with mlp_choice(model, choice):
-            bridge_kl = bridge_kl + kl_divergence(target_logits, run_from_layer(model, start, cut, ids, mask), mask)
+            bridge_kl = bridge_kl + divergence(target_out, run_from_layer(model, start, cut, ids, mask, chunked))
     hidden_nmse = nmse(residuals, target_residuals, mask)
     l1, l0 = sparsity(model, features, mask)
     weight_l1 = config.l1_weight if config.kind == "adapter" else 0.0
@@ -273,6 +339,8 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = trainable_parameters(model, config)
+    if config.gradient_checkpointing and config.kind != "local_mse":  # local_mse runs the model without grad
+        enable_gradient_checkpointing(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in parameters:
@@ -286,7 +354,7 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
     checkpoint_path = run_dir / CHECKPOINT
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
-        if state["config"] != asdict(config):
+        if training_identity(state["config"]) != training_identity(config):
             raise ValueError(f"{checkpoint_path} was written by a different TrainConfig; use a new run_dir or "
                              f"delete the checkpoint. Saved: {state['config']}")
         for p, saved in zip(parameters, state["parameters"]):
@@ -356,7 +424,15 @@ def _write_log(log: list[dict], path: Path) -> None:
     atomic_write_text(path, stream.getvalue())
 
 
+def training_identity(config: TrainConfig | dict) -> dict:
+    """What decides the trained weights: the config (or its ``asdict``) less ``MEMORY_FIELDS``. Runs and
+    checkpoints with equal identities are the same run, also when written before those fields existed."""
+    values = asdict(config) if isinstance(config, TrainConfig) else config
+    return {name: value for name, value in values.items() if name not in MEMORY_FIELDS}
+
+
 def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from its ``asdict`` (fields missing from an older run's dict take their defaults)."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:

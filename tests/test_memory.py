@@ -74,3 +74,16 @@ def test_script_writes_the_markdown(tmp_path):
     memory_plan.main(["--config", "paper-1.5b", "--tokens", "2000", "--features", "1024", "--out", str(out)])
     text = out.read_text()
     assert "DeepSeek-R1-Distill-Qwen-1.5B" in text and "| strategy |" in text
+
+
+def test_chunked_kl_is_measured_under_real_checkpointing_and_keeps_no_vocabulary_wide_tensor():
+    model = build_meta_spliced(SMALL, n_features=16)
+    plain = measure_saved_activations(model, 60)
+    chunked = measure_saved_activations(model, 60, kl_chunk_tokens=12)
+    assert chunked.layer_calls == plain.layer_calls and plain.logits_and_kl > 0
+    assert chunked.logits_and_kl == 0
+    # one chunk re-created in the backward pass: the model's fp32 log-softmax and the target's fp32 probabilities
+    assert chunked.kl_chunk_recompute == 2 * 12 * SMALL.vocab_size * 4
+    # each of the 3 KL terms keeps its target and model hidden states (bf16) for recomputation, plus the weights
+    # of its per-token KL (the int64 mask) and the token count it divides by
+    assert chunked.kl_chunks == 3 * (2 * 60 * SMALL.hidden_size * 2 + 60 * 8 + 8)
