@@ -11,6 +11,7 @@ SMOKE ?= 0
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
+	@echo "               CONFIG=paper-7b, paper-1.5b, hub:BASE->TARGET or path/to/pair.json: a real pair, into runs/<config>/"
 	@echo "make test      run the test suite (fast; CI runs this)"
 	@echo "make test-slow run the slow tests too (full-size organism build, notebook execution)"
 	@echo "make organism  build (or load from cache) the model-organism pair only"

@@ -745,7 +745,7 @@ class HesitationPrompt:
     prompt_tokens: int
     """How many of ``input_ids`` are the problem's prompt (the rest is the target's response)."""
     source: str = "rollout"
-    """"rollout": the target's own greedy generation; "trace": the organism's reference reasoning trace."""
+    """"rollout": the target's own greedy generation; "trace": a reference reasoning trace (held-out data)."""
 
 
 def hesitation_token(tokenizer, word: str = " wait") -> int:
@@ -765,17 +765,15 @@ def cut_at_token(tokenizer, prompt: str, response: str, token: int, problem_inde
     return [HesitationPrompt(ids[:i], problem_index, len(prompt_ids), source) for i in cuts]
 
 
-def trace_prompts(tokenizer, problems, n_prompts: int, max_per_problem: int = 2,
+def trace_prompts(tokenizer, references: list[tuple[str, str]], n_prompts: int, max_per_problem: int = 2,
                   word: str = " wait") -> list[HesitationPrompt]:
-    """Fallback prompts from the organism's reference reasoning traces (what the target was distilled on), cut
-    before each "wait": for targets too weak to hesitate on their own (the smoke organism)."""
-    from .organism import task
-
+    """Fallback prompts from reference reasoning (``tdlib.pairs.reference_responses``: (prompt, response) text
+    pairs the target was trained to imitate), cut before each hesitation token: for targets that rarely
+    hesitate within the generation budget (the smoke organism)."""
     token = hesitation_token(tokenizer, word)
     found: list[HesitationPrompt] = []
-    for index, problem in enumerate(problems):
-        found.extend(cut_at_token(tokenizer, problem.prompt, task.reasoning_trace(problem), token, index,
-                                  max_per_problem, source="trace"))
+    for index, (prompt, response) in enumerate(references):
+        found.extend(cut_at_token(tokenizer, prompt, response, token, index, max_per_problem, source="trace"))
         if len(found) >= n_prompts:
             break
     return found[:n_prompts]

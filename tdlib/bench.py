@@ -320,6 +320,13 @@ def render_prompts(tokenizer, items: list[BenchItem], kind: str = "math") -> lis
     return [m[0]["content"] + "\n" for m in messages]
 
 
+def benchmark_prompts(tokenizer, items: list[BenchItem], benchmark: str) -> list[str]:
+    """The prompts a benchmark's items are generated from: the organism's own prompts, else ``render_prompts``."""
+    if benchmark == "organism":
+        return [item.question for item in items]
+    return render_prompts(tokenizer, items, BENCHMARKS[benchmark].kind)
+
+
 def check_response(item: BenchItem, response: str, kind: str = "math") -> bool:
     if kind == "multiple_choice":
         return extract_choice(response) == item.answer
@@ -337,6 +344,57 @@ def organism_items(config: str = "organism", limit: int | None = None) -> list[B
     problems = eval_problems(get_config(config))
     problems = problems[:limit] if limit else problems
     return [BenchItem(str(i), p.prompt, str(p.answer), meta={"n_terms": p.n_terms}) for i, p in enumerate(problems)]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """What a pair is evaluated on: one benchmark's items and the generation budget."""
+
+    benchmark: str
+    """"organism" or a ``BENCHMARKS`` key."""
+    items: list[BenchItem]
+    max_new_tokens: int
+    source: str
+    """Where the items came from (the hub id or the local file), for the results files."""
+
+    def prompts(self, tokenizer) -> list[str]:
+        return benchmark_prompts(tokenizer, self.items, self.benchmark)
+
+
+def benchmark_key(name: str) -> str:
+    """A benchmark's loader key from the paper's name ("MATH-500") or the key itself ("math500")."""
+    from .pairs import BENCHMARKS as NAMES
+
+    if name == "organism":
+        return name
+    if name not in NAMES:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(set(NAMES.values()))} or 'organism'")
+    return NAMES[name]
+
+
+def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None = None, limit: int | None = None,
+                   max_new_tokens: int | None = None) -> EvalSet:
+    """The items a pair is evaluated on. ``benchmark=None``: the organism's held-out problems for the organism, the
+    first of ``pair.hub.benchmarks`` for a hub pair. ``path`` (else the pair's ``benchmark_files`` entry) reads a
+    local file instead of the hub. ``max_new_tokens=None``: the pair's budget."""
+    budget = max_new_tokens or pair.max_new_tokens
+    if benchmark is None:
+        if pair.organism:
+            benchmark = "organism"
+        elif pair.hub.benchmarks:
+            benchmark = pair.hub.benchmarks[0]
+        else:
+            raise ValueError(f"pair {pair.name!r} lists no benchmarks; set its `benchmarks` or pass benchmark=")
+    key = benchmark_key(benchmark)
+    if key == "organism":
+        if not pair.organism:
+            raise ValueError(f"benchmark 'organism' is the organism's own task; {pair.name!r} is a hub pair: pick "
+                             f"one of its benchmarks {list(pair.hub.benchmarks)}")
+        return EvalSet(key, organism_items(pair.name, limit), budget, f"organism {pair.name} held-out problems")
+    if path is None and pair.hub is not None:
+        path = next((f for name, f in pair.hub.benchmark_files.items() if benchmark_key(name) == key), None)
+    items = load_benchmark(key, path, limit)
+    return EvalSet(key, items, budget, str(path) if path else BENCHMARKS[key].hub_id)
 
 
 def check_organism_response(item: BenchItem, response: str) -> bool:
@@ -398,8 +456,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
+def count_hesitations(text: str, word: str = "wait") -> int:
+    """How often ``word`` occurs as a word, any case ("Wait," and " wait" count; "await" does not)."""
+    return len(re.findall(rf"(?<![A-Za-z]){re.escape(word.strip())}(?![A-Za-z])", text, flags=re.IGNORECASE))
+
+
 def score_responses(correct: list[bool], generation: Generation, hesitation: str = "wait") -> dict:
-    """Accuracy (Wilson 95% interval), mean response tokens and the share of responses saying ``hesitation``."""
+    """Accuracy (Wilson 95% interval), mean response tokens and the share of responses saying ``hesitation``
+    (as a word, any case)."""
     n = len(correct)
     if n == 0:
         raise ValueError("no responses to score")
@@ -408,7 +472,7 @@ def score_responses(correct: list[bool], generation: Generation, hesitation: str
         "accuracy": successes / n,
         "accuracy_ci": list(wilson_interval(successes, n)),
         "mean_response_tokens": sum(generation.response_tokens) / n,
-        "wait_rate": sum(hesitation in r.lower() for r in generation.responses) / n,
+        "wait_rate": sum(count_hesitations(r, hesitation) > 0 for r in generation.responses) / n,
         "n_correct": successes,
     }
 
@@ -420,7 +484,7 @@ def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, 
     and answer rule; other names are formatted with ``render_prompts`` and checked with ``check_response``."""
     kind = BENCHMARKS[benchmark].kind if benchmark in BENCHMARKS else "math"
     if prompts is None:
-        prompts = [i.question for i in items] if benchmark == "organism" else render_prompts(tokenizer, items, kind)
+        prompts = benchmark_prompts(tokenizer, items, benchmark)
     if sampling is None:
         generation = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, desc=desc)
@@ -478,6 +542,44 @@ def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: 
         for entry in results.values():
             entry["recovered_gain"] = recovered_gain(entry["accuracy"], base, target)
     return results, generations
+
+
+def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool = True) -> tuple[dict, dict]:
+    """Notebook 00 for a hub pair: base, target and hybrid on ``evalset``, in the 00_organism.json layout.
+
+    Loading the hybrid splices the base's MLPs into the target, which checks the pair is compatible (same
+    architecture, layers and MLP shapes); the two tokenizers must also share their vocabulary."""
+    from .models import IncompatiblePairError, load_tokenizer
+
+    base_tokenizer, target_tokenizer = load_tokenizer(pair.base), load_tokenizer(pair.target)
+    if base_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+        raise IncompatiblePairError(f"{pair.base} and {pair.target} have different tokenizer vocabularies "
+                                    f"({len(base_tokenizer)} vs {len(target_tokenizer)} tokens); adapters need a "
+                                    "fine-tune and the model it was fine-tuned from")
+    models, generations = run_benchmark(pair, ["base", "target", "hybrid"], evalset.items,
+                                        benchmark=evalset.benchmark, max_new_tokens=evalset.max_new_tokens,
+                                        batch_size=batch_size, progress=progress)
+    return {**models, "benchmark": evalset.benchmark, "source": evalset.source, "n_problems": len(evalset.items),
+            "max_new_tokens": evalset.max_new_tokens, "hesitation_token": pair.hesitation_word,
+            "base_model": pair.base, "target_model": pair.target}, generations
+
+
+def pair_checks(results: dict, organism: bool) -> dict[str, bool]:
+    """What notebook 00 asks of a pair. The organism has design targets (DESIGN.md); a real pair is only asked
+    to show the difference the adapters are meant to explain (the target is better, longer and hesitates more)."""
+    base, target = results["base"], results["target"]
+    if organism:
+        return {
+            "target accuracy - base accuracy >= 0.30": target["accuracy"] - base["accuracy"] >= 0.30,
+            "target length >= 3x base length": target["mean_response_tokens"] >= 3 * base["mean_response_tokens"],
+            "target wait rate in [0.15, 0.60]": 0.15 <= target["wait_rate"] <= 0.60,
+            "base never says wait": base["wait_rate"] == 0,
+        }
+    return {
+        "target is more accurate than base": target["accuracy"] > base["accuracy"],
+        "target responses are longer than base's": target["mean_response_tokens"] > base["mean_response_tokens"],
+        "target says wait more often than base": target["wait_rate"] > base["wait_rate"],
+    }
 
 
 def benchmark_checks(models: dict[str, dict], train_results: dict) -> dict:

@@ -44,6 +44,9 @@ class FaithfulnessConfig:
     """Seeds the bootstrap."""
     uncertain_threshold: float = 0.8
     """A token is "uncertain" when the target's top next-token probability is <= this."""
+    cache_target: bool = True
+    """Keep the target's log-probabilities of every batch (fast; the organism). False: run the target again for
+    each compared model (``RecomputedPasses``), what a 7B pair with 4k-token rollouts needs."""
 
     def __post_init__(self):
         if self.n_rollouts < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -85,20 +88,42 @@ def _forward(model, batch):
 
 
 @torch.no_grad()
-def target_passes(target, batches: list[dict], uncertain_threshold: float = 0.8) -> list[TargetPass]:
-    """Run the target (a plain model, or a spliced one switched to "target") once per batch."""
-    passes = []
-    for batch in batches:
-        if is_spliced(target):
-            with mlp_choice(target, "target"):
-                logits, residuals, _ = _forward(target, batch)
-        else:
+def target_pass(target, batch: dict, uncertain_threshold: float = 0.8) -> TargetPass:
+    """The target's outputs on one batch (``target``: a plain model, or a spliced one switched to "target")."""
+    if is_spliced(target):
+        with mlp_choice(target, "target"):
             logits, residuals, _ = _forward(target, batch)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        mask = batch["attention_mask"].bool()
-        uncertain = mask & (log_probs.max(-1).values.exp() <= uncertain_threshold)
-        passes.append(TargetPass(log_probs, residuals, mask, uncertain))
-    return passes
+    else:
+        logits, residuals, _ = _forward(target, batch)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    mask = batch["attention_mask"].bool()
+    uncertain = mask & (log_probs.max(-1).values.exp() <= uncertain_threshold)
+    return TargetPass(log_probs, residuals, mask, uncertain)
+
+
+class RecomputedPasses:
+    """The target passes of ``batches`` without keeping them: each iteration runs the target again, one batch at
+    a time. For real pairs, where cached log-probabilities do not fit anywhere (200 rollouts x 4k tokens x a 152k
+    vocabulary in float32 is ~500 GB); costs one extra target forward per batch and compared model."""
+
+    def __init__(self, target, batches: list[dict], uncertain_threshold: float = 0.8):
+        self.target, self.batches, self.uncertain_threshold = target, batches, uncertain_threshold
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield target_pass(self.target, batch, self.uncertain_threshold)
+
+
+def target_passes(target, batches: list[dict], uncertain_threshold: float = 0.8,
+                  cache: bool = True) -> list[TargetPass] | RecomputedPasses:
+    """Run the target once per batch and keep its outputs (``cache=False``: recompute them whenever they are
+    iterated, see ``RecomputedPasses``)."""
+    if not cache:
+        return RecomputedPasses(target, batches, uncertain_threshold)
+    return [target_pass(target, batch, uncertain_threshold) for batch in batches]
 
 
 @dataclass
@@ -246,7 +271,7 @@ def evaluate_faithfulness(pair, names: list[str], batches: list[dict], config: F
     from .sweep import load_named
 
     if passes is None:
-        passes = target_passes(load_named(pair, "target"), batches, config.uncertain_threshold)
+        passes = target_passes(load_named(pair, "target"), batches, config.uncertain_threshold, config.cache_target)
     results = {}
     for name in tqdm(names, desc="models", disable=not progress):
         model = load_named(pair, name)

@@ -6,6 +6,9 @@
 * ``"paper-1.5b"``: its small sibling, Qwen/Qwen2.5-Math-1.5B -> deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.
 * ``"hub:BASE->TARGET"``: any hub pair, e.g. ``"hub:Qwen/Qwen2.5-0.5B->Qwen/Qwen2.5-0.5B-Instruct"``, with
   generic defaults; ``register_pair(HubPairConfig(...))`` adds a named one with your own data and defaults.
+* ``"path/to/pair.json"``: a pair file, the ``HubPairConfig`` fields as JSON (``training`` as a nested object,
+  relative paths relative to the file). It is how a notebook parameter (and ``make figures CONFIG=...``)
+  selects your own pair, local folders and data files included: see ``docs/real_models.md``.
 
 Hub configurations download nothing here: ``resolve_pair`` only returns names; models load lazily in
 ``tdlib.sweep.load_named`` (``tdlib.models.load_hf`` takes hub ids). Every later stage asks this module where
@@ -42,6 +45,11 @@ class TrainingDefaults:
     """Warm-up share (the paper: 5%)."""
     l1_weights: tuple[float, ...] = (0.01, 0.003, 0.001, 0.0003, 0.0001)
     """The paper's sparsity sweep."""
+    gradient_checkpointing: bool = True
+    """Recompute decoder layers in the backward pass (``TrainConfig.gradient_checkpointing``); memory only."""
+    kl_chunk_tokens: int | None = 1024
+    """Head and KL 1024 tokens at a time (``TrainConfig.kl_chunk_tokens``); with checkpointing, what makes a
+    10k-token 7B step fit 80 GB (docs/memory_plan.md). Memory only: the trained weights are the same."""
 
     def __post_init__(self):
         for name in ("n_features", "batch_size", "max_tokens", "steps"):
@@ -57,7 +65,8 @@ class TrainingDefaults:
         from .train import TrainConfig
 
         values = {"n_features": self.n_features, "lr": self.lr, "batch_size": self.batch_size,
-                  "steps": self.steps, "warmup": self.warmup, "l1_weight": self.l1_weights[0]}
+                  "steps": self.steps, "warmup": self.warmup, "l1_weight": self.l1_weights[0],
+                  "gradient_checkpointing": self.gradient_checkpointing, "kl_chunk_tokens": self.kl_chunk_tokens}
         return TrainConfig(**{**values, **overrides})
 
 
@@ -78,7 +87,14 @@ class HubPairConfig:
     n_validation: int = 5000
     """Traces held out for validation when ``validation_data`` is None (the paper: 5k)."""
     benchmarks: tuple[str, ...] = ()
-    """Benchmark names (keys of ``BENCHMARKS``) this pair is evaluated on."""
+    """Benchmark names (keys of ``BENCHMARKS``) this pair is evaluated on; the first is every notebook's default."""
+    benchmark_files: dict[str, str] = field(default_factory=dict, hash=False)
+    """Benchmark name -> local JSON/JSONL file in the benchmark's hub schema (read instead of the hub)."""
+    max_new_tokens: int = 4096
+    """Generation budget per response (notebooks 00, 02, 03, 05, 06)."""
+    hesitation_word: str = "Wait"
+    """The hesitation token whose logit notebook 05 attributes and whose features 06 ablates: one token for the
+    tokenizer. R1-style traces write "\\n\\nWait," and the Qwen tokenizer makes "Wait" (no space) one token."""
     dtype: str = "bfloat16"
     """Weights dtype."""
     device: str = "cuda"
@@ -102,9 +118,17 @@ class HubPairConfig:
             raise ValueError(f"HubPairConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", self.device):
             raise ValueError(f"HubPairConfig.device must be cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
-        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
+        unknown = [b for b in (*self.benchmarks, *self.benchmark_files) if b not in BENCHMARKS]
         if unknown:
-            raise ValueError(f"HubPairConfig.benchmarks names unknown benchmarks {unknown}; known: {sorted(BENCHMARKS)}")
+            raise ValueError(f"HubPairConfig names unknown benchmarks {unknown}; known: {sorted(BENCHMARKS)}")
+        missing = [f for f in self.benchmark_files.values() if not Path(f).exists()]
+        if missing:
+            raise ValueError(f"HubPairConfig.benchmark_files: no file at {missing}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"HubPairConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.hesitation_word.strip():
+            raise ValueError("HubPairConfig.hesitation_word must be a word, e.g. 'Wait' or ' wait'")
         if self.n_validation < 1:
             raise ValueError(f"HubPairConfig.n_validation must be >= 1, got {self.n_validation}")
 
@@ -115,14 +139,16 @@ class HubPairConfig:
 
 
 BENCHMARKS = {
-    "MATH-500": "HuggingFaceH4/MATH-500",
-    "AIME 2024": "HuggingFaceH4/aime_2024",
-    "GSM8K": "openai/gsm8k",
-    "AMC23": "math-ai/amc23",
-    "AIME 2025": "math-ai/aime25",
-    "GPQA Diamond": "Idavidrein/gpqa",
+    "MATH-500": "math500",
+    "AIME 2024": "aime2024",
+    "GSM8K": "gsm8k",
+    "AMC23": "amc23",
+    "AIME 2025": "aime2025",
+    "GPQA Diamond": "gpqa_diamond",
+    **{key: key for key in ("math500", "aime2024", "gsm8k", "amc23", "aime2025", "gpqa_diamond")},
 }
-"""Benchmark name -> hub dataset id (the loaders live in the benchmark module; these are the ids it reads)."""
+"""Benchmark name (as the paper writes it, or the loader's key) -> ``tdlib.bench.BENCHMARKS`` key, where the hub
+id, split and schema of each benchmark live."""
 
 OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"
 PAPER_BENCHMARKS = ("MATH-500", "AIME 2024", "GSM8K")
@@ -164,14 +190,60 @@ def parse_hub_config(config: str) -> HubPairConfig:
     return HubPairConfig(config, base=base, target=target, train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS)
 
 
+def load_pair_file(path: str | Path) -> HubPairConfig:
+    """A ``HubPairConfig`` from a JSON pair file: its fields as keys, ``training`` as a nested object of
+    ``TrainingDefaults`` fields. Paths in ``base``, ``target``, ``train_data``, ``validation_data`` and
+    ``benchmark_files`` are relative to the file's folder unless absolute (hub ids are left alone)."""
+    import json
+    from dataclasses import fields
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no pair file at {path}")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    known = {f.name for f in fields(HubPairConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown pair fields {unknown}; known: {sorted(known)}")
+    training_known = {f.name for f in fields(TrainingDefaults)}
+    training = values.pop("training", {})
+    unknown = sorted(set(training) - training_known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training fields {unknown}; known: {sorted(training_known)}")
+    if "l1_weights" in training:
+        training["l1_weights"] = tuple(training["l1_weights"])
+
+    def local(value):
+        candidate = path.parent / value
+        return str(candidate) if value and not Path(value).is_absolute() and candidate.exists() else value
+
+    for role in ("base", "target", "train_data", "validation_data"):
+        if values.get(role):
+            values[role] = local(values[role])
+    values["benchmark_files"] = {k: local(v) for k, v in values.get("benchmark_files", {}).items()}
+    values.setdefault("name", path.stem)
+    return HubPairConfig(**values, training=TrainingDefaults(**training))
+
+
+def is_pair_file(config: str) -> bool:
+    return config.endswith(".json")
+
+
 def pair_config(config: str) -> HubPairConfig:
-    """The registered or ``hub:``-named pair config (no organism)."""
+    """The registered, ``hub:``-named or file-defined pair config (no organism)."""
     if config in HUB_PAIRS:
         return HUB_PAIRS[config]
     if config.startswith(HUB_PREFIX):
         return parse_hub_config(config)
-    raise ValueError(f"unknown configuration {config!r}; choose one of {known_configurations()} or name a hub pair "
-                     "as 'hub:BASE->TARGET'")
+    if is_pair_file(config):
+        from .results import resolve
+
+        return load_pair_file(resolve(config))
+    raise ValueError(f"unknown configuration {config!r}; choose one of {known_configurations()}, name a hub pair "
+                     "as 'hub:BASE->TARGET', or give a pair file 'path/to/pair.json'")
 
 
 def known_configurations() -> list[str]:
@@ -200,6 +272,10 @@ class Pair:
     """True for the built-in organism (its task, problems and traces are available)."""
     hub: HubPairConfig | None = None
     """The hub pair's data, benchmarks and training defaults (None for the organism)."""
+    max_new_tokens: int = 200
+    """Generation budget per response."""
+    hesitation_word: str = " wait"
+    """The single-token hesitation word (notebooks 05 and 06)."""
 
     def artifacts(self, stage: str) -> Path:
         """``artifacts/<stage>/<key>/``: the folder a pipeline stage writes for this pair (git-ignored)."""
@@ -215,10 +291,11 @@ def resolve_pair(config: str, build: bool = True) -> Pair:
     if config in CONFIGS:
         organism = get_config(config)
         paths = build_pair(organism) if build else OrganismPaths(DEFAULT_CACHE / f"{organism.name}-{organism.key}")
-        return Pair(organism.name, str(paths.base), str(paths.target), key=f"{organism.name}-{organism.key}")
+        return Pair(organism.name, str(paths.base), str(paths.target), key=f"{organism.name}-{organism.key}",
+                    max_new_tokens=organism.max_new_tokens)
     hub = pair_config(config)
     return Pair(hub.name, hub.base, hub.target, key=hub.key, dtype=hub.dtype, device=hub.device, organism=False,
-                hub=hub)
+                hub=hub, max_new_tokens=hub.max_new_tokens, hesitation_word=hub.hesitation_word)
 
 
 # ----------------------------------------------------------------------------------------- training & data
@@ -228,13 +305,14 @@ ORGANISM_TRAINING = {"n_features": 512, "lr": 8e-4, "batch_size": 8, "max_tokens
 
 def training_defaults(pair: Pair) -> dict:
     """Training defaults for a pair: ``n_features``, ``lr``, ``batch_size``, ``max_tokens`` (None: the organism's
-    traces are short), plus ``steps``, ``warmup`` and ``l1_weights`` for hub pairs."""
+    traces are short), plus ``steps``, ``warmup``, ``l1_weights`` and the memory settings for hub pairs."""
     if pair.hub is None:
         return dict(ORGANISM_TRAINING)
     training = pair.hub.training
     return {"n_features": training.n_features, "lr": training.lr, "batch_size": training.batch_size,
             "max_tokens": training.max_tokens, "steps": training.steps, "warmup": training.warmup,
-            "l1_weights": list(training.l1_weights)}
+            "l1_weights": list(training.l1_weights), "gradient_checkpointing": training.gradient_checkpointing,
+            "kl_chunk_tokens": training.kl_chunk_tokens}
 
 
 def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None = None, seed: int = 0):
@@ -250,6 +328,29 @@ def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None
         return OrganismTraces(tokenizer, config=pair.name, batch_size=batch_size, seed=seed, split=split)
     path = trace_file(pair.hub, split)
     return ReasoningTraces(path, tokenizer, batch_size=batch_size, max_tokens=defaults["max_tokens"], seed=seed)
+
+
+def reference_responses(pair: Pair, tokenizer, limit: int | None = None) -> list[tuple[str, str]]:
+    """Held-out (prompt, response) texts of the reasoning the target imitates: the organism's reference traces
+    for its evaluation problems, or a hub pair's validation traces (the chat-templated conversation up to the
+    last assistant turn, and that turn's text)."""
+    if pair.hub is None:
+        from .organism import task
+        from .organism.build import eval_problems, get_config
+
+        problems = eval_problems(get_config(pair.name))[:limit]
+        return [(p.prompt, task.reasoning_trace(p)) for p in problems]
+    from .data import read_conversations
+
+    references = []
+    for messages in read_conversations(trace_file(pair.hub, "validation")):
+        if messages[-1]["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        references.append((prompt, messages[-1]["content"]))
+        if limit and len(references) >= limit:
+            break
+    return references
 
 
 def trace_file(hub: HubPairConfig, split: str) -> Path:

@@ -19,26 +19,38 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> Path:
 
 
 def organism_figure(results: dict, models=("base", "target", "hybrid")):
-    """Three panels: accuracy by problem length, mean response length, share of responses with "wait"."""
+    """Three panels: accuracy (by problem length on the organism), mean response length, share of responses
+    with "wait". Works for a hub pair's 00 results too (accuracy as bars with Wilson intervals)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     accuracy_axis, length_axis, wait_axis = axes
-    for name in models:
-        by_terms = results[name]["accuracy_by_terms"]
-        terms = [int(k) for k in by_terms]
-        accuracy_axis.plot(terms, [100 * v for v in by_terms.values()], marker="o", label=name,
-                           color=MODEL_COLORS.get(name))
-    accuracy_axis.set(xlabel="terms in the problem", ylabel="accuracy (%)", ylim=(-3, 103),
-                      title="Accuracy by problem length")
-    accuracy_axis.set_xticks(terms)
-    accuracy_axis.legend()
     colors = [MODEL_COLORS.get(m) for m in models]
+    organism = all("accuracy_by_terms" in results[m] for m in models)
+    if organism:
+        for name in models:
+            by_terms = results[name]["accuracy_by_terms"]
+            terms = [int(k) for k in by_terms]
+            accuracy_axis.plot(terms, [100 * v for v in by_terms.values()], marker="o", label=name,
+                               color=MODEL_COLORS.get(name))
+        accuracy_axis.set(xlabel="terms in the problem", title="Accuracy by problem length")
+        accuracy_axis.set_xticks(terms)
+        accuracy_axis.legend()
+    else:
+        accuracy = [100 * results[m]["accuracy"] for m in models]
+        errors = [[a - 100 * results[m]["accuracy_ci"][0] for a, m in zip(accuracy, models)],
+                  [100 * results[m]["accuracy_ci"][1] - a for a, m in zip(accuracy, models)]]
+        accuracy_axis.bar(models, accuracy, yerr=errors, capsize=4, color=colors)
+        accuracy_axis.set(title="Accuracy (95% Wilson interval)")
+    accuracy_axis.set(ylabel="accuracy (%)", ylim=(-3, 103))
     length_axis.bar(models, [results[m]["mean_response_tokens"] for m in models], color=colors)
     length_axis.set(ylabel="mean response length (tokens)", title="Response length")
     wait_axis.bar(models, [100 * results[m]["wait_rate"] for m in models], color=colors)
-    wait_axis.axhspan(15, 60, color="grey", alpha=0.15, zorder=0, label='design band for the target (15-60%)')
+    if organism:
+        wait_axis.axhspan(15, 60, color="grey", alpha=0.15, zorder=0, label='design band for the target (15-60%)')
+        wait_axis.legend(loc="upper right", fontsize=8)
     wait_axis.set(ylabel='responses containing "wait" (%)', ylim=(0, 100), title="Hesitation")
-    wait_axis.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"Model organism, {results['n_problems']} held-out problems, greedy decoding")
+    where = "Model organism" if organism else f"{results.get('target_model', 'target')} vs its base, " \
+                                             f"{results.get('benchmark', '')}"
+    fig.suptitle(f"{where}, {results['n_problems']} held-out problems, greedy decoding")
     fig.tight_layout()
     return fig
 

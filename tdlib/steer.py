@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .bench import EvalSet, count_hesitations, evaluate_items
 from .generate import Generation
 from .models import find_layers, get_mlp
 from .organism import task
@@ -242,10 +243,12 @@ class FeatureStats:
         return {layer: self.active_mean[layer][chosen].tolist() for layer, chosen in features.items()}
 
 
-def hesitation_token_id(tokenizer) -> int:
-    ids = tokenizer(" " + task.HESITATION, add_special_tokens=False)["input_ids"]
+def hesitation_token_id(tokenizer, word: str = " " + task.HESITATION) -> int:
+    """The token id of the hesitation ``word`` (the pair's ``hesitation_word``)."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"' {task.HESITATION}' is {len(ids)} tokens for this tokenizer; the statistics expect one")
+        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the statistics expect one: set the "
+                         "pair's hesitation_word to a single-token spelling")
     return ids[0]
 
 
@@ -318,19 +321,18 @@ def random_features(chosen: FeatureSet, n_features: int, seed: int,
 
 # ----------------------------------------------------------------------------------------------- measuring
 def wait_metrics(generation: Generation) -> dict:
-    """Hesitation counts beside ``organism.evaluate.score``: "wait" per 1,000 response tokens (the paper's
-    metric) and the total count."""
-    n_wait = sum(r.count(task.HESITATION) for r in generation.responses)
+    """Hesitation counts beside the accuracy metrics: "wait" (as a word, any case) per 1,000 response tokens (the
+    paper's metric) and the total count."""
+    n_wait = sum(count_hesitations(r, task.HESITATION) for r in generation.responses)
     n_tokens = sum(generation.response_tokens)
     return {"wait_per_1k_tokens": 1000 * n_wait / max(n_tokens, 1), "n_wait": n_wait}
 
 
-def run_condition(model, tokenizer, problems, max_new_tokens: int, batch_size: int = 100,
+def run_condition(model, tokenizer, evalset: EvalSet, batch_size: int = 100,
                   desc: str = "generate") -> tuple[dict, Generation]:
-    """Greedy generation on ``problems`` under whatever hooks/choice are active; accuracy, length and hesitation."""
-    from .organism.evaluate import evaluate
-
-    metrics, generation = evaluate(model, tokenizer, problems, max_new_tokens, batch_size=batch_size, desc=desc)
+    """Greedy generation on ``evalset`` under whatever hooks/choice are active; accuracy, length and hesitation."""
+    metrics, generation, _ = evaluate_items(model, tokenizer, evalset.items, benchmark=evalset.benchmark,
+                                            max_new_tokens=evalset.max_new_tokens, batch_size=batch_size, desc=desc)
     return {**metrics, **wait_metrics(generation)}, generation
 
 
@@ -429,23 +431,22 @@ class AblationConfig:
     """Seed of the first draw; draw i uses random_seed + i."""
     transfer_scales: tuple[float, ...] = (-0.5,)
     """Scales of the transfer steering in the target (the paper: negated decoder x 0.5, i.e. -0.5)."""
-    max_new_tokens: int = 200
-    """Generation budget per response."""
     batch_size: int = 100
     """Prompts per generate call."""
 
     def __post_init__(self):
         if self.n_random_draws < 1:
             raise ValueError(f"AblationConfig.n_random_draws must be >= 1, got {self.n_random_draws}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("AblationConfig.max_new_tokens and batch_size must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"AblationConfig.batch_size must be >= 1, got {self.batch_size}")
         self.transfer_scales = tuple(float(s) for s in self.transfer_scales)
 
 
-def run_ablation_study(model, tokenizer, problems, feature_sets: dict[str, FeatureSet], stats: FeatureStats,
+def run_ablation_study(model, tokenizer, evalset: EvalSet, feature_sets: dict[str, FeatureSet], stats: FeatureStats,
                        config: AblationConfig) -> tuple[dict, dict[str, Generation]]:
     """Every condition of experiment 6 on one spliced adapter model (``model``: a trained adapter run from
-    ``tdlib.sweep.load_named``, whose MLP choice selects adapter model / hybrid / target).
+    ``tdlib.sweep.load_named``, whose MLP choice selects adapter model / hybrid / target), generating on
+    ``evalset`` (``tdlib.bench.pair_benchmark``: its items and generation budget).
 
     ``feature_sets``: {"all": the hesitation features, optional <group>: a subset}. Returns the results (the
     06_ablation.json layout, without "config") and the generations by condition name.
@@ -465,8 +466,7 @@ def run_ablation_study(model, tokenizer, problems, feature_sets: dict[str, Featu
             stack.enter_context(mlp_choice(model, choice))
             for context in contexts:
                 stack.enter_context(context)
-            metrics, generations[name] = run_condition(model, tokenizer, problems, config.max_new_tokens,
-                                                       config.batch_size, desc=name)
+            metrics, generations[name] = run_condition(model, tokenizer, evalset, config.batch_size, desc=name)
         return metrics
 
     results = {"adapter": measure("adapter", "adapter"),
@@ -509,12 +509,12 @@ def run_ablation_study(model, tokenizer, problems, feature_sets: dict[str, Featu
     }
     results["steered"] = steered
     results.update({
-        "n_problems": len(problems), "n_features_chosen": n_chosen(chosen),
+        "benchmark": evalset.benchmark, "n_problems": len(evalset.items), "n_features_chosen": n_chosen(chosen),
         "n_features_total": n_features * len(find_layers(model)),
         "features_by_layer": {str(k): len(v) for k, v in chosen.items()},
         "clamp_values_mean": float(torch.tensor([v for row in values.values() for v in row]).mean()),
         "n_chosen_never_fired": int(sum((stats.fire_count[l][fs] == 0).sum() for l, fs in chosen.items())),
-        "max_new_tokens": config.max_new_tokens, "paper": PAPER,
+        "max_new_tokens": evalset.max_new_tokens, "paper": PAPER,
     })
     results["checks"] = ablation_checks(results)
     return results, generations

@@ -176,6 +176,10 @@ def test_segment_rule():
     assert classify_by_segments(shares, math.nan, 0.6) == "uninterpretable"
     with pytest.raises(ValueError, match="segment labels"):
         classify_by_segments(None, 0.9, 0.6)
+    from tdlib.autointerp.backends import ClassifyJob
+
+    jobs = [ClassifyJob("u", "x", [], 0.9, shares), ClassifyJob("v", "x", [], 0.9, None)]  # v: not an organism unit
+    assert OfflineBackend().classify(jobs) == ["reasoning", None]
 
 
 def test_scoring_and_classification_on_smoke(cache, scored):

@@ -266,3 +266,28 @@ def test_benchmark_figure_draws_every_model(tmp_path):
     assert len(accuracy_axis.patches) == 4 and len(length_axis.patches) == 4
     assert accuracy_axis.get_ylabel() and length_axis.get_ylabel()
     assert save_figure(fig, "bench", tmp_path).exists()
+
+
+def test_hesitations_are_counted_as_words_in_any_case():
+    from tdlib.bench import count_hesitations
+
+    assert count_hesitations("2-6=-4; wait, check: ok") == 1
+    assert count_hesitations("So x=3.\n\nWait, no. Hmm, wait... WAIT") == 3
+    assert count_hesitations("we await the answer; waiting is not it; waits") == 0
+    assert count_hesitations("Wait", " wait") == 1
+
+
+def test_pair_checks_ask_the_organism_for_its_design_and_a_real_pair_for_a_difference():
+    from tdlib.bench import pair_checks
+
+    def model(accuracy, tokens, wait_rate):
+        return {"accuracy": accuracy, "mean_response_tokens": tokens, "wait_rate": wait_rate}
+
+    results = {"base": model(0.5, 10, 0.0), "target": model(0.9, 40, 0.3)}
+    assert all(pair_checks(results, organism=True).values())
+    assert all(pair_checks(results, organism=False).values())
+    results["target"] = model(0.6, 20, 0.0)
+    organism = pair_checks(results, organism=True)
+    assert not organism["target accuracy - base accuracy >= 0.30"] and not organism["target length >= 3x base length"]
+    real = pair_checks(results, organism=False)
+    assert real["target is more accurate than base"] and not real["target says wait more often than base"]

@@ -63,6 +63,21 @@ def test_comparison_agrees_with_evaluate_replacement(smoke):
     assert ours["top1_error_ci"][0] <= ours["top1_error"] <= ours["top1_error_ci"][1]
 
 
+def test_recomputed_target_passes_give_the_cached_results(smoke):
+    pair, _, target, _, batches = smoke
+    from tdlib.faithfulness import RecomputedPasses
+    from tdlib.sweep import load_named
+
+    model = load_named(pair, "adapter_l1_0.01")
+    lazy = target_passes(target, batches, cache=False)
+    assert isinstance(lazy, RecomputedPasses) and len(lazy) == len(batches)
+    cached = summarize(compare(model, batches, target_passes(target, batches)), n_bootstrap=50)
+    recomputed = summarize(compare(model, batches, lazy), n_bootstrap=50)
+    assert recomputed == cached
+    assert subset_kl(model, batches, lazy, {"all": [0, 1]}, progress=False) == subset_kl(
+        model, batches, target_passes(target, batches), {"all": [0, 1]}, progress=False)
+
+
 def test_uncertain_tokens_are_the_targets_low_confidence_ones(smoke):
     _, _, target, _, batches = smoke
     everything = target_passes(target, batches, uncertain_threshold=1.0)

@@ -11,6 +11,7 @@ from tdlib.pairs import (HubPairConfig, TrainingDefaults, data_for, register_pai
                          training_defaults)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "openthoughts3_sample.jsonl"
+BENCH = Path(__file__).parent / "fixtures" / "bench"
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
@@ -105,3 +106,68 @@ def test_hub_pairs_give_a_sweep_plan_with_the_papers_values():
     assert [spec.name for spec in plan.specs][:2] == ["adapter_l1_0.01", "adapter_l1_0.003"]
     with pytest.raises(ValueError, match="organism configuration"):
         pairs.sweep_plan(resolve_pair("smoke", build=False))
+
+
+def _pair_file(tmp_path, **changes) -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "traces.jsonl").write_text(FIXTURE.read_text())
+    (tmp_path / "data" / "gsm8k.jsonl").write_text((BENCH / "gsm8k.jsonl").read_text())
+    values = {"name": "mine", "base": "me/base", "target": "me/target", "train_data": "data/traces.jsonl",
+              "benchmarks": ["GSM8K", "math500"], "benchmark_files": {"GSM8K": "data/gsm8k.jsonl"},
+              "max_new_tokens": 64, "hesitation_word": " wait", "n_validation": 1,
+              "training": {"n_features": 32, "l1_weights": [0.1, 0.01], "max_tokens": 40}}
+    path = tmp_path / "pair.json"
+    path.write_text(json.dumps({**values, **changes}))
+    return path
+
+
+def test_a_pair_file_is_a_configuration_with_paths_relative_to_it(tmp_path):
+    pair = resolve_pair(str(_pair_file(tmp_path)))
+    assert (pair.name, pair.base, pair.organism, pair.max_new_tokens, pair.hesitation_word) == (
+        "mine", "me/base", False, 64, " wait")
+    assert pair.hub.train_data == str(tmp_path / "data" / "traces.jsonl")  # relative to the file, not the cwd
+    assert pair.hub.benchmarks == ("GSM8K", "math500")
+    assert pair.hub.training.l1_weights == (0.1, 0.01) and pair.hub.training.n_features == 32
+    assert pairs.sweep_plan(pair).l1_weights == (0.1, 0.01)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"bas": "me/base"}, r"unknown pair fields \['bas'\]"),
+    ({"training": {"features": 3}}, r"unknown training fields \['features'\]"),
+    ({"benchmarks": ["MMLU"]}, "unknown benchmarks"),
+    ({"benchmark_files": {"GSM8K": "data/none.jsonl"}}, "no file at"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_a_bad_pair_file_names_the_field(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_pair(str(_pair_file(tmp_path, **changes)))
+
+
+def test_a_missing_or_broken_pair_file_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pair file"):
+        resolve_pair(str(tmp_path / "absent.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_pair(str(tmp_path / "broken.json"))
+
+
+def test_a_pair_is_evaluated_on_its_first_benchmark_from_its_own_file(tmp_path, monkeypatch):
+    from tdlib.bench import pair_benchmark
+
+    monkeypatch.setattr(pairs, "ARTIFACTS", tmp_path / "artifacts")
+    pair = resolve_pair(str(_pair_file(tmp_path)))
+    evalset = pair_benchmark(pair, limit=2)
+    assert (evalset.benchmark, len(evalset.items), evalset.max_new_tokens) == ("gsm8k", 2, 64)
+    assert evalset.source == str(tmp_path / "data" / "gsm8k.jsonl")
+    assert pair_benchmark(pair, "math500", BENCH / "math500.jsonl", max_new_tokens=9).max_new_tokens == 9
+    with pytest.raises(ValueError, match="organism's own task"):
+        pair_benchmark(pair, "organism")
+    with pytest.raises(ValueError, match="unknown benchmark 'mmlu'"):
+        pair_benchmark(pair, "mmlu")
+    organism = pair_benchmark(resolve_pair("smoke", build=False), limit=3)
+    assert (organism.benchmark, len(organism.items), organism.max_new_tokens) == ("organism", 3, 120)
+    tokenizer = train_tokenizer([json.dumps(json.loads(line)) for line in FIXTURE.read_text().splitlines()])
+    tokenizer.chat_template = TEMPLATE
+    references = pairs.reference_responses(pair, tokenizer)
+    held_out = json.loads(FIXTURE.read_text().splitlines()[-1])["conversations"]
+    assert references == [(f"<|im_start|>user\n{held_out[0]['value']}<|im_end|>\n", held_out[1]["value"])]

@@ -90,3 +90,64 @@ def test_smoke_models_carry_the_contract_metrics(smoke_run):
     assert kinds == {"hybrid", "adapter", "mlp_finetune", "local_mse"}
     for model in train["models"].values():
         assert set(model) >= {"kind", "l1_weight", "l0", "kl", "nmse", "dead_fraction"}
+
+
+def test_every_parameter_line_is_understood_by_papermill():
+    """papermill parses the parameters cell line by line and silently drops a line it cannot parse (e.g. a
+    comment containing " = "), which would make that parameter's type unknown to `papermill -p`."""
+    import ast
+
+    import papermill
+
+    for path in pipeline.numbered_notebooks():
+        notebook = nbformat.read(path, as_version=4)
+        cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+        names = {node.targets[0].id for node in ast.parse(cell.source).body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+        found = set(papermill.inspect_notebook(str(path)))
+        assert names <= found, f"{path.name}: papermill cannot parse the lines of {sorted(names - found)}"
+
+
+def test_real_pairs_write_beside_not_over_the_organism_results(tmp_path):
+    assert pipeline.default_output_dir("organism") is None
+    assert pipeline.default_output_dir("paper-7b").name == "paper-7b"
+    assert pipeline.default_output_dir("configs/my pair.json").name == "my_pair"
+    parameters = pipeline.run_parameters("paper-7b", False, tmp_path / "run", tmp_path / "out")
+    assert parameters == {"config": "paper-7b", "results_dir": str(tmp_path / "out" / "results"),
+                          "figures_dir": str(tmp_path / "out" / "figures")}
+
+
+@pytest.fixture(scope="module")
+def local_pair_run(tmp_path_factory):
+    """Every notebook on a pair given as a pair file (local folders, OpenThoughts3-schema traces, a GSM8K-schema
+    benchmark file): the path a real pair takes (`make figures CONFIG=path/to/pair.json`), offline."""
+    from local_pair import write_local_pair
+
+    pair_file = write_local_pair(tmp_path_factory.mktemp("pair"))
+    run_dir = tmp_path_factory.mktemp("local-run")
+    pipeline.run_pipeline(str(pair_file), run_dir=run_dir, output_dir=run_dir)
+    return pair_file, run_dir
+
+
+def test_every_notebook_runs_on_a_pair_file(local_pair_run):
+    pair_file, run_dir = local_pair_run
+    name = json.loads(pair_file.read_text())["name"]
+    results = {p.stem: json.loads((run_dir / "results" / f"{p.stem}.json").read_text())
+               for p in pipeline.numbered_notebooks()}
+    for stem, entry in results.items():
+        assert entry["config"] == name, stem
+        missing = CONTRACT[stem] - set(entry) - {"seed"}  # a benchmark has no seed
+        assert not missing, f"{stem}.json lacks {sorted(missing)}"
+    pair_check = results["00_organism"]
+    assert pair_check["benchmark"] == "gsm8k" and pair_check["n_problems"] == 24
+    assert set(pair_check["design_checks"]) == {"target is more accurate than base",
+                                                "target responses are longer than base's",
+                                                "target says wait more often than base"}
+    assert all(pair_check[m]["mean_response_tokens"] <= 48 for m in ("base", "target", "hybrid"))  # the pair's budget
+    assert results["02_faithfulness"]["benchmark"] == "gsm8k" and results["02_faithfulness"]["n_sequences"] == 24
+    assert results["03_benchmarks"]["benchmark"] == "gsm8k" and results["03_benchmarks"]["max_new_tokens"] == 48
+    assert results["04_autointerp"]["ground_truth"] == {}  # no organism segments off the organism
+    assert results["04_autointerp"]["adapter"]["categories"]["n_classified"] == 0
+    assert results["05_attribution"]["hesitation_token"] == " wait" and results["05_attribution"]["n_prompts"] > 0
+    assert results["06_ablation"]["benchmark"] == "gsm8k" and results["06_ablation"]["n_problems"] == 24
+    assert read_results("00_organism", "results")["config"] == "organism"  # the committed results are untouched

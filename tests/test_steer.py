@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from tdlib.data import OrganismTraces
+from tdlib.bench import pair_benchmark
 from tdlib.models import get_mlp, load_tokenizer
 from tdlib.organism.build import eval_problems, get_config
 from tdlib.pairs import resolve_pair
@@ -219,15 +220,15 @@ def test_synthetic_stats_selection_and_attribution_groups():
         features_from_attribution({"features": []})
 
 
-def test_run_ablation_study_on_smoke(model, tokenizer):
+def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     traces = OrganismTraces(tokenizer, "smoke", batch_size=8, seed=0, split="validation")
     stats = collect_feature_stats(model, [traces.batch(0)], hesitation_token_id(tokenizer))
     chosen = select_hesitation_features(stats, 4)
     sets = {"all": chosen, "a": {k: v[:1] for k, v in chosen.items()}, "b": {k: v[1:] for k, v in chosen.items()}}
-    problems = eval_problems(get_config("smoke"))[:4]
+    evalset = pair_benchmark(pair, limit=4, max_new_tokens=8)
     results, generations = run_ablation_study(
-        model, tokenizer, problems, sets, stats,
-        AblationConfig(n_random_draws=2, transfer_scales=(-0.5, 0.0), max_new_tokens=8, batch_size=4))
+        model, tokenizer, evalset, sets, stats,
+        AblationConfig(n_random_draws=2, transfer_scales=(-0.5, 0.0), batch_size=4))
     for key in ("adapter", "ablated"):
         assert set(results[key]) >= {"wait_rate", "wait_per_1k_tokens", "mean_response_tokens", "accuracy"}
     control = results["random_control"]
@@ -239,3 +240,4 @@ def test_run_ablation_study_on_smoke(model, tokenizer):
     assert generations["target_steered_0"].responses == generations["target"].responses
     assert all(isinstance(v, bool) for v in results["checks"].values())
     assert results["n_features_chosen"] == n_chosen(chosen)
+    assert (results["benchmark"], results["n_problems"], results["max_new_tokens"]) == ("organism", 4, 8)

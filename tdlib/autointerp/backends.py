@@ -8,7 +8,8 @@ this token, given the text around it?". Contexts are windows of ``before`` token
   best separate its activating contexts from its silent ones (greedy: add the n-gram that most raises the
   balanced accuracy of "the text up to the marked token ends with one of the chosen n-grams", at most
   ``max_patterns``), and scores by applying exactly that rule.
-  It classifies with the organism's trace structure (``classify_by_segments``).
+  It classifies with the organism's trace structure (``classify_by_segments``); off the organism it leaves units
+  unclassified (categories need the LLM back end).
 * ``LLMBackend`` talks to any OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, OpenRouter, vLLM):
   model, base URL and key from ``LLMConfig`` or the environment (``TDLIB_LLM_MODEL``, ``TDLIB_LLM_BASE_URL``
   or ``OPENAI_BASE_URL``, ``TDLIB_LLM_API_KEY`` or ``OPENAI_API_KEY``); requests run concurrently, transient
@@ -179,7 +180,10 @@ class OfflineBackend:
         return out
 
     def classify(self, jobs: list[ClassifyJob]) -> list[str | None]:
-        return [classify_by_segments(job.mass_shares, job.detection, self.min_detection) for job in jobs]
+        """Off the organism there are no segment labels to classify by: those units get None (unclassified), and
+        notebook 04 says to use the LLM back end for categories."""
+        return [None if job.mass_shares is None else classify_by_segments(job.mass_shares, job.detection,
+                                                                          self.min_detection) for job in jobs]
 
 
 # --------------------------------------------------------------------------------------------------- LLM
