@@ -749,10 +749,12 @@ class HesitationPrompt:
 
 
 def hesitation_token(tokenizer, word: str = " wait") -> int:
+    """The token id of the hesitation ``word`` (the pair's ``hesitation_word``): notebook 05 attributes its logit,
+    notebook 06 collects feature statistics before it."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the study needs a single-token "
-                         "hesitation word")
+                         "hesitation word: set the pair's hesitation_word to a single-token spelling")
     return ids[0]
 
 

@@ -243,15 +243,6 @@ class FeatureStats:
         return {layer: self.active_mean[layer][chosen].tolist() for layer, chosen in features.items()}
 
 
-def hesitation_token_id(tokenizer, word: str = " " + task.HESITATION) -> int:
-    """The token id of the hesitation ``word`` (the pair's ``hesitation_word``)."""
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens for this tokenizer; the statistics expect one: set the "
-                         "pair's hesitation_word to a single-token spelling")
-    return ids[0]
-
-
 @torch.no_grad()
 def collect_feature_stats(model, batches: Iterable[dict], wait_id: int) -> FeatureStats:
     """Run the adapter model over ``batches`` and gather the statistics in ``FeatureStats``."""

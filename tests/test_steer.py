@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from tdlib.data import OrganismTraces
+from tdlib.attribution import hesitation_token
 from tdlib.bench import pair_benchmark
 from tdlib.models import get_mlp, load_tokenizer
 from tdlib.organism.build import eval_problems, get_config
@@ -10,7 +11,7 @@ from tdlib.pairs import resolve_pair
 from tdlib.splice import mlp_choice
 from tdlib.steer import (AblationConfig, FeatureStats, ablate_features, add_feature_directions, clamp_features,
                          collect_feature_stats, feature_contribution, features_by_layer, features_from_attribution,
-                         hesitation_token_id, n_chosen, random_features, run_ablation_study,
+                         n_chosen, random_features, run_ablation_study,
                          select_hesitation_features)
 from tdlib.sweep import load_adapters, load_named
 
@@ -189,7 +190,7 @@ def test_all_features_added_to_base_mlp_reproduce_the_adapter_layer(model):
 
 def test_fallback_selector_ranks_features_by_pre_wait_selectivity(model, tokenizer):
     traces = OrganismTraces(tokenizer, "smoke", batch_size=8, seed=0, split="validation")
-    stats = collect_feature_stats(model, [traces.batch(i) for i in range(2)], hesitation_token_id(tokenizer))
+    stats = collect_feature_stats(model, [traces.batch(i) for i in range(2)], hesitation_token(tokenizer))
     assert stats.n_pre_wait > 0 and stats.n_tokens > stats.n_pre_wait
     chosen = select_hesitation_features(stats, 5)
     assert 0 < n_chosen(chosen) <= 5
@@ -222,7 +223,7 @@ def test_synthetic_stats_selection_and_attribution_groups():
 
 def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     traces = OrganismTraces(tokenizer, "smoke", batch_size=8, seed=0, split="validation")
-    stats = collect_feature_stats(model, [traces.batch(0)], hesitation_token_id(tokenizer))
+    stats = collect_feature_stats(model, [traces.batch(0)], hesitation_token(tokenizer))
     chosen = select_hesitation_features(stats, 4)
     sets = {"all": chosen, "a": {k: v[:1] for k, v in chosen.items()}, "b": {k: v[1:] for k, v in chosen.items()}}
     evalset = pair_benchmark(pair, limit=4, max_new_tokens=8)
