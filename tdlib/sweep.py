@@ -186,7 +186,7 @@ class SweepPlan:
     """Held-out batches (of ``base.batch_size`` sequences) for the final metrics."""
     baselines: bool = True
     """Also train the dense MLP fine-tune skyline and the local-MSE transcoder. The skyline trains every base MLP
-    (5.7e9 parameters on the 7B pair: ~70 GB of gradients and AdamW states), so a one-GPU 7B run sets False."""
+    (5.7e9 parameters on the 7B pair: 68 GB of fp32 gradients and AdamW states), so a one-GPU 7B run sets False."""
 
     def __post_init__(self):
         if not self.l1_weights or any(w <= 0 for w in self.l1_weights):
