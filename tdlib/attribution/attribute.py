@@ -1,0 +1,195 @@
+"""``attribute()``: the direct-effect graph of one logit, by batched transposed passes of the frozen replay."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import unwrap
+from .graph import AttributionGraph, normalize_rows
+from .replay import FrozenPrompt, Replay, _attend_transposed, _feature_offsets, freeze
+
+
+def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean: bool = True,
+              progress: bool = False, method: str = "transpose",
+              max_feature_nodes: int | None = None) -> AttributionGraph:
+    """The attribution graph of ``target_token``'s logit at the last position of ``input_ids``.
+
+    ``method="transpose"`` (default) runs the replay's transposed linear map by hand, batched over target nodes
+    (no forward pass needed: the replay is linear); ``method="autograd"`` gets the same edges from autograd on
+    per-target copies of the leaves (slower; kept as an independent cross-check).
+
+    ``max_feature_nodes``: when more features are active, keep only that many as nodes, chosen greedily by
+    estimated influence on the logit (circuit-tracer's strategy); the others are folded into the error node of
+    their (layer, position), so every identity stays exact and ``n_active_features`` records how many there were."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if method not in ("transpose", "autograd"):
+        raise ValueError(f"method must be 'transpose' or 'autograd', got {method!r}")
+    state = freeze(model, input_ids)
+    n_active = state.features.shape[0]
+    if max_feature_nodes is not None and n_active > max_feature_nodes:
+        keep = select_features_by_influence(Replay(model, state, target_token, demean), max_feature_nodes,
+                                            batch_size)
+        state = fold_into_errors(model, state, keep)
+    replay = Replay(model, state, target_token, demean)
+    n_features, n_layers, n_pos = state.features.shape[0], state.n_layers, state.n_pos
+    n_nodes = n_features + n_layers * n_pos + n_pos + 1
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=state.embeddings.dtype)
+    bias = torch.zeros(n_nodes, dtype=state.embeddings.dtype)
+    offsets = _feature_offsets(state)
+    # targets: every active feature (its pre-activation, read before its layer's MLP), then the logit (read from
+    # the final residual, "layer" n_layers); sorted by (layer, position), so a chunk needs few layers and positions
+    logit_target = torch.tensor([[n_layers, n_pos - 1, -1]], device=state.features.device)
+    targets_all = torch.cat([state.features, logit_target])
+    chunks = range(0, n_features + 1, batch_size)
+    for start in tqdm(chunks, desc="attribution", disable=not progress, leave=False):
+        rows = list(range(start, min(start + batch_size, n_features + 1)))
+        targets = targets_all[rows]
+        rows = [r if r < n_features else n_nodes - 1 for r in rows]
+        if method == "transpose":
+            out, row_bias = _transpose_rows(replay, targets, offsets)
+            adjacency[rows, :out.shape[1]] = out.cpu().to(adjacency.dtype)
+            bias[rows] += row_bias.cpu().to(bias.dtype)
+        elif int(targets[0, 0]) == n_layers:
+            leaves = replay.leaves(1, n_layers, n_pos)
+            _, final = replay.run(*leaves)
+            _fill_rows(adjacency, bias, rows, replay.logit(final), leaves, state, offsets, n_pos)
+        else:
+            features = targets[targets[:, 0] < n_layers]
+            feature_rows = rows[:features.shape[0]]
+            top_layer, top_pos = int(features[:, 0].max()), int(features[:, 1].max()) + 1
+            leaves = replay.leaves(len(feature_rows), top_layer, top_pos)
+            mids, _ = replay.run(*leaves, n_layers=top_layer + 1, n_pos=top_pos)
+            values = replay.target_preactivations(mids, features)
+            _fill_rows(adjacency, bias, feature_rows, values, leaves, state, offsets, top_pos)
+            if len(feature_rows) < len(rows):  # the logit shares the last chunk
+                leaves = replay.leaves(1, n_layers, n_pos)
+                _, final = replay.run(*leaves)
+                _fill_rows(adjacency, bias, rows[-1:], replay.logit(final), leaves, state, offsets, n_pos)
+    if n_features:
+        encoder_bias = torch.stack([replay.adapters[l].b_enc[f] for l, _, f in state.features.tolist()])
+        bias[:n_features] += encoder_bias.detach().cpu().to(bias.dtype)
+    logits = state.logits.double()
+    logit_value = float(state.logits[target_token] - (state.logits.mean() if demean else 0))
+    probability = float(logits.softmax(-1)[target_token])
+    return AttributionGraph(state, adjacency, bias, int(target_token), demean, logit_value, probability,
+                            n_active)
+
+
+@torch.no_grad()
+def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int) -> torch.Tensor:
+    """Indices of at most ``max_nodes`` active features, explored greedily: compute the rows of the unexplored
+    features with the largest estimated influence on the logit (from the rows known so far), repeat."""
+    state = replay.state
+    n = state.features.shape[0]
+    offsets = _feature_offsets(state)
+    logit_target = torch.tensor([[state.n_layers, state.n_pos - 1, -1]], device=state.features.device)
+    logit_row, _ = _transpose_rows(replay, logit_target, offsets)
+    direct = normalize_rows(logit_row.float().cpu())[0, :n]
+    explored: list[int] = []
+    rows = torch.zeros(max_nodes, n, dtype=torch.float32)  # normalised rows of the explored features
+    while len(explored) < max_nodes:
+        influence, current = direct.clone(), direct.clone()
+        for _ in range(state.n_layers):
+            current = current[explored] @ rows[:len(explored)] if explored else torch.zeros_like(direct)
+            influence += current
+        influence[explored] = -1.0
+        count = min(batch_size, max_nodes - len(explored))
+        chosen = influence.topk(count).indices
+        chosen = chosen[influence[chosen] > 0].tolist()
+        if not chosen:
+            break
+        out, _ = _transpose_rows(replay, state.features[chosen], offsets)
+        rows[len(explored):len(explored) + len(chosen)] = normalize_rows(out.float().cpu())[:, :n]
+        explored.extend(chosen)
+    return torch.tensor(sorted(explored), dtype=torch.long)
+
+
+@torch.no_grad()
+def fold_into_errors(model, state: FrozenPrompt, keep: torch.Tensor) -> FrozenPrompt:
+    """The same frozen prompt with only the features ``keep`` as nodes: the others' decoder writes join the error
+    node of their (layer, position) (all identities stay exact; those features just stop being explained)."""
+    body = unwrap(model).model
+    errors = state.errors.clone()
+    dropped = torch.ones(state.features.shape[0], dtype=torch.bool)
+    dropped[keep] = False
+    for (layer, pos, feature), value in zip(state.features[dropped].tolist(), state.activations[dropped]):
+        errors[layer, pos] += value * body.layers[layer].mlp.adapter.W_dec[:, feature]
+    kept = keep.to(state.features.device)
+    return FrozenPrompt(state.input_ids, state.embeddings, state.attn_scale, state.mlp_scale, state.final_scale,
+                        state.patterns, errors, state.attn_bias, state.features[kept], state.activations[kept],
+                        state.logits)
+
+
+@torch.no_grad()
+def _transpose_rows(replay: Replay, targets: torch.Tensor, offsets):
+    """Edges into ``targets`` [B, 3] = (layer, position, feature id; layer == n_layers for the logit) by one pass
+    of the replay's transposed map: inject each target's read-out vector at its layer and position, walk down."""
+    state = replay.state
+    n_layers, total_pos = state.n_layers, state.n_pos
+    n_features = state.features.shape[0]
+    layers, positions, ids = targets.unbind(1)
+    n_pos = int(positions.max()) + 1
+    top = int(layers.max())
+    batch = torch.arange(targets.shape[0], device=targets.device)
+    readout = torch.empty(targets.shape[0], state.embeddings.shape[1], dtype=state.embeddings.dtype,
+                          device=state.embeddings.device)
+    is_logit = layers == n_layers
+    if is_logit.any():
+        readout[is_logit] = replay.logit_direction * state.final_scale[-1]
+    features = ~is_logit
+    if features.any():
+        readout[features] = (replay.encoders[layers[features], ids[features]]
+                             * state.mlp_scale[layers[features], positions[features], None])
+    grad = torch.zeros(targets.shape[0], n_pos, readout.shape[1], dtype=readout.dtype, device=readout.device)
+    if top == n_layers:
+        grad[batch[is_logit], positions[is_logit]] += readout[is_logit]
+    out = torch.zeros(targets.shape[0], n_features + n_layers * total_pos + total_pos, dtype=readout.dtype,
+                      device=readout.device)
+    row_bias = torch.zeros(targets.shape[0], dtype=readout.dtype, device=readout.device)
+    for layer in reversed(range(min(top, n_layers - 1) + 1)):
+        # grad: with respect to the residual after this layer's MLP write
+        if layer < top:
+            errors = state.errors[layer, :n_pos]
+            column = n_features + layer * total_pos
+            out[:, column:column + n_pos] = (grad * errors).sum(-1)
+            feature_positions, feature_ids = replay.layer_features(layer, n_pos)
+            decoder = replay.adapters[layer].W_dec.T[feature_ids]  # [n, d]
+            values = replay.layer_activations(layer, n_pos)
+            start = offsets[layer]
+            out[:, start:start + len(feature_ids)] = (grad[:, feature_positions] * decoder).sum(-1) * values
+        here = layers == layer
+        if here.any():
+            grad[batch[here], positions[here]] += readout[here]
+        row_bias += grad.sum(1) @ state.attn_bias[layer]
+        block = replay.body.layers[layer]
+        scale = state.attn_scale[layer, :n_pos, None] * block.input_layernorm.weight
+        grad = grad + _attend_transposed(block.self_attn, state.patterns[layer], grad) * scale
+    token_start = n_features + n_layers * total_pos
+    out[:, token_start:token_start + n_pos] = (grad * state.embeddings[:n_pos]).sum(-1)
+    return out, row_bias
+
+
+def _fill_rows(adjacency, bias, rows, values, leaves, state, offsets, n_pos) -> None:
+    """Backward from ``values`` [B] (one target per batch copy) and write edges = grad * value into ``rows``."""
+    embeddings, errors, activations, biases = leaves
+    flat = [embeddings, *errors, *activations, *biases]
+    grads = torch.autograd.grad(values.sum(), flat, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]
+    n_err, n_act = len(errors), len(activations)
+    g_emb, g_err, g_act, g_bias = grads[0], grads[1:1 + n_err], grads[1 + n_err:1 + n_err + n_act], grads[1 + n_err + n_act:]
+    rows = torch.as_tensor(rows)
+    n_features, n_layers, total_pos = state.features.shape[0], state.n_layers, state.n_pos
+    token_start = n_features + n_layers * total_pos
+    with torch.no_grad():
+        token_edges = (g_emb * embeddings).sum(-1).cpu()
+        adjacency[rows[:, None], token_start + torch.arange(n_pos)] = token_edges.to(adjacency.dtype)
+        for layer in range(n_err):
+            error_edges = (g_err[layer] * errors[layer]).sum(-1).cpu()
+            columns = n_features + layer * total_pos + torch.arange(n_pos)
+            adjacency[rows[:, None], columns] = error_edges.to(adjacency.dtype)
+            feature_edges = (g_act[layer] * activations[layer]).cpu()
+            columns = offsets[layer] + torch.arange(feature_edges.shape[1])
+            adjacency[rows[:, None], columns] = feature_edges.to(adjacency.dtype)
+        for layer_grad, layer_bias in zip(g_bias, biases):
+            bias[rows] += (layer_grad * layer_bias).sum((-1, -2)).cpu().to(bias.dtype)
