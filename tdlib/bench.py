@@ -612,8 +612,7 @@ def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, t
     base and target levels drawn across both panels."""
     import matplotlib.pyplot as plt
 
-    from .faithfulness import model_kind
-    from .plots import MODEL_COLORS
+    from .plots import MODEL_COLORS, model_kind
 
     names = list(models)
     colors = [MODEL_COLORS.get(model_kind(n, train_results), "grey") for n in names]

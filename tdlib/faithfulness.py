@@ -8,13 +8,13 @@ The target runs once per batch (``target_passes``); every model is then compared
   "uncertain" tokens, where the target's top probability is <= 0.8 (the paper's second view);
 * internal faithfulness: NMSE of every hidden state (embedding output, then each layer's output) against the
   target's, and the KL when only a subset of layers uses the adapter (``subset_kl``).
+
+The figures of these numbers are in ``tdlib.plots``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
-import matplotlib.ticker as mticker
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from .data import pad_batch
 from .generate import generate_greedy
 
-from .plots import MODEL_COLORS
 from .residual import capture_features, capture_residuals
 from .splice import is_spliced, mlp_choice
 
@@ -278,100 +277,3 @@ def evaluate_faithfulness(pair, names: list[str], batches: list[dict], config: F
         results[name] = summarize(compare(model, batches, passes), config.n_bootstrap, config.seed)
         del model
     return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------------------------
-
-def model_kind(name: str, train_results: dict | None = None) -> str:
-    if train_results and name in train_results.get("models", {}):
-        return train_results["models"][name].get("kind", name)
-    return "adapter" if name.startswith("adapter") else name
-
-
-def _interval(entry: dict, key: str) -> list[float]:
-    low, high = entry[f"{key}_ci"]
-    return [entry[key] - low, high - entry[key]]
-
-
-def output_faithfulness_figure(models: dict[str, dict], train_results: dict | None = None, suffix: str = ""):
-    """Fig. 2 style: KL and top-1 disagreement against L0 (log x); adapters as a line with 95% intervals, models
-    without an L0 (base, hybrid, MLP fine-tuning) as horizontal lines; ``suffix="_uncertain"`` for that subset."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    adapters = sorted((n for n, e in models.items() if model_kind(n, train_results) == "adapter" and e["l0"]),
-                      key=lambda n: models[n]["l0"])
-    for axis, key, label in ((axes[0], "kl" + suffix, "KL(target || model) (nats / token)"),
-                             (axes[1], "top1_error" + suffix, "top-1 disagreement with the target (%)")):
-        scale = 100 if key.startswith("top1") else 1
-        if adapters:
-            l0 = [models[n]["l0"] for n in adapters]
-            values = [scale * models[n][key] for n in adapters]
-            errors = np.array([_interval(models[n], key) for n in adapters]).T * scale
-            axis.errorbar(l0, values, yerr=errors, marker="o", capsize=3, color=MODEL_COLORS["adapter"],
-                          label="adapters (sparsity sweep)")
-            for n, x, y in zip(adapters, l0, values):
-                axis.annotate(n.replace("adapter_l1_", "l1="), (x, y), textcoords="offset points", xytext=(4, 4),
-                              fontsize=7)
-        for name, entry in models.items():
-            kind = model_kind(name, train_results)
-            if kind == "adapter":
-                continue
-            value = scale * entry[key]
-            if entry.get("l0"):
-                axis.errorbar([entry["l0"]], [value], yerr=np.array([_interval(entry, key)]).T * scale, marker="s",
-                              capsize=3, linestyle="none", color=MODEL_COLORS.get(kind), label=name)
-            else:
-                axis.axhline(value, linestyle="--", color=MODEL_COLORS.get(kind, "grey"), label=f"{name} (no L0)")
-        axis.set_xscale("log")
-        axis.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
-        axis.xaxis.set_minor_formatter(mticker.NullFormatter())
-        shown = [scale * e[key] for e in models.values()]
-        axis.set_yscale("log" if min(shown) > 0 else "linear")
-        axis.set(xlabel="L0 (active features per token per layer)", ylabel=label)
-        axis.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7, loc="best")
-    title = "on uncertain tokens (target top prob <= 0.8)" if suffix else "on the target's own responses"
-    fig.suptitle(f"Output faithfulness {title}; error bars: sequence-bootstrap 95% interval")
-    fig.tight_layout()
-    return fig
-
-
-def nmse_figure(models: dict[str, dict], train_results: dict | None = None):
-    """NMSE of each hidden state against the target's; x = 0 is the embedding output, x = i the output of layer
-    i - 1."""
-    fig, axis = plt.subplots(figsize=(7, 4.2))
-    adapters = [n for n in models if model_kind(n, train_results) == "adapter"]
-    shades = dict(zip(adapters, plt.cm.Greens(np.linspace(0.45, 0.95, max(len(adapters), 1)))))
-    n_layers = 0
-    for name, entry in models.items():
-        kind = model_kind(name, train_results)
-        values = entry["nmse_by_layer"][1:]
-        n_layers = max(n_layers, len(values))
-        axis.plot(range(len(values)), values, marker="o", label=name,
-                  color=shades[name] if kind == "adapter" else MODEL_COLORS.get(kind),
-                  linestyle="-" if kind == "adapter" else "--")
-    axis.set_yscale("log")
-    axis.set_xticks(range(n_layers))
-    axis.set(xlabel="layer i (its output hidden state; the embedding output is shared)",
-             ylabel="NMSE vs the target's hidden state", title="Internal faithfulness: NMSE by layer")
-    axis.legend(fontsize=7)
-    axis.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    return fig
-
-
-def subset_figure(kl_by_subset: dict[str, float], model_name: str):
-    """KL when only a subset of layers uses the adapter, with the all-layers KL drawn as the reference."""
-    fig, axis = plt.subplots(figsize=(max(6, 0.55 * len(kl_by_subset)), 4.2))
-    names = list(kl_by_subset)
-    all_layers = kl_by_subset["all"]
-    colors = ["#55A868" if kl_by_subset[n] < all_layers or n == "all" else "#C44E52" for n in names]
-    axis.bar(names, [kl_by_subset[n] for n in names], color=colors)
-    axis.axhline(all_layers, color="black", linestyle="--", label=f"all layers replaced: {all_layers:.3g}")
-    axis.set(ylabel="KL(target || model) (nats / token)", xlabel="layers using the adapter (others: target MLP)",
-             title=f"Layer-subset replacement ({model_name})")
-    axis.tick_params(axis="x", rotation=60)
-    axis.legend(loc="lower right")
-    fig.tight_layout()
-    return fig

@@ -1,9 +1,15 @@
-"""Shared figure helpers: every figure is saved as PNG under the figures folder with labelled axes."""
+"""The notebooks' figures, kept apart from the experiment code that computes what they show.
+
+Each function takes the numbers a notebook wrote to its results (or an equivalent dict) and returns a matplotlib
+figure with labelled axes; ``save_figure`` writes it as a PNG under the figures folder.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
+import numpy as np
 
 from .results import resolve
 
@@ -55,7 +61,7 @@ def organism_figure(results: dict, models=("base", "target", "hybrid")):
     return fig
 
 
-# The paper's sweep (DESIGN.md section 1): l1_weight -> validation L0 on the 7B pair.
+# The paper's sweep (docs/method.md, reference numbers): l1_weight -> validation L0 on the 7B pair.
 PAPER_L0_SWEEP = {0.01: 10.3, 0.003: 4.3, 0.001: 1.4, 0.0003: 0.4, 0.0001: 0.1}
 
 
@@ -110,5 +116,159 @@ def training_figure(logs: dict, models: dict, smooth: int = 25):
     tradeoff_axis.set(xscale="log", yscale="log", xlabel="L0 (active features / token / layer)",
                       ylabel="held-out KL(target || model) (nats/token)", title="Faithfulness vs sparsity")
     tradeoff_axis.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------ notebook 02: faithfulness
+def model_kind(name: str, train_results: dict | None = None) -> str:
+    if train_results and name in train_results.get("models", {}):
+        return train_results["models"][name].get("kind", name)
+    return "adapter" if name.startswith("adapter") else name
+
+
+def _interval(entry: dict, key: str) -> list[float]:
+    low, high = entry[f"{key}_ci"]
+    return [entry[key] - low, high - entry[key]]
+
+
+def output_faithfulness_figure(models: dict[str, dict], train_results: dict | None = None, suffix: str = ""):
+    """Fig. 2 style: KL and top-1 disagreement against L0 (log x); adapters as a line with 95% intervals, models
+    without an L0 (base, hybrid, MLP fine-tuning) as horizontal lines; ``suffix="_uncertain"`` for that subset."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    adapters = sorted((n for n, e in models.items() if model_kind(n, train_results) == "adapter" and e["l0"]),
+                      key=lambda n: models[n]["l0"])
+    for axis, key, label in ((axes[0], "kl" + suffix, "KL(target || model) (nats / token)"),
+                             (axes[1], "top1_error" + suffix, "top-1 disagreement with the target (%)")):
+        scale = 100 if key.startswith("top1") else 1
+        if adapters:
+            l0 = [models[n]["l0"] for n in adapters]
+            values = [scale * models[n][key] for n in adapters]
+            errors = np.array([_interval(models[n], key) for n in adapters]).T * scale
+            axis.errorbar(l0, values, yerr=errors, marker="o", capsize=3, color=MODEL_COLORS["adapter"],
+                          label="adapters (sparsity sweep)")
+            for n, x, y in zip(adapters, l0, values):
+                axis.annotate(n.replace("adapter_l1_", "l1="), (x, y), textcoords="offset points", xytext=(4, 4),
+                              fontsize=7)
+        for name, entry in models.items():
+            kind = model_kind(name, train_results)
+            if kind == "adapter":
+                continue
+            value = scale * entry[key]
+            if entry.get("l0"):
+                axis.errorbar([entry["l0"]], [value], yerr=np.array([_interval(entry, key)]).T * scale, marker="s",
+                              capsize=3, linestyle="none", color=MODEL_COLORS.get(kind), label=name)
+            else:
+                axis.axhline(value, linestyle="--", color=MODEL_COLORS.get(kind, "grey"), label=f"{name} (no L0)")
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(mticker.NullFormatter())
+        shown = [scale * e[key] for e in models.values()]
+        axis.set_yscale("log" if min(shown) > 0 else "linear")
+        axis.set(xlabel="L0 (active features per token per layer)", ylabel=label)
+        axis.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, loc="best")
+    title = "on uncertain tokens (target top prob <= 0.8)" if suffix else "on the target's own responses"
+    fig.suptitle(f"Output faithfulness {title}; error bars: sequence-bootstrap 95% interval")
+    fig.tight_layout()
+    return fig
+
+
+def nmse_figure(models: dict[str, dict], train_results: dict | None = None):
+    """NMSE of each hidden state against the target's; x = 0 is the embedding output, x = i the output of layer
+    i - 1."""
+    fig, axis = plt.subplots(figsize=(7, 4.2))
+    adapters = [n for n in models if model_kind(n, train_results) == "adapter"]
+    shades = dict(zip(adapters, plt.cm.Greens(np.linspace(0.45, 0.95, max(len(adapters), 1)))))
+    n_layers = 0
+    for name, entry in models.items():
+        kind = model_kind(name, train_results)
+        values = entry["nmse_by_layer"][1:]
+        n_layers = max(n_layers, len(values))
+        axis.plot(range(len(values)), values, marker="o", label=name,
+                  color=shades[name] if kind == "adapter" else MODEL_COLORS.get(kind),
+                  linestyle="-" if kind == "adapter" else "--")
+    axis.set_yscale("log")
+    axis.set_xticks(range(n_layers))
+    axis.set(xlabel="layer i (its output hidden state; the embedding output is shared)",
+             ylabel="NMSE vs the target's hidden state", title="Internal faithfulness: NMSE by layer")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def subset_figure(kl_by_subset: dict[str, float], model_name: str):
+    """KL when only a subset of layers uses the adapter, with the all-layers KL drawn as the reference."""
+    fig, axis = plt.subplots(figsize=(max(6, 0.55 * len(kl_by_subset)), 4.2))
+    names = list(kl_by_subset)
+    all_layers = kl_by_subset["all"]
+    colors = ["#55A868" if kl_by_subset[n] < all_layers or n == "all" else "#C44E52" for n in names]
+    axis.bar(names, [kl_by_subset[n] for n in names], color=colors)
+    axis.axhline(all_layers, color="black", linestyle="--", label=f"all layers replaced: {all_layers:.3g}")
+    axis.set(ylabel="KL(target || model) (nats / token)", xlabel="layers using the adapter (others: target MLP)",
+             title=f"Layer-subset replacement ({model_name})")
+    axis.tick_params(axis="x", rotation=60)
+    axis.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- notebook 06: ablation
+def _paper_notes(paper: dict) -> dict[str, str | None]:
+    """Annotation texts from the paper's numbers recorded in 06_ablation.json (``results["paper"]``); a missing
+    number gives no annotation."""
+    def note(template: str, *keys: str) -> str | None:
+        return template.format(*(paper[k] for k in keys)) if all(k in paper for k in keys) else None
+
+    return {"adapter_wait": note("paper {}", "adapter_wait_per_1k"),
+            "adapter_tokens": note("paper {}", "adapter_response_tokens"),
+            "ablated_wait": note("paper {} (output)\n{} (both)", "ablated_output_wait_per_1k",
+                                 "ablated_both_wait_per_1k"),
+            "ablated_tokens": note("paper {}", "ablated_response_tokens"),
+            "hybrid_plus_wait": note("paper {} (both)", "hybrid_plus_both_wait_per_1k"),
+            "steered_shorter": "paper: shorter" if paper else None}
+
+
+def ablation_figure(results: dict):
+    """Notebook 06's figure: bars of "wait" per 1k response tokens and mean response length for every condition
+    (random control: mean over draws with a 1-std error bar); the paper's numbers (``results["paper"]``, written
+    by ``tdlib.steer.run_ablation_study``) as annotations where they correspond."""
+    steered = results["steered"]
+    notes = _paper_notes(results.get("paper", {}))
+    bars = [("adapter", results["adapter"], MODEL_COLORS["adapter"], notes["adapter_wait"], notes["adapter_tokens"]),
+            ("adapter\nablated", results["ablated"], "#2E6B3A", notes["ablated_wait"], notes["ablated_tokens"]),
+            ("random\ncontrol", results["random_control"], "#AAAAAA", None, None)]
+    optional = [("adapter_clamped", "adapter\n+clamp", "#8FD19E", None),
+                ("hybrid", "hybrid", MODEL_COLORS["hybrid"], None),
+                ("hybrid_plus_features", "hybrid\n+features", "#B3A6D9", notes["hybrid_plus_wait"]),
+                ("hybrid_plus_features_clamped", "hybrid\n+clamp", "#D3CBEA", None),
+                ("target", "target", MODEL_COLORS["target"], None)]
+    for key, label, color, note in optional:
+        if key in steered:
+            bars.append((label, steered[key], color, note, None))
+    for key in sorted(k for k in steered if k.startswith("target_steered")):
+        bars.append((f"target\nsteered {steered[key]['scale']:+g}", steered[key], "#E8A3A5",
+                     notes["steered_shorter"] if steered[key]["scale"] == -0.5 else None, None))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.05 * len(bars)), 7.5))
+    for axis, key, ylabel, note_index in ((axes[0], "wait_per_1k_tokens", '"wait" per 1,000 response tokens', 3),
+                                          (axes[1], "mean_response_tokens", "mean response length (tokens)", 4)):
+        x = range(len(bars))
+        heights = [b[1][key] for b in bars]
+        errors = [b[1].get(f"{key}_std", 0.0) for b in bars]
+        axis.bar(x, heights, yerr=errors, capsize=4, color=[b[2] for b in bars])
+        axis.set_xticks(list(x), [b[0] for b in bars], fontsize=8)
+        axis.set_ylabel(ylabel)
+        top = max([h + e for h, e in zip(heights, errors)] + [1.0])
+        for i, bar in enumerate(bars):
+            if bar[note_index]:
+                axis.annotate(bar[note_index], (i, heights[i]), xytext=(0, 3), textcoords="offset points",
+                              ha="center", va="bottom", fontsize=7, color="#444444")
+        axis.set_ylim(0, top * 1.35)
+    axes[0].set_title("Hesitation (paper annotations: 7B model, wait/1k)")
+    axes[1].set_title("Response length (paper annotations: 7B model, tokens)")
+    n_draws = results["random_control"]["n_draws"]
+    fig.suptitle(f"Ablating / adding {results['n_features_chosen']} hesitation features "
+                 f"({results['n_problems']} held-out problems, greedy; random control: {n_draws} draws, ±1 std)")
     fig.tight_layout()
     return fig

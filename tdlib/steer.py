@@ -1,4 +1,4 @@
-"""Ablation and steering with adapter features inside plain ``model.generate`` (DESIGN.md experiment 6).
+"""Ablation and steering with adapter features inside plain ``model.generate`` (notebook 06; docs/method.md).
 
 Every intervention is a PyTorch forward hook installed by a context manager (removed on exit, also after an
 error), so generation runs at full speed with no per-step Python loop:
@@ -38,7 +38,9 @@ from .splice import SplicedMLP, mlp_choice
 FeatureSet = dict[int, list[int]]
 FALLBACK_SOURCE = "fallback: features most selectively active right before 'wait' (05_attribution.json missing)"
 
-# The paper's numbers (arXiv 2602.20904, section on hesitation; DESIGN.md experiment 6), wait per 1k tokens.
+
+# The paper's numbers (arXiv 2602.20904, section on hesitation; docs/method.md), "wait" per 1,000 response tokens
+# and mean response length in tokens; recorded in 06_ablation.json beside ours.
 PAPER = {
     "adapter_wait_per_1k": 5.5, "ablated_output_wait_per_1k": 1.5, "ablated_both_wait_per_1k": 0.5,
     "adapter_response_tokens": 7800, "ablated_response_tokens": 3500,
@@ -343,8 +345,8 @@ def summarize_draws(draws: list[dict]) -> dict:
 
 
 def ablation_checks(results: dict) -> dict:
-    """The issue's bar on the organism: ablation cuts "wait" per 1k tokens at least in half and shortens
-    responses; the random control (mean over draws) does neither."""
+    """The paper's necessity claim as checks: ablation cuts "wait" per 1k tokens at least in half and shortens
+    responses; the random control (mean over draws) does neither (docs/method.md)."""
     adapter, ablated, control = results["adapter"], results["ablated"], results["random_control"]
     hesitates = adapter["wait_per_1k_tokens"] > 0
     return {
@@ -358,57 +360,6 @@ def ablation_checks(results: dict) -> dict:
             adapter["mean_response_tokens"] - control["mean_response_tokens"]
             < adapter["mean_response_tokens"] - ablated["mean_response_tokens"],
     }
-
-
-# -------------------------------------------------------------------------------------------------- figure
-def ablation_figure(results: dict):
-    """Bars of "wait" per 1k response tokens and mean response length for every condition (random control:
-    mean over draws with a 1-std error bar); the paper's numbers as annotations where they correspond."""
-    import matplotlib.pyplot as plt
-
-    from .plots import MODEL_COLORS
-
-    steered = results["steered"]
-    bars = [("adapter", results["adapter"], MODEL_COLORS["adapter"], f"paper {PAPER['adapter_wait_per_1k']}",
-             f"paper {PAPER['adapter_response_tokens']}"),
-            ("adapter\nablated", results["ablated"], "#2E6B3A",
-             f"paper {PAPER['ablated_output_wait_per_1k']} (output)\n{PAPER['ablated_both_wait_per_1k']} (both)",
-             f"paper {PAPER['ablated_response_tokens']}"),
-            ("random\ncontrol", results["random_control"], "#AAAAAA", None, None)]
-    optional = [("adapter_clamped", "adapter\n+clamp", "#8FD19E", None),
-                ("hybrid", "hybrid", MODEL_COLORS["hybrid"], None),
-                ("hybrid_plus_features", "hybrid\n+features", "#B3A6D9",
-                 f"paper {PAPER['hybrid_plus_both_wait_per_1k']} (both)"),
-                ("hybrid_plus_features_clamped", "hybrid\n+clamp", "#D3CBEA", None),
-                ("target", "target", MODEL_COLORS["target"], None)]
-    for key, label, color, note in optional:
-        if key in steered:
-            bars.append((label, steered[key], color, note, None))
-    for key in sorted(k for k in steered if k.startswith("target_steered")):
-        bars.append((f"target\nsteered {steered[key]['scale']:+g}", steered[key], "#E8A3A5",
-                     "paper: shorter" if steered[key]["scale"] == -0.5 else None, None))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.05 * len(bars)), 7.5))
-    for axis, key, ylabel, note_index in ((axes[0], "wait_per_1k_tokens", '"wait" per 1,000 response tokens', 3),
-                                          (axes[1], "mean_response_tokens", "mean response length (tokens)", 4)):
-        x = range(len(bars))
-        heights = [b[1][key] for b in bars]
-        errors = [b[1].get(f"{key}_std", 0.0) for b in bars]
-        axis.bar(x, heights, yerr=errors, capsize=4, color=[b[2] for b in bars])
-        axis.set_xticks(list(x), [b[0] for b in bars], fontsize=8)
-        axis.set_ylabel(ylabel)
-        top = max([h + e for h, e in zip(heights, errors)] + [1.0])
-        for i, bar in enumerate(bars):
-            if bar[note_index]:
-                axis.annotate(bar[note_index], (i, heights[i]), xytext=(0, 3), textcoords="offset points",
-                              ha="center", va="bottom", fontsize=7, color="#444444")
-        axis.set_ylim(0, top * 1.35)
-    axes[0].set_title("Hesitation (paper annotations: 7B model, wait/1k)")
-    axes[1].set_title("Response length (paper annotations: 7B model, tokens)")
-    n_draws = results["random_control"]["n_draws"]
-    fig.suptitle(f"Ablating / adding {results['n_features_chosen']} hesitation features "
-                 f"({results['n_problems']} held-out problems, greedy; random control: {n_draws} draws, ±1 std)")
-    fig.tight_layout()
-    return fig
 
 
 # ------------------------------------------------------------------------------------------- the experiment

@@ -162,7 +162,7 @@ def test_evaluate_faithfulness_end_to_end(smoke):
 
 
 def test_figures_draw(tmp_path):
-    from tdlib.faithfulness import nmse_figure, output_faithfulness_figure, subset_figure
+    from tdlib.plots import nmse_figure, output_faithfulness_figure, subset_figure
 
     def entry(l0, kl, top1):
         return {"l0": l0, "kl": kl, "kl_ci": [kl * 0.9, kl * 1.1], "top1_error": top1,

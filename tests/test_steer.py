@@ -242,3 +242,14 @@ def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     assert all(isinstance(v, bool) for v in results["checks"].values())
     assert results["n_features_chosen"] == n_chosen(chosen)
     assert (results["benchmark"], results["n_problems"], results["max_new_tokens"]) == ("organism", 4, 8)
+
+
+    from tdlib.plots import ablation_figure
+    fig = ablation_figure(results)
+    wait_axis = fig.axes[0]
+    shown = {"adapter_clamped", "hybrid", "hybrid_plus_features", "hybrid_plus_features_clamped", "target"}
+    n_bars = 3 + sum(k in shown or k.startswith("target_steered") for k in results["steered"])
+    assert len(wait_axis.patches) == len(wait_axis.get_xticklabels()) == n_bars
+    assert "paper 5.5" in [t.get_text() for t in wait_axis.texts]  # the paper's numbers recorded in the results
+    without_paper = ablation_figure({k: v for k, v in results.items() if k != "paper"})
+    assert not without_paper.axes[0].texts
