@@ -1,17 +1,28 @@
 # Two set-up commands (README): `make figures` runs the pipeline, `make test` runs the tests.
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
+# Your own environment instead: `make figures VENV=/path/to/env` or `make figures PY=python` uses that
+# interpreter as it is (no .venv, no install; it needs `pip install -e ".[dev]"` done once, which the check says).
 PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
 CONFIG ?= organism
 SMOKE ?= 0
+PARAMS ?=
+ONLY ?=
+ifeq ($(VENV)|$(origin PY),.venv|file)
+STAMP := $(VENV)/.installed
+else
+STAMP := check-env
+endif
 
-.PHONY: help install test test-slow figures organism clean-runs paper bench check-html
+.PHONY: help install check-env test test-slow figures organism clean-runs paper bench check-html
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
 	@echo "               CONFIG=paper-7b, paper-1.5b, hub:BASE->TARGET or path/to/pair.json: a real pair, into runs/<config>/"
+	@echo "               PARAMS=\"n_prompts=10 baselines=false 01.steps=50\": notebook parameters (docs/real_models.md)"
+	@echo "               ONLY=\"02 05\": run only these notebooks"
+	@echo "               VENV=/path/to/env or PY=python: use that environment as it is (no .venv, no install)"
 	@echo "make test      run the test suite (fast; CI runs this)"
 	@echo "make test-slow run the slow tests too (full-size organism build, notebook execution)"
 	@echo "make organism  build (or load from cache) the model-organism pair only"
@@ -19,7 +30,7 @@ help:
 	@echo "make bench     speed benchmarks: training step and generation, each against plain PyTorch"
 	@echo "make check-html render the autointerp feature page in headless chromium (apt-get install chromium)"
 
-$(STAMP): pyproject.toml
+.venv/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing resolves to a multi-GB CUDA build on a CPU machine
@@ -29,6 +40,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+check-env:
+	@$(PY) -c "import tdlib, papermill, ipykernel" 2>/dev/null || { echo "$(PY) cannot import tdlib, papermill and ipykernel: run '$(PY) -m pip install -e \".[dev]\"' in this folder once, or drop VENV=/PY= to use .venv"; exit 1; }
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -36,7 +50,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 figures: $(STAMP)
-	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE)
+	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE) $(if $(ONLY),--only $(ONLY)) $(if $(PARAMS),--params '$(PARAMS)')
 
 organism: $(STAMP)
 	$(PY) -m tdlib.organism --config $(CONFIG)

@@ -103,6 +103,12 @@ class HubPairConfig:
     """Training defaults."""
     notes: str = ""
     """Where the values come from."""
+    notebooks: dict[str, dict] = field(default_factory=dict, hash=False)
+    """Notebook parameters for ``make figures`` (``tdlib.pipeline``): ``{"*": {"n_problems": 50}, "01_train":
+    {"steps": 200}}``. ``"*"`` sets a parameter in every notebook whose parameters cell has it; a notebook's number
+    (``"01"``) or stem (``"01_train"``) sets it in that notebook only, over ``"*"``. The command line
+    (``PARAMS="..."``) wins over this block. Names and types are checked against the notebooks when the pipeline
+    starts."""
 
     def __post_init__(self):
         for role in ("base", "target"):
@@ -131,11 +137,54 @@ class HubPairConfig:
             raise ValueError("HubPairConfig.hesitation_word must be a word, e.g. 'Wait' or ' wait'")
         if self.n_validation < 1:
             raise ValueError(f"HubPairConfig.n_validation must be >= 1, got {self.n_validation}")
+        _check_notebook_block(self.notebooks)
 
     @property
     def key(self) -> str:
         """Artifact folder name: the config name made filesystem-safe."""
         return re.sub(r"[^\w.\-]+", "_", self.name.replace("->", "--"))
+
+
+_NOTEBOOK_SCOPE = re.compile(r"^(\*|\d\d|\d\d_[\w-]+)$")
+
+
+def _check_notebook_block(block) -> None:
+    """The shape of ``HubPairConfig.notebooks``; names and types are checked by ``tdlib.pipeline``."""
+    if not isinstance(block, dict):
+        raise ValueError(f"HubPairConfig.notebooks must be a mapping like {{'*': {{'n_problems': 50}}, "
+                         f"'01_train': {{'steps': 200}}}}, got {block!r}")
+    for scope, values in block.items():
+        if not isinstance(scope, str) or not _NOTEBOOK_SCOPE.match(scope):
+            raise ValueError(f"HubPairConfig.notebooks: {scope!r} is not '*', a notebook number like '01' or a "
+                             "notebook stem like '01_train'")
+        if not isinstance(values, dict) or not all(isinstance(name, str) for name in values):
+            raise ValueError(f"HubPairConfig.notebooks[{scope!r}] must map parameter names to values, got {values!r}")
+
+
+def validate_pair(hub: HubPairConfig) -> None:
+    """Checks that need the target's tokenizer, run by ``tdlib.pipeline`` before any notebook (so a bad pair file
+    fails in seconds, not in notebook 05 after 00-04 have run): the hesitation word must be one token, since notebook 05 attributes that token's logit and 06 ablates
+    the features behind it. Loads only the tokenizer (a hub id is fetched once, like every later notebook does)."""
+    from .models import load_tokenizer
+
+    check_hesitation_word(load_tokenizer(hub.target), hub.hesitation_word, hub.name)
+
+
+def check_hesitation_word(tokenizer, word: str, pair_name: str = "the pair") -> int:
+    """The hesitation word's token id; a ``ValueError`` naming the word, its tokens and the fix if it is not one
+    token for ``tokenizer``."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return ids[0]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    candidates = [w for w in {word.strip(), " " + word.strip(), word.strip().capitalize(),
+                              " " + word.strip().capitalize(), word.strip().lower(), " " + word.strip().lower()}
+                  if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+    hint = f"single-token spellings for this tokenizer: {sorted(candidates)}" if candidates else \
+        "pick a word the tokenizer keeps whole (check with tokenizer(word)['input_ids'])"
+    raise ValueError(f"{pair_name}: hesitation_word {word!r} is {len(ids)} tokens for the target's tokenizer "
+                     f"({pieces}, ids {ids}); notebooks 05 and 06 need one token. Set hesitation_word in the pair "
+                     f"file to a single-token spelling ({hint})")
 
 
 BENCHMARKS = {

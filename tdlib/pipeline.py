@@ -4,11 +4,17 @@ Each notebook ``notebooks/NN_name.ipynb`` is executed with the parameters ``conf
 ``figures_dir``; executed copies go to ``runs/<run>/`` (git-ignored). The organism's results and figures are the
 committed ``results/`` and ``figures/``; any other pair writes to ``runs/<config>/results`` and ``.../figures``. A failing notebook stops the run with
 its name and the path of its executed copy, where the traceback is.
+
+Any other parameter of a notebook's parameters cell can be set too, from the pair file's ``notebooks`` block and
+from the command line (``--params name=value ...``, what ``make figures PARAMS="..."`` passes); the command line
+wins. See ``notebook_overrides`` and docs/real_models.md ("Setting notebook parameters").
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,11 +57,160 @@ def run_parameters(config: str, smoke: bool, run_dir: Path, output_dir: Path | N
     return {"config": config, "results_dir": "results", "figures_dir": "figures"}
 
 
+RESERVED_PARAMETERS = ("config", "results_dir", "figures_dir")
+"""Set by the pipeline itself (``--config`` / ``CONFIG=``, ``--output-dir``), never by an override."""
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def notebook_parameters(path: Path) -> dict[str, object]:
+    """The names and default values of a notebook's parameters cell (the code cell tagged ``parameters``).
+    A default that is not a literal (an expression) is recorded as ``...``: any value is accepted for it."""
+    import nbformat
+
+    notebook = nbformat.read(str(path), as_version=4)
+    cells = [c for c in notebook.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise ValueError(f"{path.name} has no code cell tagged 'parameters'; tag the cell that sets its parameters")
+    return dict(pair for node in ast.parse(cells[0].source).body if isinstance(node, ast.Assign)
+                for pair in _assigned(node))
+
+
+def _assigned(node: ast.Assign) -> list[tuple[str, object]]:
+    """(name, literal default or ...) for ``a = 1`` and ``a, b = 1, 2``."""
+    pairs = []
+    for target in node.targets:
+        unpacked = isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
+        names = target.elts if isinstance(target, ast.Tuple) else [target]
+        values = node.value.elts if unpacked else [node.value] * len(names)
+        for name, value in zip(names, values):
+            if isinstance(name, ast.Name):
+                try:
+                    pairs.append((name.id, ast.literal_eval(value) if unpacked or len(names) == 1 else ...))
+                except ValueError:
+                    pairs.append((name.id, ...))
+    return pairs
+
+
+def parse_value(text: str):
+    """A command-line value as a Python value: ``true``/``false``/``none``/``null`` (any case), else a Python or
+    JSON literal (ints, floats, strings, lists, dicts), else the text itself as a string (``backend=llm``)."""
+    if text.strip().lower() in _WORDS:
+        return _WORDS[text.strip().lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_params(items: list[str] | str | None) -> dict[str, dict[str, object]]:
+    """``["n_prompts=10 baselines=false", "01_train.steps=50"]`` -> ``{"*": {...}, "01_train": {"steps": 50}}``.
+    Each item is split like a shell line (quote a value that has spaces: ``'l1_weights=[0.01, 0.001]'``);
+    ``name=value`` applies to every notebook that has ``name``, ``NN.name=value`` or ``NN_stem.name=value`` to one."""
+    if isinstance(items, str):
+        items = [items]
+    overrides: dict[str, dict[str, object]] = {}
+    for item in items or []:
+        for word in shlex.split(item):
+            key, equals, value = word.partition("=")
+            if not equals or not key:
+                raise ValueError(f"cannot read the parameter {word!r}: write name=value (e.g. n_prompts=10) or "
+                                 "NN.name=value for one notebook (e.g. 01.steps=50)")
+            scope, _, name = key.rpartition(".")
+            overrides.setdefault(scope or "*", {})[name] = parse_value(value)
+    return overrides
+
+
+def _scope_matches(scope: str, notebook: Path) -> bool:
+    return scope == "*" or scope in (notebook.stem, notebook.name[:2])
+
+
+def _type_problem(name: str, value, default) -> str | None:
+    """Why ``value`` cannot replace ``default`` (None when it can): None and a None default take anything."""
+    if value is None or default is None or default is ...:
+        return None
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not (isinstance(default, int) and isinstance(value, float)
+                                                      and not value.is_integer())
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:
+        ok = isinstance(value, type(default))
+    return None if ok else f"{name}={value!r} ({type(value).__name__}) where the default is {default!r}"
+
+
+def notebook_overrides(notebooks: list[Path], *layers: dict[str, dict[str, object]]) -> dict[str, dict]:
+    """Per notebook (by stem), the parameters to pass besides config and folders. ``layers`` are override blocks
+    (``{"*": {...}, "01_train": {...}, "05": {...}}``) in increasing priority (pair file first, command line
+    last); within a layer a notebook's own entry wins over ``"*"``. ``"*"`` applies a parameter to every notebook
+    whose parameters cell has it. Refused, naming the fix: a reserved name, a scope that names no notebook, a name
+    that no notebook in scope declares (with the parameter lists), a value of the wrong type."""
+    declared = {p.stem: notebook_parameters(p) for p in notebooks}
+    stems = {p.stem: p for p in notebooks}
+    result: dict[str, dict] = {stem: {} for stem in declared}
+    for layer in layers:
+        for scope, values in (layer or {}).items():
+            if not isinstance(values, dict):
+                raise ValueError(f"notebook parameters for {scope!r} must be a mapping name -> value, got {values!r}")
+            in_scope = [s for s, p in stems.items() if _scope_matches(scope, p)]
+            if not in_scope:
+                raise ValueError(f"{scope!r} names no notebook; use '*', a number like '01' or a stem like "
+                                 f"'01_train' (the notebooks: {sorted(stems)})")
+            reserved = sorted(set(values) & set(RESERVED_PARAMETERS))
+            if reserved:
+                raise ValueError(f"{reserved} are set by the pipeline: choose the pair with CONFIG= (--config) and the "
+                                 "output folder with --output-dir, not with notebook parameters")
+            for name, value in values.items():
+                owners = [s for s in in_scope if name in declared[s]]
+                if not owners:
+                    listing = "; ".join(f"{s}: {', '.join(n for n in declared[s] if n not in RESERVED_PARAMETERS)}"
+                                        for s in in_scope)
+                    raise ValueError(f"unknown notebook parameter {name!r} for {scope!r}; the parameters are: "
+                                     f"{listing}")
+                for stem in owners:
+                    problem = _type_problem(name, value, declared[stem][name])
+                    if problem:
+                        raise ValueError(f"{stem}: {problem}; give a value of the default's type")
+        # a notebook's own entry beats "*" within one layer
+        for scope in sorted(layer or {}, key=lambda s: s != "*"):
+            for stem in (s for s, p in stems.items() if _scope_matches(scope, p)):
+                result[stem].update({k: v for k, v in layer[scope].items() if k in declared[stem]})
+    return result
+
+
+def pair_notebook_block(config: str, smoke: bool = False) -> dict:
+    """The pair's ``notebooks`` block (``HubPairConfig.notebooks``), after checking the pair up front
+    (``tdlib.pairs.validate_pair``: a multi-token hesitation word is refused here, before any notebook runs).
+    Empty for the organism."""
+    from .organism.build import CONFIGS
+    from .pairs import pair_config, validate_pair
+
+    if smoke or config in CONFIGS:
+        return {}
+    hub = pair_config(config)
+    validate_pair(hub)
+    return dict(hub.notebooks)
+
+
 def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] | None = None,
-                 run_dir: Path | None = None, output_dir: Path | None = None) -> Path:
+                 run_dir: Path | None = None, output_dir: Path | None = None,
+                 params: dict[str, dict] | None = None) -> Path:
+    """Run the numbered notebooks (``only``: some of them) on ``config``. ``params`` (``parse_params``'s form)
+    overrides notebook parameters over the pair file's ``notebooks`` block; both are checked before any notebook
+    runs."""
     import papermill
 
     notebooks = numbered_notebooks()
+    # checked against every notebook, so a pair file's block for 01 is valid in an `--only 05` run too
+    overrides = notebook_overrides(notebooks, pair_notebook_block(config, smoke), params or {})
     if only:
         notebooks = [p for p in notebooks if p.name[:2] in only or p.stem in only]
     if not notebooks:
@@ -67,9 +222,10 @@ def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] 
     for notebook in notebooks:
         executed = run_dir / notebook.name
         started = time.time()
-        print(f"[pipeline] {notebook.name} -> {executed}", flush=True)
+        extra = overrides[notebook.stem]
+        print(f"[pipeline] {notebook.name} -> {executed}" + (f" with {extra}" if extra else ""), flush=True)
         try:
-            papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
+            papermill.execute_notebook(str(notebook), str(executed), parameters={**extra, **parameters},
                                        cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False)
         except papermill.PapermillExecutionError as error:
             raise SystemExit(f"[pipeline] {notebook.name} failed ({error.ename}: {error.evalue}); "
@@ -86,9 +242,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="folder for results/ and figures/ (default: the repository's for the organism, "
                              "runs/<config>/ for any other pair)")
+    parser.add_argument("--params", nargs="*", default=[],
+                        help="notebook parameters, name=value (every notebook that has it) or NN.name=value (one "
+                             "notebook); values are Python/JSON literals or true/false/none; they win over the "
+                             "pair file's notebooks block")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or default_output_dir(args.config)
-    run_dir = run_pipeline(args.config, bool(args.smoke), args.only, output_dir=output_dir)
+    try:
+        params = parse_params(args.params)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        run_dir = run_pipeline(args.config, bool(args.smoke), args.only, output_dir=output_dir, params=params)
+    except ValueError as error:  # a pair file or parameter refused before any notebook ran
+        raise SystemExit(f"[pipeline] {error}") from None
     print(f"[pipeline] all notebooks ran; executed copies in {run_dir}", file=sys.stderr)
 
 

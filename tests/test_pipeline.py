@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -151,3 +152,92 @@ def test_every_notebook_runs_on_a_pair_file(local_pair_run):
     assert results["05_attribution"]["hesitation_token"] == " wait" and results["05_attribution"]["n_prompts"] > 0
     assert results["06_ablation"]["benchmark"] == "gsm8k" and results["06_ablation"]["n_problems"] == 24
     assert read_results("00_organism", "results")["config"] == "organism"  # the committed results are untouched
+
+
+# ------------------------------------------------------------------ notebook parameters from the command line and pair file
+
+def test_command_line_values_are_read_as_literals():
+    params = pipeline.parse_params(["n_prompts=10 baselines=false cache_target=None", "01.steps=50",
+                                    "'l1_weights=[0.01, 0.001]' backend=llm temperature=0.7"])
+    assert params == {"*": {"n_prompts": 10, "baselines": False, "cache_target": None,
+                            "l1_weights": [0.01, 0.001], "backend": "llm", "temperature": 0.7},
+                      "01": {"steps": 50}}
+    with pytest.raises(ValueError, match="name=value"):
+        pipeline.parse_params(["n_prompts"])
+
+
+def test_parameters_cells_are_read_with_their_defaults():
+    declared = {p.stem: pipeline.notebook_parameters(p) for p in pipeline.numbered_notebooks()}
+    assert declared["01_train"]["baselines"] is True and declared["05_attribution"]["n_prompts"] == 60
+    assert declared["04_autointerp"]["before"] == 12 and declared["04_autointerp"]["after"] == 4  # a, b = 12, 4
+
+
+def test_overrides_apply_where_declared_and_the_command_line_wins():
+    notebooks = pipeline.numbered_notebooks()
+    pair_block = {"*": {"n_problems": 50, "n_prompts": 5}, "06_ablation": {"n_problems": 7}, "01": {"steps": 9}}
+    command_line = pipeline.parse_params(["n_prompts=10 baselines=false", "01.steps=50"])
+    overrides = pipeline.notebook_overrides(notebooks, pair_block, command_line)
+    assert overrides["00_organism"] == {"n_problems": 50}  # "*" reaches every notebook that has the parameter
+    assert overrides["06_ablation"] == {"n_problems": 7}  # a notebook's own entry beats "*"
+    assert overrides["05_attribution"] == {"n_prompts": 10}  # the command line beats the pair file
+    assert overrides["01_train"] == {"baselines": False, "steps": 50}
+    assert overrides["02_faithfulness"] == {}
+
+
+@pytest.mark.parametrize("words, message", [
+    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: n_prompts, max_per_problem"),
+    (["01.n_prompts=3"], r"unknown notebook parameter 'n_prompts' for '01'.*01_train: l1_weights, steps"),
+    (["baselines=0"], r"baselines=0 \(int\) where the default is True"),
+    (["n_prompts=many"], r"n_prompts='many' \(str\) where the default is 60"),
+    (["07.steps=1"], r"'07' names no notebook"),
+    (["results_dir=/tmp/x"], r"set by the pipeline"),
+])
+def test_unknown_or_mistyped_parameters_are_refused_with_the_parameter_list(words, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.notebook_overrides(pipeline.numbered_notebooks(), pipeline.parse_params(words))
+
+
+def _pair_file(tmp_path, **changes):
+    from local_pair import write_local_pair
+
+    path = write_local_pair(tmp_path)
+    pair = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps(pair))
+    return path
+
+
+def test_the_pipeline_passes_pair_file_and_command_line_parameters_to_each_notebook(tmp_path, monkeypatch):
+    import papermill
+
+    calls = {}
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda source, out, parameters, **kw: calls.setdefault(Path(source).stem, parameters))
+    pair_file = _pair_file(tmp_path, notebooks={"*": {"n_problems": 12, "n_prompts": 3}, "01_train": {"steps": 9}})
+    pipeline.run_pipeline(str(pair_file), only=["00", "01", "05"], run_dir=tmp_path / "run",
+                          output_dir=tmp_path / "out", params=pipeline.parse_params(["n_prompts=4 baselines=false"]))
+    assert sorted(calls) == ["00_organism", "01_train", "05_attribution"]
+    assert calls["00_organism"]["n_problems"] == 12 and calls["00_organism"]["config"] == str(pair_file)
+    assert calls["01_train"]["steps"] == 9 and calls["01_train"]["baselines"] is False
+    assert calls["05_attribution"]["n_prompts"] == 4  # the command line wins over the pair file
+    assert calls["05_attribution"]["results_dir"] == str(tmp_path / "out" / "results")
+
+
+def test_a_bad_notebooks_block_is_refused_before_any_notebook_runs(tmp_path, monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    with pytest.raises(SystemExit, match=r"unknown notebook parameter 'step'.*01_train: l1_weights, steps"):
+        pipeline.main(["--config", str(_pair_file(tmp_path, notebooks={"01": {"step": 9}})), "--only", "01"])
+    from tdlib.pairs import load_pair_file
+
+    with pytest.raises(ValueError, match="not '\\*', a notebook number"):
+        load_pair_file(_pair_file(tmp_path / "b", notebooks={"train": {"steps": 9}}))
+
+
+def test_a_multi_token_hesitation_word_is_refused_when_the_pipeline_starts(tmp_path, monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    pair_file = _pair_file(tmp_path, hesitation_word="Wait")  # the smoke tokenizer: 'W' 'ai' 't'
+    with pytest.raises(SystemExit, match=r"hesitation_word 'Wait' is 3 tokens .*\['W', 'ai', 't'\].*\[' wait'\]"):
+        pipeline.main(["--config", str(pair_file), "--only", "00"])
