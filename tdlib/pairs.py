@@ -449,14 +449,3 @@ def _export_hub_dataset(dataset_id: str, hub: HubPairConfig, split: str, own_spl
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
-
-def sweep_plan(pair: Pair, n_validation_batches: int = 8):
-    """A ``tdlib.sweep.SweepPlan`` from a hub pair's training defaults (the paper's L1 sweep and optimiser), for
-    ``tdlib.sweep.default_plan`` to fall back on for configurations it has no hand-tuned plan for."""
-    from .sweep import SweepPlan
-
-    if pair.hub is None:
-        raise ValueError(f"{pair.name!r} is an organism configuration; its plan is tdlib.sweep.DEFAULT_PLANS")
-    training = pair.hub.training
-    return SweepPlan(l1_weights=tuple(training.l1_weights), base=training.train_config(),
-                     n_validation_batches=n_validation_batches)

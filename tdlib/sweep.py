@@ -210,15 +210,16 @@ DEFAULT_PLANS = {
 }
 
 
-def default_plan(pair: Pair) -> SweepPlan:
-    """The organism's measured plan, or for a hub pair the paper's sweep and optimiser (``tdlib.pairs``)."""
-    from .pairs import sweep_plan
-
+def default_plan(pair: Pair, n_validation_batches: int = 8) -> SweepPlan:
+    """The organism's measured plan (``DEFAULT_PLANS``), or for a hub pair one built from its training defaults
+    (``tdlib.pairs.TrainingDefaults``: the paper's L1 sweep and optimiser unless the pair file says otherwise)."""
     if pair.name in DEFAULT_PLANS:
         return DEFAULT_PLANS[pair.name]
-    if pair.organism:
+    if pair.hub is None:
         raise ValueError(f"no default sweep for {pair.name!r}; pass a SweepPlan (known: {sorted(DEFAULT_PLANS)})")
-    return sweep_plan(pair)
+    training = pair.hub.training
+    return SweepPlan(l1_weights=tuple(training.l1_weights), base=training.train_config(),
+                     n_validation_batches=n_validation_batches)
 
 
 def run_sweep(pair: Pair, plan: SweepPlan, data, progress: bool = True) -> dict[str, object]:

@@ -9,6 +9,7 @@ import tdlib.pairs as pairs
 from tdlib.organism.tokenizer import train_tokenizer
 from tdlib.pairs import (HubPairConfig, TrainingDefaults, data_for, register_pair, resolve_pair,
                          training_defaults)
+from tdlib.sweep import default_plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "openthoughts3_sample.jsonl"
 BENCH = Path(__file__).parent / "fixtures" / "bench"
@@ -100,12 +101,22 @@ def test_hub_pair_data_holds_out_validation_traces_from_a_local_jsonl(tmp_path, 
 
 
 def test_hub_pairs_give_a_sweep_plan_with_the_papers_values():
-    plan = pairs.sweep_plan(resolve_pair("paper-7b"))
+    plan = default_plan(resolve_pair("paper-7b"))
     assert plan.l1_weights == (0.01, 0.003, 0.001, 0.0003, 0.0001)
     assert (plan.base.n_features, plan.base.lr, plan.base.batch_size, plan.base.steps) == (8192, 8e-4, 1, 50_000)
     assert [spec.name for spec in plan.specs][:2] == ["adapter_l1_0.01", "adapter_l1_0.003"]
-    with pytest.raises(ValueError, match="organism configuration"):
-        pairs.sweep_plan(resolve_pair("smoke", build=False))
+    assert default_plan(resolve_pair("smoke", build=False)).base.n_features == 64  # the organism's own table
+
+
+def test_a_pair_configuration_knows_nothing_of_sweeps():
+    """The import goes one way: tdlib.sweep uses tdlib.pairs, never the reverse (not even lazily)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(pairs))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.lstrip(".").startswith("sweep")}
+    assert not hasattr(pairs, "sweep_plan")
 
 
 def _pair_file(tmp_path, **changes) -> Path:
@@ -128,7 +139,7 @@ def test_a_pair_file_is_a_configuration_with_paths_relative_to_it(tmp_path):
     assert pair.hub.train_data == str(tmp_path / "data" / "traces.jsonl")  # relative to the file, not the cwd
     assert pair.hub.benchmarks == ("GSM8K", "math500")
     assert pair.hub.training.l1_weights == (0.1, 0.01) and pair.hub.training.n_features == 32
-    assert pairs.sweep_plan(pair).l1_weights == (0.1, 0.01)
+    assert default_plan(pair).l1_weights == (0.1, 0.01)
 
 
 @pytest.mark.parametrize("changes, message", [
