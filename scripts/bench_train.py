@@ -5,7 +5,7 @@
     python scripts/bench_train.py --shape 7b --device cuda --dtype bfloat16   # 7B-shaped, random weights
 
 Both sides run in the same process on the same batch; the script prints tokens/s of each and their ratio
-(issue 3's target: the full-objective step costs <= 2.5x the plain target forward+backward).
+(the project's bar: the full-objective step costs <= 2.5x the plain target forward+backward).
 """
 from __future__ import annotations
 

@@ -565,7 +565,7 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
 
 
 def pair_checks(results: dict, organism: bool) -> dict[str, bool]:
-    """What notebook 00 asks of a pair. The organism has design targets (DESIGN.md); a real pair is only asked
+    """What notebook 00 asks of a pair. The organism has design checks (docs/method.md, section 6); a real pair is only asked
     to show the difference the adapters are meant to explain (the target is better, longer and hesitates more)."""
     base, target = results["base"], results["target"]
     if organism:
@@ -583,7 +583,7 @@ def pair_checks(results: dict, organism: bool) -> dict[str, bool]:
 
 
 def benchmark_checks(models: dict[str, dict], train_results: dict) -> dict:
-    """The issue's targets on the organism, with the numbers behind each verdict.
+    """The paper's benchmark claims as checks on the organism, with the numbers behind each verdict.
 
     * the middle-sparsity adapter's mean response length is within 25% of the target's;
     * the lowest-penalty adapter recovers >= 50% of the accuracy gain;

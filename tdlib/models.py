@@ -98,7 +98,7 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load_tokenizer(name_or_path: str):
     """The model's tokenizer; a folder that names ``PreTrainedTokenizerFast`` is loaded as exactly that
-    (AutoTokenizer would substitute the architecture's own tokenizer class, see STACK.md)."""
+    (AutoTokenizer would substitute the architecture's own tokenizer class, see docs/stack_notes.md)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     config_file = Path(name_or_path) / "tokenizer_config.json"

@@ -25,7 +25,7 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
 
 def numbered_notebooks(directory: Path = REPO_ROOT / "notebooks") -> list[Path]:
-    """The pipeline's notebooks, in order: ``NN_name.ipynb`` files (later issues add more)."""
+    """The pipeline's notebooks, in order: ``NN_name.ipynb`` files."""
     found = sorted(p for p in directory.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
     numbers = [p.name[:2] for p in found]
     duplicates = {n for n in numbers if numbers.count(n) > 1}

@@ -1,4 +1,4 @@
-"""The results contract (DESIGN.md section 6): each notebook writes results/NN_name.json atomically."""
+"""The results contract (docs/method.md, section 8): each notebook writes results/NN_name.json atomically."""
 from __future__ import annotations
 
 import json

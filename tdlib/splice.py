@@ -1,6 +1,6 @@
 """The splice: the target model with a per-layer choice of MLP.
 
-Every model in the paper is "the target with some layers' MLPs swapped" (DESIGN.md section 1):
+Every model in the paper is "the target with some layers' MLPs swapped" (docs/method.md, section 1):
 
     target            all layers "target"
     hybrid            all layers "base"

@@ -265,7 +265,7 @@ def evaluate_sweep(pair: Pair, names: list[str], batches: list[dict], root: Path
 
 
 def sweep_checks(models: dict) -> dict[str, bool]:
-    """Issue 3's bar: L0 falls as l1_weight rises, and the middle-sparsity adapter's KL is <= hybrid KL / 10."""
+    """The sweep's checks: L0 falls as l1_weight rises, and the middle-sparsity adapter's KL is <= hybrid KL / 10."""
     adapters = sorted((n for n in models if models[n]["kind"] == "adapter"), key=lambda n: models[n]["l1_weight"])
     l0s = [models[n]["l0"] for n in adapters]
     middle = adapters[len(adapters) // 2]

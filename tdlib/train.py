@@ -1,4 +1,4 @@
-"""Training transcoder adapters with the paper's objective (DESIGN.md section 1), resumable from checkpoints.
+"""Training transcoder adapters with the paper's objective (docs/method.md, section 2), resumable from checkpoints.
 
 Per batch, with the target's MLPs replaced by base MLP + adapter ("adapter" choice):
 

@@ -55,7 +55,7 @@ def smoke_run(tmp_path_factory):
     return pipeline.run_pipeline(smoke=True, run_dir=tmp_path_factory.mktemp("smoke"))
 
 
-# The results contract (DESIGN.md section 6): keys each notebook must write.
+# The results contract (docs/method.md, section 8): keys each notebook must write.
 CONTRACT = {
     "00_organism": {"base", "target", "hybrid", "n_problems", "seed"},
     "01_train": {"models", "analysis_model", "lowest_penalty_model"},

@@ -1,4 +1,4 @@
-"""Autointerp (DESIGN.md experiment 4): explain and score adapter features and target MLP neurons.
+"""Autointerp (notebook 04; docs/method.md, section 4): explain and score adapter features and target MLP neurons.
 
 * ``cache``: stream held-out text, keep per unit the top, uniformly sampled and non-activating contexts;
 * ``backends``: explainer/scorer/judge behind one interface: ``OfflineBackend`` (token patterns, no LLM) and

@@ -1,4 +1,4 @@
-"""Detection scoring (DESIGN.md experiment 4): explain each sampled unit from its max-activating contexts,
+"""Detection scoring (notebook 04; docs/method.md, section 4): explain each sampled unit from its max-activating contexts,
 then ask the scorer which of a shuffled mix of held-out activating and silent contexts the explanation fits.
 
 Each context is a window around one marked token; positives are windows whose marked token activates the unit,

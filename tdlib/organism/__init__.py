@@ -1,4 +1,4 @@
-"""The built-in model organism of reasoning distillation (DESIGN.md section 2).
+"""The built-in model organism of reasoning distillation (its design: docs/method.md, section 6).
 
 A small Qwen2 ``base`` that answers chained-arithmetic problems directly, and a ``target`` fine-tuned from it
 on step-by-step traces with hesitation ("wait") + re-check segments whenever a running total goes negative.

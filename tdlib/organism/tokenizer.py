@@ -2,7 +2,7 @@
 
 It has exactly the structure of Qwen2's tokenizer (Qwen's pre-tokenizer regex, byte-level alphabet, BPE
 with merges, files vocab.json + merges.txt). That is deliberate: transformers 5.x maps every ``qwen2``
-model folder to ``Qwen2Tokenizer`` whatever tokenizer_config.json says (STACK.md), so the only tokenizer
+model folder to ``Qwen2Tokenizer`` whatever tokenizer_config.json says (docs/stack_notes.md), so the only tokenizer
 that ``AutoTokenizer.from_pretrained(model_dir)`` loads faithfully for a Qwen2 model is a Qwen-format one.
 Digits are single tokens (as in Qwen); frequent words with their leading space (" wait") become one token.
 """
