@@ -565,8 +565,8 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
 
 
 def pair_checks(results: dict, organism: bool) -> dict[str, bool]:
-    """What notebook 00 asks of a pair. The organism has design checks (docs/method.md, section 6); a real pair is only asked
-    to show the difference the adapters are meant to explain (the target is better, longer and hesitates more)."""
+    """What notebook 00 asks of a pair. The organism has design checks (docs/method.md, section 6); a real pair
+    is only asked to show the difference the adapters are meant to explain (the target is better, longer and hesitates more)."""
     base, target = results["base"], results["target"]
     if organism:
         return {
