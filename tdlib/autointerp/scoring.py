@@ -1,5 +1,6 @@
 """Detection scoring (notebook 04; docs/method.md, section 4): explain each sampled unit from its
-max-activating contexts, then ask the scorer which of a shuffled mix of held-out activating and silent contexts the explanation fits.
+max-activating contexts, then ask the scorer which of a shuffled mix of held-out activating and silent contexts
+the explanation fits.
 
 Each context is a window around one marked token; positives are windows whose marked token activates the unit,
 negatives windows whose marked token does not (token-level: organism units, target neurons above all, are too
