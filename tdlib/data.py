@@ -2,8 +2,14 @@
 
 * ``OrganismTraces``: the organism's distillation data (prompt + reasoning trace), held-out problems excluded.
 * ``ReasoningTraces``: OpenThoughts3-style JSONL (``{"conversations": [{"from": "human", "value": ...},
-  {"from": "gpt", "value": ...}]}``), rendered with the tokenizer's chat template. Loss is on every
-  non-padding token, prompt included, as in the paper.
+  {"from": "gpt", "value": ...}]}``), rendered as the paper's released code does (``render_trace``): the chat
+  template for the turns before the response, up to and including the generation prompt, then the response's raw
+  text, then EOS. Loss is on every non-padding token, prompt included, as in the paper.
+
+Why not ``apply_chat_template`` on the whole conversation: DeepSeek-R1-Distill's template keeps only what follows
+``</think>`` in an assistant turn, so it would delete the reasoning the adapters are meant to learn
+(tests/fixtures/ holds that template; the tests check the reasoning survives). A tokenizer without a chat template
+needs ``prompt_format="plain"`` (a pair file's ``prompt_format`` field, docs/real_models.md).
 """
 from __future__ import annotations
 
@@ -81,22 +87,75 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     return conversations
 
 
-class ReasoningTraces:
-    """Batches from a reasoning-trace JSONL file, chat-templated, truncated to ``max_tokens``."""
+PROMPT_FORMATS = ("chat", "plain")
+"""How a conversation becomes text: "chat" through the tokenizer's chat template, "plain" without one (each turn's
+text followed by a newline before the response, as ``tdlib.bench.render_prompts`` prompts a template-less model)."""
 
-    def __init__(self, path: str | Path, tokenizer, batch_size: int = 1, max_tokens: int = 10_000, seed: int = 0):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template (the target model's "
-                             "template renders its reasoning traces as it saw them in fine-tuning)")
+
+def check_prompt_format(tokenizer, prompt_format: str) -> None:
+    """A ``ValueError`` naming the fix when ``prompt_format`` is unknown or needs a chat template the tokenizer lacks."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+        raise ValueError(f"{name} has no chat template, so prompt_format 'chat' cannot render conversations. Either "
+                         "set \"prompt_format\": \"plain\" in the pair file (prompt text, a newline, then the "
+                         "response; docs/real_models.md) or give the tokenizer the template the target was "
+                         "fine-tuned with (tokenizer.chat_template, or chat_template in tokenizer_config.json)")
+
+
+def render_prompt(tokenizer, messages: list[dict], prompt_format: str = "chat") -> str:
+    """The text a response follows: ``messages`` (every turn before the response) through the chat template with
+    the generation prompt appended, or for "plain" each turn's text followed by a newline."""
+    check_prompt_format(tokenizer, prompt_format)
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in messages)
+
+
+def render_trace(tokenizer, messages: list[dict], prompt_format: str = "chat") -> tuple[str, str]:
+    """(prompt text, response text) of a conversation that ends with the assistant's response: the prompt as
+    ``render_prompt`` gives it for ``messages[:-1]``, the response as its raw text, never passed through the
+    template (which may rewrite it: R1-Distill's drops everything up to ``</think>``)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        roles = [m["role"] for m in messages]
+        raise ValueError(f"a training trace must end with the assistant's response; this one's turns are {roles}")
+    return render_prompt(tokenizer, messages[:-1], prompt_format), messages[-1]["content"]
+
+
+def encode_trace(tokenizer, messages: list[dict], prompt_format: str = "chat",
+                 max_tokens: int | None = None) -> list[int]:
+    """Token ids of a training trace: prompt ids, then response ids, then EOS (the prompt and the response are
+    tokenized separately, as the model reads a prompt and then generates; "chat" adds no special tokens beyond the
+    template's own, "plain" lets the tokenizer add its usual ones, e.g. BOS), cut to ``max_tokens``."""
+    prompt, response = render_trace(tokenizer, messages, prompt_format)
+    ids = tokenizer(prompt, add_special_tokens=prompt_format == "plain")["input_ids"]
+    ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token (traces end with it)")
+    ids = ids + [tokenizer.eos_token_id]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+class ReasoningTraces:
+    """Batches from a reasoning-trace JSONL file rendered by ``encode_trace``, truncated to ``max_tokens``."""
+
+    def __init__(self, path: str | Path, tokenizer, batch_size: int = 1, max_tokens: int = 10_000, seed: int = 0,
+                 prompt_format: str = "chat"):
+        check_prompt_format(tokenizer, prompt_format)
         self.tokenizer = tokenizer
         self.conversations = read_conversations(path)
+        for number, messages in enumerate(self.conversations, start=1):
+            if messages[-1]["role"] != "assistant":
+                raise ValueError(f"{path}: conversation {number} ends with a {messages[-1]['role']!r} turn; training "
+                                 "traces end with the assistant's response (drop it or add the response)")
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.seed = seed
+        self.prompt_format = prompt_format
 
     def encode(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_tokens]
+        return encode_trace(self.tokenizer, messages, self.prompt_format, self.max_tokens)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """Epoch-wise shuffled: each epoch is a fresh seeded permutation of the file."""

@@ -92,6 +92,12 @@ class HubPairConfig:
     """Benchmark name -> local JSON/JSONL file in the benchmark's hub schema (read instead of the hub)."""
     max_new_tokens: int = 4096
     """Generation budget per response (notebooks 00, 02, 03, 05, 06)."""
+    prompt_format: str = "chat"
+    """How training traces and reference prompts become text (``tdlib.data.render_trace``): "chat" renders the
+    turns before the response with the target's chat template (generation prompt included) and appends the
+    response's raw text, so a template that rewrites assistant turns (R1-Distill's drops everything up to
+    ``</think>``) cannot delete the reasoning; "plain" is for a tokenizer without a chat template: each turn's text
+    and a newline, then the response."""
     hesitation_word: str = "Wait"
     """The hesitation token whose logit notebook 05 attributes and whose features 06 ablates: one token for the
     tokenizer. R1-style traces write "\\n\\nWait," and the Qwen tokenizer makes "Wait" (no space) one token."""
@@ -137,6 +143,9 @@ class HubPairConfig:
             raise ValueError("HubPairConfig.hesitation_word must be a word, e.g. 'Wait' or ' wait'")
         if self.n_validation < 1:
             raise ValueError(f"HubPairConfig.n_validation must be >= 1, got {self.n_validation}")
+        if self.prompt_format not in ("chat", "plain"):
+            raise ValueError(f"HubPairConfig.prompt_format must be 'chat' (the tokenizer's chat template) or 'plain' "
+                             f"(no template), got {self.prompt_format!r}")
         _check_notebook_block(self.notebooks)
 
     @property
@@ -376,7 +385,8 @@ def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None
     if pair.hub is None:
         return OrganismTraces(tokenizer, config=pair.name, batch_size=batch_size, seed=seed, split=split)
     path = trace_file(pair.hub, split)
-    return ReasoningTraces(path, tokenizer, batch_size=batch_size, max_tokens=defaults["max_tokens"], seed=seed)
+    return ReasoningTraces(path, tokenizer, batch_size=batch_size, max_tokens=defaults["max_tokens"], seed=seed,
+                           prompt_format=pair.hub.prompt_format)
 
 
 def reference_responses(pair: Pair, tokenizer, limit: int | None = None) -> list[tuple[str, str]]:
@@ -389,14 +399,13 @@ def reference_responses(pair: Pair, tokenizer, limit: int | None = None) -> list
 
         problems = eval_problems(get_config(pair.name))[:limit]
         return [(p.prompt, task.reasoning_trace(p)) for p in problems]
-    from .data import read_conversations
+    from .data import read_conversations, render_trace
 
     references = []
     for messages in read_conversations(trace_file(pair.hub, "validation")):
         if messages[-1]["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        references.append((prompt, messages[-1]["content"]))
+        references.append(render_trace(tokenizer, messages, pair.hub.prompt_format))
         if limit and len(references) >= limit:
             break
     return references
