@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from . import metrics
+from .metrics import kl_divergence, masked_mean, next_token_mask, nmse, token_kl  # noqa: F401 (re-exported)
 from .models import find_layers, get_mlp, unwrap
 from .results import atomic_write_text
 from .residual import capture_features, capture_residuals, final_hidden, run_from_layer
@@ -46,6 +47,12 @@ KINDS = ("adapter", "mlp_finetune", "local_mse")
 CHECKPOINT = "checkpoint.pt"
 MEMORY_FIELDS = ("kl_chunk_tokens", "gradient_checkpointing", "checkpoint_every")
 """TrainConfig fields that change memory or checkpoint frequency, not the trained weights."""
+REPORT_FIELDS = ("dead_after_tokens",)
+"""TrainConfig fields that change only what is reported about a run, not the trained weights."""
+OBJECTIVE_VERSION = 2
+"""The loss conventions runs are trained under. 2: KL terms count position t only when token t+1 is real, and bridge
+cuts draw from their own random stream. A run folder written before (no ``objective_version`` in its config) reads
+as 1 and is trained again rather than loaded as if it were current."""
 
 
 @dataclass
@@ -73,11 +80,16 @@ class TrainConfig:
     lambda_nmse: float = 1.0
     """Weight of the hidden-state NMSE."""
     min_cut: int = 1
-    """Bridge cuts k are drawn uniformly from min_cut..L (the paper: 1; its released code: 0)."""
+    """Bridge cuts k are drawn uniformly from min_cut..L (the paper's text: 1; its released code: 0). Recorded with
+    the rest of the config in run.json and in notebook 01's results (``plan.train_config``)."""
     grad_clip: float = 1.0
     """Gradient norm clip."""
     seed: int = 0
-    """Seeds adapter initialisation, batches and bridge cuts."""
+    """Seeds adapter initialisation, batches and bridge cuts (the cuts from a stream of their own, ``cut_for_step``)."""
+    dead_after_tokens: int = 10_000_000
+    """A feature counts as dead in training (``dead_fraction_train``) when it has not fired for this many training
+    tokens (the paper's window: 10M, for hub pairs; a CPU organism run sees well under a million tokens in all, so
+    its plan sets a smaller window). Changes only the report, not the trained weights."""
     checkpoint_every: int = 200
     """Write a resumable checkpoint every this many steps (and at the end)."""
     kl_chunk_tokens: int | None = None
@@ -86,11 +98,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass instead of storing its activations: ``train`` calls
     ``tdlib.splice.enable_gradient_checkpointing`` on the model (kinds adapter and mlp_finetune)."""
+    objective_version: int = OBJECTIVE_VERSION
+    """The loss conventions of this run (``OBJECTIVE_VERSION``); written to run.json, not meant to be set."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"TrainConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("n_features", "steps", "batch_size", "checkpoint_every"):
+        for name in ("n_features", "steps", "batch_size", "checkpoint_every", "dead_after_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("l1_weight", "lambda_kl", "lambda_bridge", "lambda_nmse", "grad_clip"):
@@ -104,6 +118,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_cut must be 0 (released code) or 1 (paper), got {self.min_cut}")
         if self.kl_chunk_tokens is not None and self.kl_chunk_tokens < 1:
             raise ValueError(f"TrainConfig.kl_chunk_tokens must be None or >= 1, got {self.kl_chunk_tokens}")
+        if self.objective_version != OBJECTIVE_VERSION:
+            raise ValueError(f"TrainConfig.objective_version {self.objective_version} is not this tdlib's "
+                             f"{OBJECTIVE_VERSION}: that run used older loss conventions; train it again (a new "
+                             "run folder) instead of resuming or loading it as current")
 
     @property
     def replacement(self) -> str:
@@ -130,20 +148,8 @@ class Objective(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------ terms
 
-def token_kl(target_logits, model_logits) -> torch.Tensor:
-    """KL(p_target || p_model) summed over the vocabulary, per position."""
-    target_logp = F.log_softmax(target_logits.float(), dim=-1)
-    model_logp = F.log_softmax(model_logits.float(), dim=-1)
-    return (target_logp.exp() * (target_logp - model_logp)).sum(-1)
-
-
-def kl_divergence(target_logits, model_logits, mask) -> torch.Tensor:
-    """KL(p_target || p_model) summed over the vocabulary, mean over tokens where ``mask`` is 1."""
-    return (token_kl(target_logits, model_logits) * mask).sum() / mask.sum()
-
-
 def token_rows(tensor, mask) -> torch.Tensor:
-    """[batch, seq, ...] -> [non-padding positions, ...]."""
+    """[batch, seq, ...] -> [positions where ``mask`` is 1, ...]."""
     return tensor.flatten(0, 1)[mask.flatten().bool()]
 
 
@@ -154,36 +160,28 @@ def chunk_kl(head, target_hidden, hidden) -> torch.Tensor:
     return token_kl(target_logits, head(hidden))
 
 
-def chunked_kl_divergence(head, target_hidden, hidden, mask, chunk_tokens: int) -> torch.Tensor:
-    """``kl_divergence(head(target_hidden), head(hidden), mask)`` over the non-padding positions, ``chunk_tokens``
-    at a time; each chunk is checkpointed, so its logits are recomputed in the backward pass, never stored."""
-    target_rows, rows, weights = token_rows(target_hidden, mask), token_rows(hidden, mask), token_rows(mask, mask)
+def chunked_kl_divergence(head, target_hidden, hidden, positions, chunk_tokens: int) -> torch.Tensor:
+    """``kl_divergence(head(target_hidden), head(hidden), positions)``, computed only at the positions where
+    ``positions`` is 1 (pass ``next_token_mask(attention_mask)``), ``chunk_tokens`` at a time; each chunk is
+    checkpointed, so its logits are recomputed in the backward pass, never stored."""
+    target_rows, rows = token_rows(target_hidden, positions), token_rows(hidden, positions)
     total = torch.zeros((), device=hidden.device)
     for start in range(0, rows.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
-        per_token = checkpoint(chunk_kl, head, target_rows[chunk], rows[chunk], use_reentrant=False)
-        total = total + (per_token * weights[chunk]).sum()
-    return total / mask.sum()
-
-
-def nmse(model_residuals, target_residuals, mask) -> torch.Tensor:
-    """Mean over entries of sum((h_model - h_target)^2) / sum(h_target^2) over non-padding positions."""
-    weights = mask.unsqueeze(-1).to(target_residuals[0].dtype)
-    ratios = [(((a - t) ** 2) * weights).sum() / ((t ** 2) * weights).sum()
-              for a, t in zip(model_residuals, target_residuals)]
-    return torch.stack(ratios).mean()
+        total = total + checkpoint(chunk_kl, head, target_rows[chunk], rows[chunk], use_reentrant=False).sum()
+    return total / positions.sum()
 
 
 def sparsity(model, features: dict, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """(decoder-norm-weighted L1 summed over layers, L0 per layer), each a mean over non-padding tokens."""
+    """(decoder-norm-weighted L1 summed over layers, L0 per layer), each a mean over every real token (``mask`` is
+    the attention mask; L0 as ``tdlib.metrics.l0``)."""
     n_layers = len(find_layers(model))
     l0 = torch.zeros(n_layers)
     l1 = torch.zeros((), device=mask.device)
-    tokens = mask.sum()
     for layer, acts in features.items():
         norms = get_mlp(model, layer).adapter.decoder_norms()
-        l1 = l1 + ((acts * norms).sum(-1) * mask).sum() / tokens
-        l0[layer] = (((acts > 0).sum(-1) * mask).sum() / tokens).detach().cpu()
+        l1 = l1 + masked_mean((acts * norms).sum(-1), mask)
+        l0[layer] = metrics.l0(acts, mask).detach().cpu()
     return l1, l0
 
 
@@ -209,8 +207,12 @@ def chunkable_head(model):
 
 def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
     """The full objective with each forward pass computed once (passes end at the final hidden state and the KL
-    terms run the head chunk by chunk when ``config.kl_chunk_tokens`` is set)."""
+    terms run the head chunk by chunk when ``config.kl_chunk_tokens`` is set).
+
+    KL terms count position t only when token t+1 is real (``next_token_mask``): the prediction made at the last
+    real token is never trained. NMSE and the sparsity terms count every real token."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    scored = next_token_mask(mask)
     n_layers = len(find_layers(model))
     chunked = config.kl_chunk_tokens is not None
     head = chunkable_head(model) if chunked else None
@@ -220,8 +222,8 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
 
     def divergence(target_out, out):
         if chunked:
-            return chunked_kl_divergence(head, target_out, out, mask, config.kl_chunk_tokens)
-        return kl_divergence(target_out, out, mask)
+            return chunked_kl_divergence(head, target_out, out, scored, config.kl_chunk_tokens)
+        return kl_divergence(target_out, out, scored)
 
     with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals:
         target_out = run()
@@ -243,8 +245,10 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
 
 
 def naive_objective(model, batch, config: TrainConfig, cut: int) -> torch.Tensor:
-    """The same loss from one full forward pass per term (the reference the efficient version must match)."""
+    """The same loss from one full forward pass per term (the reference the efficient version must match), with the
+    same token sets: KL terms over ``next_token_mask``, NMSE and sparsity over every real token."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    scored = next_token_mask(mask)
     n_layers = len(find_layers(model))
 
     def run(choice):
@@ -255,9 +259,9 @@ def naive_objective(model, batch, config: TrainConfig, cut: int) -> torch.Tensor
     with torch.no_grad():
         target_logits, target_residuals, _ = run("target")
     logits, residuals, features = run(config.replacement)
-    loss = config.lambda_kl * kl_divergence(target_logits, logits, mask)
+    loss = config.lambda_kl * kl_divergence(target_logits, logits, scored)
     for choice in bridge_choices(config.replacement, n_layers, cut).values():
-        loss = loss + config.lambda_bridge * kl_divergence(target_logits, run(choice)[0], mask)
+        loss = loss + config.lambda_bridge * kl_divergence(target_logits, run(choice)[0], scored)
     loss = loss + config.lambda_nmse * nmse(residuals, target_residuals, mask)
     if config.kind == "adapter":
         loss = loss + config.l1_weight * sparsity(model, features, mask)[0]
@@ -304,7 +308,10 @@ def trainable_parameters(model, config: TrainConfig) -> list[torch.nn.Parameter]
 
 
 def cut_for_step(config: TrainConfig, n_layers: int, step: int) -> int:
-    return random.Random(config.seed * 1_000_003 + step).randint(config.min_cut, n_layers)
+    """The bridge cut k of ``step``, uniform on min_cut..n_layers. Its own random stream, seeded by a string no data
+    source uses, so the cut never correlates with the batch (the data streams seed ``random.Random`` with integers
+    built from the same seed and step)."""
+    return random.Random(f"bridge-cut/{config.seed}/{step}").randint(config.min_cut, n_layers)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -322,7 +329,7 @@ class TrainResult(NamedTuple):
     log: list[dict]
     """One row per step: losses, mean L0, learning rate."""
     tokens_since_fired: dict[int, torch.Tensor]
-    """Per layer and feature: training tokens since the feature last fired (dead features are only counted)."""
+    """Per layer and feature: training tokens since the feature last fired (``tdlib.metrics.dead_fraction_train``)."""
 
 
 def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progress: bool = True,
@@ -385,7 +392,8 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
         for layer, acts in result.features.items():
             fired = (acts.detach()[mask] > 0).any(0).cpu()
             since_fired[layer] = torch.where(fired, 0, since_fired[layer] + n_tokens)
-        log.append({"step": step + 1, "loss": result.loss.item(), "kl": result.kl.item(),
+        tokens_seen = (log[-1].get("tokens", 0) if log else 0) + n_tokens
+        log.append({"step": step + 1, "tokens": tokens_seen, "loss": result.loss.item(), "kl": result.kl.item(),
                     "bridge_kl": result.bridge_kl.item(), "nmse": result.nmse.item(), "l1": result.l1.item(),
                     "l0": result.l0.mean().item(), "lr": scheduler.get_last_lr()[0],
                     **{f"l0_layer{i}": v for i, v in enumerate(result.l0.tolist())}})
@@ -424,11 +432,36 @@ def _write_log(log: list[dict], path: Path) -> None:
     atomic_write_text(path, stream.getvalue())
 
 
+def logged_train_tokens(run_dir: str | Path) -> int | None:
+    """Training tokens (real tokens of every batch) a finished run saw in all: the last ``tokens`` of its
+    log.csv; None for a log written before that column existed, or no log."""
+    path = Path(run_dir) / "log.csv"
+    if not path.exists():
+        return None
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    if not rows or not rows[-1].get("tokens"):
+        return None
+    return int(float(rows[-1]["tokens"]))
+
+
+def run_dead_features(run_dir: str | Path, info: dict) -> dict:
+    """The paper's dead-feature count of a finished run (``info``: its run.json): ``dead_fraction_train`` (see
+    ``tdlib.metrics.dead_fraction_train``; None for a run without features, or shorter than the window) and the
+    window ``dead_after_tokens`` it used (the value recorded with the run)."""
+    config = info["train_config"]
+    window = config.get("dead_after_tokens", TrainConfig.dead_after_tokens)
+    if config["kind"] == "mlp_finetune" or not info.get("tokens_since_fired"):
+        return {"dead_fraction_train": None, "dead_after_tokens": window}
+    fraction = metrics.dead_fraction_train(info["tokens_since_fired"], window, logged_train_tokens(run_dir))
+    return {"dead_fraction_train": fraction, "dead_after_tokens": window}
+
+
 def training_identity(config: TrainConfig | dict) -> dict:
-    """What decides the trained weights: the config (or its ``asdict``) less ``MEMORY_FIELDS``. Runs and
-    checkpoints with equal identities are the same run, also when written before those fields existed."""
-    values = asdict(config) if isinstance(config, TrainConfig) else config
-    return {name: value for name, value in values.items() if name not in MEMORY_FIELDS}
+    """What decides the trained weights: the config (or its ``asdict``) less ``MEMORY_FIELDS`` and
+    ``REPORT_FIELDS``. Runs and checkpoints with equal identities are the same run, also when written before those
+    fields existed; a dict without ``objective_version`` was trained under version 1 and is a different run."""
+    values = asdict(config) if isinstance(config, TrainConfig) else {"objective_version": 1, **config}
+    return {name: value for name, value in values.items() if name not in MEMORY_FIELDS + REPORT_FIELDS}
 
 
 def config_from_dict(values: dict) -> TrainConfig:

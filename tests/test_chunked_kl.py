@@ -6,6 +6,7 @@ import torch
 
 from test_train import RandomBatches, grads, spliced_model
 from tdlib.models import unwrap
+from tdlib.metrics import next_token_mask
 from tdlib.train import (CHECKPOINT, TrainConfig, chunked_kl_divergence, config_from_dict, kl_divergence,
                          objective, train, trainable_parameters, training_identity)
 
@@ -81,10 +82,12 @@ def test_chunked_path_never_computes_full_sequence_logits(padded_batch):
         objective(model, padded_batch, config, cut=1).loss.backward()  # the backward recomputes every chunk
     finally:
         handle.remove()
-    real_tokens = int(padded_batch["attention_mask"].sum())
+    scored_tokens = int(next_token_mask(padded_batch["attention_mask"]).sum())
+    assert scored_tokens == int(padded_batch["attention_mask"].sum()) - padded_batch["input_ids"].shape[0]
     assert rows and max(rows) <= chunk < padded_batch["input_ids"].numel()
-    # target and model head per chunk, for the adapter pass and both bridges, again in the backward pass
-    assert sum(rows) == 2 * 2 * 3 * real_tokens
+    # target and model head per chunk, for the adapter pass and both bridges, again in the backward pass; only at
+    # the KL token set (the last real position of each row has no next token and is never run through the head)
+    assert sum(rows) == 2 * 2 * 3 * scored_tokens
 
 
 @pytest.mark.parametrize("kind", ["adapter", "mlp_finetune"])

@@ -84,6 +84,6 @@ def test_chunked_kl_is_measured_under_real_checkpointing_and_keeps_no_vocabulary
     assert chunked.logits_and_kl == 0
     # one chunk re-created in the backward pass: the model's fp32 log-softmax and the target's fp32 probabilities
     assert chunked.kl_chunk_recompute == 2 * 12 * SMALL.vocab_size * 4
-    # each of the 3 KL terms keeps its target and model hidden states (bf16) for recomputation, plus the weights
-    # of its per-token KL (the int64 mask) and the token count it divides by
-    assert chunked.kl_chunks == 3 * (2 * 60 * SMALL.hidden_size * 2 + 60 * 8 + 8)
+    # each of the 3 KL terms keeps its target and model hidden states (bf16) for recomputation, and the token
+    # count it divides by (the rows are already the scored positions, so no per-token weights are kept)
+    assert chunked.kl_chunks == 3 * (2 * 60 * SMALL.hidden_size * 2 + 8)

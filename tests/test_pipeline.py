@@ -90,7 +90,8 @@ def test_smoke_models_carry_the_contract_metrics(smoke_run):
     kinds = {m["kind"] for m in train["models"].values()}
     assert kinds == {"hybrid", "adapter", "mlp_finetune", "local_mse"}
     for model in train["models"].values():
-        assert set(model) >= {"kind", "l1_weight", "l0", "kl", "nmse", "dead_fraction"}
+        assert set(model) >= {"kind", "l1_weight", "l0", "kl", "nmse_layers", "nmse_with_embedding",
+                              "dead_fraction_train", "dead_fraction_heldout"}
 
 
 def test_every_parameter_line_is_understood_by_papermill():
