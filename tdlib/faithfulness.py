@@ -3,11 +3,17 @@
 Text is on-policy: each held-out prompt followed by the target's own greedy response (``onpolicy_batches``).
 The target runs once per batch (``target_passes``); every model is then compared with those cached outputs:
 
-* output faithfulness: KL(target || model) and top-1 disagreement with the target's argmax, mean over
-  non-padding tokens, with a bootstrap 95% interval that resamples *sequences* (seeded); also on the
-  "uncertain" tokens, where the target's top probability is <= 0.8 (the paper's second view);
+* output faithfulness: KL(target || model) and top-1 disagreement with the target's argmax, mean over the
+  *scored* positions, with a bootstrap 95% interval that resamples *sequences* (seeded); also on the
+  "uncertain" scored positions, where the target's top probability is <= 0.8 (the paper's second view). By
+  default the scored positions are those that predict the target's response (each response token and the
+  end-of-sequence after it): the prompt, chat template and system prompt are not scored, since the paper measures
+  the target's own generations; ``include_prompt=True`` scores every position whose next token is real;
 * internal faithfulness: NMSE of every hidden state (embedding output, then each layer's output) against the
-  target's, and the KL when only a subset of layers uses the adapter (``subset_kl``).
+  target's, over every real position of the text, and the KL when only a subset of layers uses the adapter
+  (``subset_kl``).
+
+Every number is computed by ``tdlib.metrics`` (the project's one definition of each metric).
 
 The figures of these numbers are in ``tdlib.plots``.
 """
@@ -20,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import metrics
 from .data import pad_batch
 from .generate import generate_greedy
-
 from .residual import capture_features, capture_residuals
 from .splice import is_spliced, mlp_choice
 
@@ -46,6 +52,9 @@ class FaithfulnessConfig:
     cache_target: bool = True
     """Keep the target's log-probabilities of every batch (fast; the organism). False: run the target again for
     each compared model (``RecomputedPasses``), what a 7B pair with 4k-token rollouts needs."""
+    include_prompt: bool = False
+    """False (the paper's measure): score only the positions that predict the target's response tokens and the
+    end-of-sequence after them. True: also the prompt's positions (every position whose next token is real)."""
 
     def __post_init__(self):
         if self.n_rollouts < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -57,15 +66,50 @@ class FaithfulnessConfig:
 
 
 def onpolicy_batches(target, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                     progress: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches of prompt + the target's greedy response (+ end-of-sequence when it stopped)."""
+                     progress: bool = True, include_prompt: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of prompt + the target's greedy response (+ end-of-sequence when it stopped).
+
+    Each batch has ``input_ids``, ``attention_mask`` and ``score_mask``: 1 at the positions whose prediction is
+    scored. By default those predicting a response token or the end-of-sequence after it (position t counts when
+    token t+1 belongs to the response), so a row scores at most ``max_new_tokens`` (+1 for its end-of-sequence)
+    positions; ``include_prompt=True``: every position whose next token is real (``metrics.next_token_mask``)."""
     generation = generate_greedy(target, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, progress=progress, desc="target rollouts")
-    sequences = []
+    sequences, prompt_lengths = [], []
     for prompt, response, length in zip(prompts, generation.responses, generation.response_tokens):
-        ids = tokenizer(prompt + response)["input_ids"]
+        ids, n_prompt = _prompt_and_response(tokenizer, prompt, response)
         sequences.append(ids + [tokenizer.eos_token_id] if length < max_new_tokens else ids)
-    return [pad_batch(tokenizer, sequences[i:i + batch_size]) for i in range(0, len(sequences), batch_size)]
+        prompt_lengths.append(n_prompt)
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        batch = pad_batch(tokenizer, sequences[start:start + batch_size])
+        batch["score_mask"] = response_positions(batch["attention_mask"], prompt_lengths[start:start + batch_size],
+                                                 include_prompt)
+        batches.append(batch)
+    return batches
+
+
+def _prompt_and_response(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response and the number of prompt tokens. The text is tokenised as a whole (how the
+    target read it while generating, token for token, with the tokenisers the project uses); should that merge
+    tokens across the boundary, prompt and response are tokenised separately so the boundary stays exact."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + response)["input_ids"]
+    if ids[:len(prompt_ids)] != prompt_ids:
+        ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids, len(prompt_ids)
+
+
+def response_positions(attention_mask: torch.Tensor, prompt_lengths: list[int],
+                       include_prompt: bool = False) -> torch.Tensor:
+    """The scored positions of right-padded prompt + response rows: t counts when token t+1 is real and, unless
+    ``include_prompt``, a response token (t + 1 >= the row's prompt length)."""
+    scored = metrics.next_token_mask(attention_mask)
+    if not include_prompt:
+        columns = torch.arange(attention_mask.shape[-1])
+        starts = torch.tensor(prompt_lengths).unsqueeze(-1) - 1
+        scored = scored * (columns >= starts).to(scored.dtype)
+    return scored
 
 
 @dataclass
@@ -74,10 +118,13 @@ class TargetPass:
 
     log_probs: torch.Tensor
     residuals: list[torch.Tensor]
-    mask: torch.Tensor
-    """1 on real tokens."""
+    real: torch.Tensor
+    """True on real tokens (where NMSE and L0 count)."""
+    scored: torch.Tensor
+    """True on the scored positions (where KL and top-1 count): the batch's ``score_mask``, else every position
+    whose next token is real (``metrics.next_token_mask``)."""
     uncertain: torch.Tensor
-    """1 on real tokens where the target's top probability is <= the threshold."""
+    """True on scored positions where the target's top probability is <= the threshold."""
 
 
 def _forward(model, batch):
@@ -88,16 +135,19 @@ def _forward(model, batch):
 
 @torch.no_grad()
 def target_pass(target, batch: dict, uncertain_threshold: float = 0.8) -> TargetPass:
-    """The target's outputs on one batch (``target``: a plain model, or a spliced one switched to "target")."""
+    """The target's outputs on one batch (``target``: a plain model, or a spliced one switched to "target").
+
+    Scored positions: ``batch["score_mask"]`` when present (``onpolicy_batches``), else ``next_token_mask``."""
     if is_spliced(target):
         with mlp_choice(target, "target"):
             logits, residuals, _ = _forward(target, batch)
     else:
         logits, residuals, _ = _forward(target, batch)
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    mask = batch["attention_mask"].bool()
-    uncertain = mask & (log_probs.max(-1).values.exp() <= uncertain_threshold)
-    return TargetPass(log_probs, residuals, mask, uncertain)
+    real = batch["attention_mask"].bool()
+    scored = batch.get("score_mask", metrics.next_token_mask(batch["attention_mask"])).bool() & real
+    uncertain = scored & (log_probs.max(-1).values.exp() <= uncertain_threshold)
+    return TargetPass(log_probs, residuals, real, scored, uncertain)
 
 
 class RecomputedPasses:
@@ -130,40 +180,43 @@ class Comparison:
     """Per-sequence sums of one model's disagreement with the target (for bootstrapping), plus layer totals."""
 
     kl: np.ndarray
+    """Per sequence: KL(target || model) summed over its scored positions."""
     top1: np.ndarray
+    """Per sequence: scored positions whose argmax differs from the target's."""
     tokens: np.ndarray
+    """Per sequence: scored positions."""
     kl_uncertain: np.ndarray
     top1_uncertain: np.ndarray
     tokens_uncertain: np.ndarray
     nmse_by_layer: list[float]
+    """Every hidden state (index 0 the embedding output), over every real position."""
     l0: float | None
+    """Active features per real token per layer with features; None for a model without adapters."""
 
 
 @torch.no_grad()
 def compare(model, batches: list[dict], passes: list[TargetPass]) -> Comparison:
-    """Compare ``model`` (with whatever MLP choice it has) with the cached target passes, sequence by sequence."""
+    """Compare ``model`` (with whatever MLP choice it has) with the cached target passes, sequence by sequence:
+    KL and top-1 over each pass's scored positions, NMSE and L0 over its real positions (``tdlib.metrics``)."""
     sums = {k: [] for k in ("kl", "top1", "tokens", "kl_uncertain", "top1_uncertain", "tokens_uncertain")}
-    nmse_num = nmse_den = None
+    nmse_num = nmse_den = 0
     active, feature_tokens, n_layers_with_features = 0.0, 0, 0
     for batch, reference in zip(batches, passes):
         logits, residuals, features = _forward(model, batch)
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        per_token_kl = (reference.log_probs.exp() * (reference.log_probs - log_probs)).sum(-1)
-        disagree = (reference.log_probs.argmax(-1) != log_probs.argmax(-1)).float()
-        for suffix, keep in (("", reference.mask), ("_uncertain", reference.uncertain)):
+        per_token_kl = metrics.kl_from_log_probs(reference.log_probs, log_probs)
+        disagree = metrics.token_top1_disagreement(reference.log_probs, log_probs)
+        for suffix, keep in (("", reference.scored), ("_uncertain", reference.uncertain)):
             keep = keep.float()
             sums["kl" + suffix].append((per_token_kl * keep).sum(-1))
             sums["top1" + suffix].append((disagree * keep).sum(-1))
             sums["tokens" + suffix].append(keep.sum(-1))
-        weights = reference.mask.unsqueeze(-1).float()
-        num = torch.stack([(((a - t) ** 2) * weights).sum() for a, t in zip(residuals, reference.residuals)])
-        den = torch.stack([((t ** 2) * weights).sum() for t in reference.residuals])
-        nmse_num = num if nmse_num is None else nmse_num + num
-        nmse_den = den if nmse_den is None else nmse_den + den
+        errors, norms = metrics.nmse_sums(residuals, reference.residuals, reference.real)
+        nmse_num, nmse_den = nmse_num + errors, nmse_den + norms
         if features:
             n_layers_with_features = len(features)
-            active += sum(float((acts[reference.mask] > 0).sum()) for acts in features.values())
-            feature_tokens += int(reference.mask.sum())
+            active += sum(float(metrics.active_per_token(acts[reference.real]).sum()) for acts in features.values())
+            feature_tokens += int(reference.real.sum())
     arrays = {k: torch.cat(v).double().numpy() for k, v in sums.items()}
     l0 = active / (feature_tokens * n_layers_with_features) if feature_tokens else None
     return Comparison(**arrays, nmse_by_layer=(nmse_num / nmse_den).tolist(), l0=l0)
@@ -184,7 +237,9 @@ def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, n_bootstra
 
 
 def summarize(comparison: Comparison, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """The results-contract entry of one model: means over tokens and sequence-bootstrap intervals."""
+    """The results-contract entry of one model: KL and top-1 as means over the scored positions (``n_tokens`` of
+    them) with sequence-bootstrap intervals; ``nmse_layers`` (headline, embedding entry excluded),
+    ``nmse_with_embedding`` and ``nmse_by_layer`` over every real position."""
     c = comparison
 
     def ratio(num, den):
@@ -198,6 +253,8 @@ def summarize(comparison: Comparison, n_bootstrap: int = 1000, seed: int = 0) ->
         "top1_error": ratio(c.top1, c.tokens),
         "top1_error_ci": list(bootstrap_ratio(c.top1, c.tokens, n_bootstrap, seed)),
         "nmse_by_layer": c.nmse_by_layer,
+        "nmse_layers": metrics.nmse_layers(c.nmse_by_layer),
+        "nmse_with_embedding": metrics.nmse_with_embedding(c.nmse_by_layer),
         "kl_uncertain": ratio(c.kl_uncertain, c.tokens_uncertain),
         "kl_uncertain_ci": list(bootstrap_ratio(c.kl_uncertain, c.tokens_uncertain, n_bootstrap, seed)),
         "top1_error_uncertain": ratio(c.top1_uncertain, c.tokens_uncertain),
@@ -208,19 +265,29 @@ def summarize(comparison: Comparison, n_bootstrap: int = 1000, seed: int = 0) ->
     }
 
 
-def layer_subsets(n_layers: int, max_blocks_layers: int = 8) -> dict[str, list[int]]:
-    """Named subsets of layers that use the adapter: each single layer, contiguous blocks (every block when the
-    model has <= ``max_blocks_layers`` layers, else the first k and last k), the two halves, and all layers.
-    Subsets with the same layers keep their first name."""
+SUBSET_PLANS = ("paper", "all")
+"""``layer_subsets`` plans. ``"paper"``: each single layer, the first k and the last k layers for a few k, and all
+layers (the paper's Fig. 3 families: L + 2 len(ks) + 1 subsets, 39 at 30 layers). ``"all"``: also the two halves
+and every contiguous block (up to ``max_blocks_layers`` layers; beyond that every first-k and last-k), 87 subsets
+at 30 layers."""
+
+
+def default_subset_ks(n_layers: int) -> list[int]:
+    """The first-k / last-k sizes of the ``"paper"`` plan: powers of two below ``n_layers`` from 2 (2, 4, 8, 16)."""
+    return [2 ** i for i in range(1, max(1, n_layers).bit_length()) if 2 ** i < n_layers]
+
+
+def layer_subsets(n_layers: int, plan: str = "paper", ks: list[int] | None = None,
+                  max_blocks_layers: int = 8) -> dict[str, list[int]]:
+    """Named subsets of layers that use the adapter (the rest run the target's MLP), in ``plan`` (``SUBSET_PLANS``):
+    ``"paper"`` names them ``layer i``, ``first k``, ``last k`` and ``all`` (``ks``: None = ``default_subset_ks``);
+    ``"all"`` is every single layer, the halves, contiguous blocks (``layers i-j``) and all. Subsets with the same
+    layers keep their first name."""
+    if plan not in SUBSET_PLANS:
+        raise ValueError(f"subset plan {plan!r} is not one of {SUBSET_PLANS}: 'paper' (single layers, first k, last "
+                         "k) or 'all' (every contiguous block up to 8 layers)")
     candidates: list[tuple[str, list[int]]] = [(f"layer {i}", [i]) for i in range(n_layers)]
-    half = n_layers // 2
-    candidates += [("first half", list(range(half))), ("second half", list(range(half, n_layers)))]
-    if n_layers <= max_blocks_layers:
-        blocks = [(i, j) for length in range(2, n_layers) for i in range(n_layers - length + 1)
-                  for j in [i + length]]
-    else:
-        blocks = [(0, k) for k in range(2, n_layers)] + [(n_layers - k, n_layers) for k in range(2, n_layers)]
-    candidates += [(f"layers {i}-{j - 1}", list(range(i, j))) for i, j in blocks]
+    candidates += _paper_families(n_layers, ks) if plan == "paper" else _all_blocks(n_layers, max_blocks_layers)
     candidates.append(("all", list(range(n_layers))))
     subsets, seen = {}, set()
     for name, layers in candidates:
@@ -228,6 +295,25 @@ def layer_subsets(n_layers: int, max_blocks_layers: int = 8) -> dict[str, list[i
             seen.add(tuple(layers))
             subsets[name] = layers
     return subsets
+
+
+def _paper_families(n_layers: int, ks: list[int] | None) -> list[tuple[str, list[int]]]:
+    ks = default_subset_ks(n_layers) if ks is None else list(ks)
+    if any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"subset sizes must be whole numbers of layers >= 1, got {ks}")
+    ks = sorted(k for k in set(ks) if k < n_layers)  # k >= n_layers is "all"
+    return [(f"first {k}", list(range(k))) for k in ks] + [(f"last {k}", list(range(n_layers - k, n_layers)))
+                                                            for k in ks]
+
+
+def _all_blocks(n_layers: int, max_blocks_layers: int) -> list[tuple[str, list[int]]]:
+    half = n_layers // 2
+    candidates = [("first half", list(range(half))), ("second half", list(range(half, n_layers)))]
+    if n_layers <= max_blocks_layers:
+        blocks = [(i, i + length) for length in range(2, n_layers) for i in range(n_layers - length + 1)]
+    else:
+        blocks = [(0, k) for k in range(2, n_layers)] + [(n_layers - k, n_layers) for k in range(2, n_layers)]
+    return candidates + [(f"layers {i}-{j - 1}", list(range(i, j))) for i, j in blocks]
 
 
 @torch.no_grad()

@@ -198,20 +198,73 @@ def nmse_figure(models: dict[str, dict], train_results: dict | None = None):
     return fig
 
 
-def subset_figure(kl_by_subset: dict[str, float], model_name: str):
-    """KL when only a subset of layers uses the adapter, with the all-layers KL drawn as the reference."""
-    fig, axis = plt.subplots(figsize=(max(6, 0.55 * len(kl_by_subset)), 4.2))
-    names = list(kl_by_subset)
+def subset_figure(kl_by_subset: dict[str, float], model_name: str, subsets: dict[str, list[int]] | None = None):
+    """KL when only a subset of layers uses the adapter, by family, at a fixed size whatever the layer count: left,
+    each single layer against its index; right, the first k and the last k layers against k (a single layer is
+    k = 1, all layers k = L), other blocks as grey points. The all-layers KL is the dashed reference; a subset at
+    or above it is marked red. ``subsets`` (name -> layers) places each subset; without it the names are read
+    (``layer i``, ``first k``, ``last k``, ``layers i-j``, ``first half``, ``second half``)."""
     all_layers = kl_by_subset["all"]
-    colors = ["#55A868" if kl_by_subset[n] < all_layers or n == "all" else "#C44E52" for n in names]
-    axis.bar(names, [kl_by_subset[n] for n in names], color=colors)
-    axis.axhline(all_layers, color="black", linestyle="--", label=f"all layers replaced: {all_layers:.3g}")
-    axis.set(ylabel="KL(target || model) (nats / token)", xlabel="layers using the adapter (others: target MLP)",
-             title=f"Layer-subset replacement ({model_name})")
-    axis.tick_params(axis="x", rotation=60)
-    axis.legend(loc="lower right")
+    layers = {name: subsets[name] if subsets else _subset_layers(name, kl_by_subset) for name in kl_by_subset}
+    n_layers = len(layers["all"])
+    fig, (single_axis, family_axis) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=(3, 2), sharey=True)
+    singles = sorted((ls[0], kl_by_subset[n]) for n, ls in layers.items() if len(ls) == 1)
+    if singles:
+        x, y = zip(*singles)
+        single_axis.bar(x, y, color=["#C44E52" if v >= all_layers else "#55A868" for v in y])
+        single_axis.xaxis.set_major_locator(mticker.MaxNLocator(integer=True, nbins=16))
+    single_axis.set(xlabel="the one layer using the adapter", title="Single layers")
+    families = {"first k layers": [], "last k layers": [], "other blocks": []}
+    for name, ls in layers.items():
+        prefix, suffix = ls == list(range(len(ls))), ls == list(range(n_layers - len(ls), n_layers))
+        if prefix:
+            families["first k layers"].append((len(ls), kl_by_subset[name]))
+        if suffix:
+            families["last k layers"].append((len(ls), kl_by_subset[name]))
+        if not (prefix or suffix) and len(ls) > 1:  # interior single layers are on the left
+            families["other blocks"].append((len(ls), kl_by_subset[name]))
+    styles = {"first k layers": ("o-", "#4C72B0"), "last k layers": ("s-", "#DD8452"), "other blocks": ("o", "grey")}
+    for family, points in families.items():
+        if points:
+            x, y = zip(*sorted(points))
+            family_axis.plot(x, y, styles[family][0], color=styles[family][1], label=family, alpha=0.8)
+            bad = [(a, b) for a, b in points if b >= all_layers and a < n_layers]
+            if bad:
+                family_axis.plot(*zip(*bad), "x", color="#C44E52", markersize=9)
+    family_axis.set(xlabel="k: layers using the adapter", title="First k and last k layers")
+    family_axis.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+    for axis in (single_axis, family_axis):
+        axis.axhline(all_layers, color="black", linestyle="--", label=f"all {n_layers} layers: {all_layers:.3g}")
+        axis.grid(alpha=0.3)
+    single_axis.set(ylabel="KL(target || model) (nats / token)", ylim=(0, None))
+    family_axis.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Layer-subset replacement ({model_name}; the other layers run the target's MLP; red: at or above "
+                 "the all-layers KL)")
     fig.tight_layout()
     return fig
+
+
+def _subset_layers(name: str, kl_by_subset: dict[str, float]) -> list[int]:
+    """The layers a subset name stands for (see ``tdlib.faithfulness.layer_subsets``)."""
+    import re
+
+    singles = [int(key.split()[1]) for key in kl_by_subset if re.fullmatch(r"layer \d+", key)]
+    if not singles:
+        raise ValueError("the layer count is read from the single-layer subsets ('layer i'), and there are none; "
+                         "pass subset_figure(..., subsets=...) with each subset's layers")
+    n_layers = 1 + max(singles)
+    if name == "all":
+        return list(range(n_layers))
+    if match := re.fullmatch(r"layers? (\d+)(?:-(\d+))?", name):
+        low, high = int(match[1]), int(match[2] or match[1])
+        return list(range(low, high + 1))
+    if match := re.fullmatch(r"(first|last) (\d+)", name):
+        k = int(match[2])
+        return list(range(k)) if match[1] == "first" else list(range(n_layers - k, n_layers))
+    half = n_layers // 2
+    if name in ("first half", "second half"):
+        return list(range(half)) if name == "first half" else list(range(half, n_layers))
+    raise ValueError(f"cannot place the layer subset {name!r}; pass subset_figure(..., subsets=...) with its layers")
 
 
 # ---------------------------------------------------------------------------------------- notebook 06: ablation

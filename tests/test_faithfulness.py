@@ -7,6 +7,7 @@ from tdlib.faithfulness import (FaithfulnessConfig, bootstrap_ratio, compare, ev
                                 summarize, target_passes)
 from tdlib.metrics import evaluate_replacement
 from tdlib.splice import mlp_choice
+from tdlib.sweep import load_named
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,27 @@ def test_onpolicy_text_is_the_targets_own_greedy_continuation(smoke):
             assert length > n_prompt  # the target responded
             # every response token is the target's argmax given the text before it
             assert torch.equal(predicted[row, n_prompt - 1:length - 1], batch["input_ids"][row, n_prompt:length])
+            # scored: exactly the positions predicting a response token (or the end-of-sequence after it)
+            scored = batch["score_mask"][row].nonzero().flatten().tolist()
+            assert scored == list(range(n_prompt - 1, length - 1))
+
+
+def test_onpolicy_scoring_covers_the_response_only_unless_the_prompt_is_included(smoke):
+    pair, tokenizer, target, prompts, _ = smoke
+    batches = onpolicy_batches(target, tokenizer, prompts[:4], max_new_tokens=48, batch_size=4, progress=False)
+    passes = target_passes(target, batches)
+    scored = sum(int(p.scored.sum()) for p in passes)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts[:4])
+    assert 0 < scored <= 4 * 48 + 4  # 4 rollouts of at most 48 new tokens, each with its end-of-sequence
+    assert scored == real - prompt_tokens  # every response token and EOS is predicted from the position before
+    with_prompt = onpolicy_batches(target, tokenizer, prompts[:4], max_new_tokens=48, batch_size=4,
+                                   include_prompt=True, progress=False)
+    assert sum(int(p.scored.sum()) for p in target_passes(target, with_prompt)) == real - 4  # all but the last
+    assert torch.equal(with_prompt[0]["input_ids"], batches[0]["input_ids"])
+    model = load_named(pair, "adapter_l1_0.01")
+    response_only = summarize(compare(model, batches, passes), n_bootstrap=20)
+    assert response_only["n_tokens"] == scored
 
 
 def test_target_against_itself_is_perfectly_faithful(smoke):
@@ -45,7 +67,7 @@ def test_target_against_itself_is_perfectly_faithful(smoke):
     assert result["kl"] == pytest.approx(0, abs=1e-6) and result["top1_error"] == 0
     assert max(result["nmse_by_layer"]) == pytest.approx(0, abs=1e-10)
     assert result["l0"] is None
-    assert result["n_tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert result["n_tokens"] == sum(int(b["score_mask"].sum()) for b in batches)
 
 
 def test_comparison_agrees_with_evaluate_replacement(smoke):
@@ -53,8 +75,12 @@ def test_comparison_agrees_with_evaluate_replacement(smoke):
     from tdlib.sweep import load_named
 
     model = load_named(pair, "adapter_l1_0.01")
+    # without a score_mask the scored positions are the KL token set, the one evaluate_replacement uses
+    batches = [{k: v for k, v in b.items() if k != "score_mask"} for b in batches]
     ours = summarize(compare(model, batches, target_passes(target, batches)), n_bootstrap=50)
     reference = evaluate_replacement(model, batches, "adapter")  # runs the target through the splice instead
+    assert ours["n_tokens"] == reference["n_tokens"]
+    assert ours["nmse_layers"] == pytest.approx(reference["nmse_layers"], rel=1e-4)
     assert ours["kl"] == pytest.approx(reference["kl"], rel=1e-4)
     assert ours["top1_error"] == pytest.approx(reference["top1_error"])
     assert ours["nmse_by_layer"] == pytest.approx(reference["nmse_by_layer"], rel=1e-4, abs=1e-9)
@@ -81,11 +107,11 @@ def test_recomputed_target_passes_give_the_cached_results(smoke):
 def test_uncertain_tokens_are_the_targets_low_confidence_ones(smoke):
     _, _, target, _, batches = smoke
     everything = target_passes(target, batches, uncertain_threshold=1.0)
-    assert all(torch.equal(p.uncertain, p.mask) for p in everything)
+    assert all(torch.equal(p.uncertain, p.scored) for p in everything)
     strict = target_passes(target, batches, uncertain_threshold=0.8)
     for p in strict:
         top = p.log_probs.max(-1).values.exp()
-        assert (top[p.uncertain] <= 0.8).all() and (top[p.mask & ~p.uncertain] > 0.8).all()
+        assert (top[p.uncertain] <= 0.8).all() and (top[p.scored & ~p.uncertain] > 0.8).all()
 
 
 def test_subset_kl_all_layers_matches_the_full_adapter_model(smoke):
@@ -106,15 +132,28 @@ def test_subset_kl_all_layers_matches_the_full_adapter_model(smoke):
 
 
 def test_layer_subsets():
-    four = layer_subsets(4)
+    four = layer_subsets(4, plan="all")
     assert list(four)[:4] == ["layer 0", "layer 1", "layer 2", "layer 3"]
     assert four["first half"] == [0, 1] and four["second half"] == [2, 3] and four["all"] == [0, 1, 2, 3]
     assert four["layers 1-2"] == [1, 2] and four["layers 0-2"] == [0, 1, 2]
     assert "layers 0-1" not in four  # the same layers as "first half"
     assert len({tuple(v) for v in four.values()}) == len(four) == 10  # every contiguous block once
-    big = layer_subsets(28)
+    big = layer_subsets(28, plan="all")
     assert big["all"] == list(range(28)) and "layers 0-26" in big and "layers 1-27" in big
     assert "layers 3-9" not in big and len(big) < 100
+
+
+def test_the_paper_subset_plan_grows_with_the_layers_not_their_square():
+    thirty = layer_subsets(30)  # the default plan: single layers, first k and last k for k = 2, 4, 8, 16, all
+    assert len(thirty) == 30 + 2 * 4 + 1 and len(layer_subsets(30, plan="all")) == 87
+    assert thirty["first 8"] == list(range(8)) and thirty["last 16"] == list(range(14, 30))
+    assert thirty["all"] == list(range(30)) and "first half" not in thirty
+    custom = layer_subsets(6, ks=[1, 3, 6, 9])  # k = 1 is a single layer, k >= 6 is all layers
+    assert list(custom) == [f"layer {i}" for i in range(6)] + ["first 3", "last 3", "all"]
+    with pytest.raises(ValueError, match="subset plan 'some'"):
+        layer_subsets(4, plan="some")
+    with pytest.raises(ValueError, match=">= 1"):
+        layer_subsets(4, ks=[0])
 
 
 def test_subset_finding_reports_violations():
@@ -177,4 +216,13 @@ def test_figures_draw(tmp_path):
         assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_xlabel().startswith("L0")
         assert len(fig.axes[0].get_lines()) >= 2
     assert nmse_figure(models).axes[0].get_ylabel()
-    assert len(subset_figure({"layer 0": 0.1, "layer 1": 0.3, "all": 0.2}, "m").axes[0].patches) == 3
+    singles, families = subset_figure({"layer 0": 0.1, "layer 1": 0.3, "all": 0.2}, "m").axes
+    assert [p.get_height() for p in singles.patches] == [0.1, 0.3]  # one bar per single layer, by index
+    assert singles.patches[1].get_facecolor() != singles.patches[0].get_facecolor()  # 0.3 >= all: marked
+    from tdlib.faithfulness import layer_subsets
+
+    subsets = layer_subsets(30)  # 39 subsets of a 30-layer model: a fixed-size figure, k on the x axis
+    fig = subset_figure({name: 0.01 * len(layers) for name, layers in subsets.items()}, "m", subsets)
+    assert fig.get_size_inches()[0] <= 12 and len(fig.axes[0].patches) == 30
+    first_k = next(line for line in fig.axes[1].get_lines() if line.get_label() == "first k layers")
+    assert list(first_k.get_xdata()) == [1, 2, 4, 8, 16, 30]
