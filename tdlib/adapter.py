@@ -86,13 +86,18 @@ class AdapterSet(nn.Module):
 
     @classmethod
     def for_model(cls, model, n_features: int, layers: list[int] | None = None, **kw) -> "AdapterSet":
-        """Adapters shaped for ``model`` (a transformers model or an nnsight wrapper); all layers by default."""
-        from .models import find_layers, unwrap
+        """Adapters shaped for ``model`` (a transformers model or an nnsight wrapper); all layers by default.
+        ``meta["placement"]`` records where they add their output (``tdlib.models.default_placement`` unless
+        given); ``tdlib.splice.attach_adapters`` honours it."""
+        from .models import PLACEMENTS, default_placement, find_layers, unwrap
 
         inner = unwrap(model)
         n_layers = len(find_layers(inner))
         config = AdapterConfig(d_model=inner.config.hidden_size, n_features=n_features)
-        return cls(config, list(range(n_layers)) if layers is None else layers, **kw)
+        meta = {"placement": default_placement(inner), **dict(kw.pop("meta", None) or {})}
+        if meta["placement"] not in PLACEMENTS:
+            raise ValueError(f"unknown adapter placement {meta['placement']!r}; use one of {PLACEMENTS}")
+        return cls(config, list(range(n_layers)) if layers is None else layers, meta=meta, **kw)
 
     def __getitem__(self, layer: int) -> TranscoderAdapter | None:
         return self.adapters[str(layer)] if str(layer) in self.adapters else None
@@ -120,7 +125,17 @@ class AdapterSet(nn.Module):
             raise FileNotFoundError(
                 f"no adapter checkpoint in {directory} (expected {CONFIG_FILE} and {WEIGHTS_FILE}); "
                 "train one first (notebooks/01_train.ipynb) or check the path")
-        saved = json.loads((directory / CONFIG_FILE).read_text())
-        adapters = cls(AdapterConfig(**saved["config"]), saved["layers"], saved.get("meta"))
-        adapters.adapters.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        try:
+            saved = json.loads((directory / CONFIG_FILE).read_text())
+            adapters = cls(AdapterConfig(**saved["config"]), saved["layers"], saved.get("meta"))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{directory / CONFIG_FILE} cannot be read ({type(error).__name__}: {error}): the "
+                             "adapter checkpoint is damaged; save it again or retrain it") from None
+        try:
+            tensors = load_file(directory / WEIGHTS_FILE)
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError for a truncated file
+            raise ValueError(f"{directory / WEIGHTS_FILE} cannot be read ({type(error).__name__}: {error}): the "
+                             "adapter checkpoint is damaged (an interrupted copy?); save it again or retrain "
+                             "it") from None
+        adapters.adapters.load_state_dict(tensors)
         return adapters.to(device=device, dtype=dtype) if dtype else adapters.to(device)

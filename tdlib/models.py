@@ -63,6 +63,32 @@ def mlp_name(model) -> str:
     raise ValueError(f"cannot find the MLP of {type(block).__name__}; add its attribute name to MLP_NAMES")
 
 
+# Block norms that act on the MLP's output before it joins the residual stream (Gemma 2 and 3's
+# ``post_feedforward_layernorm``). Families without one (Qwen2, Llama, Gemma, GPT-2, NeoX) add the MLP's output to
+# the residual stream as it is.
+POST_MLP_NORM_NAMES = ("post_feedforward_layernorm",)
+PLACEMENTS = ("mlp_output", "residual")
+"""Where an adapter adds its output: ``"mlp_output"``: to the MLP's output (before any post-MLP norm);
+``"residual"``: to the block's residual contribution, after the post-MLP norm (where a block has one; the two
+are the same otherwise). docs/real_models.md has the measurement behind the default."""
+
+
+def post_mlp_norm_name(model) -> str | None:
+    """Attribute name of the norm a block applies to its MLP's output (``None`` when the family has none)."""
+    block = find_layers(model)[0]
+    for name in POST_MLP_NORM_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name
+    return None
+
+
+def default_placement(model) -> str:
+    """The adapter placement for this architecture: ``"residual"`` where a post-MLP norm would rescale the
+    adapter's output by each position's norm scale (Gemma 2 / 3: up to thousands of times in deep layers, so the
+    decoder-norm L1 would stop measuring a feature's effect), else ``"mlp_output"`` (the paper's placement)."""
+    return "residual" if post_mlp_norm_name(model) else "mlp_output"
+
+
 def mlp_path(model, layer: int) -> str:
     """Dotted path of layer ``layer``'s MLP, e.g. ``"model.layers.3.mlp"`` (the same in nnsight's envoy tree)."""
     return f"{layers_path(model)}.{layer}.{mlp_name(model)}"

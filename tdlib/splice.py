@@ -20,7 +20,8 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .adapter import AdapterSet, TranscoderAdapter
-from .models import check_compatible, find_layers, get_mlp, set_mlp, unwrap
+from .models import (PLACEMENTS, check_compatible, find_layers, get_mlp, post_mlp_norm_name, set_mlp,
+                     unwrap)
 
 CHOICES = ("target", "base", "adapter")
 
@@ -32,6 +33,10 @@ class SplicedMLP(nn.Module):
         self.base_mlp = base_mlp
         self.adapter = adapter
         self.choice = "target"
+        self.placement = "mlp_output"
+        """"mlp_output": the adapter adds to this module's output; "residual": the block's post-MLP norm
+        (wrapped in ``PostMLPNorm``) adds it after normalising (``tdlib.models.PLACEMENTS``)."""
+        self._pending = None
 
     def forward(self, x):
         if self.choice == "target":
@@ -40,10 +45,33 @@ class SplicedMLP(nn.Module):
             return self.base_mlp(x)
         if self.adapter is None:
             raise RuntimeError("this layer's MLP choice is 'adapter' but it has no adapter; attach_adapters first")
+        if self.placement == "residual":
+            self._pending = self.adapter(x).out
+            return self.base_mlp(x)
         return self.base_mlp(x) + self.adapter(x).out
 
+    def take_pending(self):
+        """The adapter output of the last forward (placement "residual"), handed over once."""
+        pending, self._pending = self._pending, None
+        return pending
+
     def extra_repr(self) -> str:
-        return f"choice={self.choice!r}"
+        return f"choice={self.choice!r}, placement={self.placement!r}"
+
+
+class PostMLPNorm(nn.Module):
+    """A block's post-MLP norm followed by the adapter's output: the adapter writes to the residual stream
+    directly (placement "residual"), so its decoder columns are its features' residual writes."""
+
+    def __init__(self, norm: nn.Module, mlp: SplicedMLP):
+        super().__init__()
+        self.norm = norm
+        self._mlp = [mlp]  # a plain reference: the MLP stays registered once, in its block
+
+    def forward(self, x):
+        out = self.norm(x)
+        pending = self._mlp[0].take_pending()
+        return out if pending is None else out + pending
 
 
 def spliced_mlps(model) -> list[SplicedMLP]:
@@ -88,7 +116,32 @@ def attach_adapters(model, adapters: AdapterSet):
     for layer, mlp in enumerate(mlps):
         adapter = adapters[layer]
         mlp.adapter = None if adapter is None else adapter.to(device=reference.device, dtype=reference.dtype)
+    # adapters saved before placements were recorded were trained on the MLP output
+    set_placement(model, adapters.meta.get("placement", "mlp_output"))
     return model
+
+
+def set_placement(model, placement: str) -> None:
+    """Where every layer's adapter adds its output (``tdlib.models.PLACEMENTS``). "residual" wraps each block's
+    post-MLP norm in ``PostMLPNorm``; in a family without one the two placements are the same computation."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown adapter placement {placement!r}; use one of {PLACEMENTS}")
+    mlps = spliced_mlps(model)
+    norm_name = post_mlp_norm_name(model)
+    for block, mlp in zip(find_layers(model), mlps):
+        if norm_name is not None:
+            norm = getattr(block, norm_name)
+            if placement == "residual" and not isinstance(norm, PostMLPNorm):
+                setattr(block, norm_name, PostMLPNorm(norm, mlp))
+            elif placement == "mlp_output" and isinstance(norm, PostMLPNorm):
+                setattr(block, norm_name, norm.norm)
+        mlp.placement = placement if norm_name is not None else "mlp_output"
+        mlp._pending = None
+
+
+def get_placement(model) -> str:
+    """The placement the spliced model's adapters use ("mlp_output" in families without a post-MLP norm)."""
+    return spliced_mlps(model)[0].placement
 
 
 def _per_layer(choice, n_layers: int) -> list[str]:

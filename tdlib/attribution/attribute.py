@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..models import unwrap
 from .graph import AttributionGraph, normalize_rows
 from .replay import FrozenPrompt, Replay, _attend_transposed, _feature_offsets, freeze
 
@@ -69,7 +68,7 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
     if n_features:
         encoder_bias = torch.stack([replay.adapters[l].b_enc[f] for l, _, f in state.features.tolist()])
         bias[:n_features] += encoder_bias.detach().cpu().to(bias.dtype)
-    logits = state.logits.double()
+    logits = state.model_logits().double()  # the probability the model gives (after any soft-capping)
     logit_value = float(state.logits[target_token] - (state.logits.mean() if demean else 0))
     probability = float(logits.softmax(-1)[target_token])
     return AttributionGraph(state, adjacency, bias, int(target_token), demean, logit_value, probability,
@@ -109,16 +108,14 @@ def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int
 def fold_into_errors(model, state: FrozenPrompt, keep: torch.Tensor) -> FrozenPrompt:
     """The same frozen prompt with only the features ``keep`` as nodes: the others' decoder writes join the error
     node of their (layer, position) (all identities stay exact; those features just stop being explained)."""
-    body = unwrap(model).model
+    replay = Replay(model, state, 0)
     errors = state.errors.clone()
     dropped = torch.ones(state.features.shape[0], dtype=torch.bool)
     dropped[keep] = False
     for (layer, pos, feature), value in zip(state.features[dropped].tolist(), state.activations[dropped]):
-        errors[layer, pos] += value * body.layers[layer].mlp.adapter.W_dec[:, feature]
+        errors[layer, pos] += value * replay.decoder(layer, torch.tensor([pos]), torch.tensor([feature]))[0]
     kept = keep.to(state.features.device)
-    return FrozenPrompt(state.input_ids, state.embeddings, state.attn_scale, state.mlp_scale, state.final_scale,
-                        state.patterns, errors, state.attn_bias, state.features[kept], state.activations[kept],
-                        state.logits)
+    return state.replace(errors=errors, features=state.features[kept], activations=state.activations[kept])
 
 
 @torch.no_grad()
@@ -154,17 +151,17 @@ def _transpose_rows(replay: Replay, targets: torch.Tensor, offsets):
             column = n_features + layer * total_pos
             out[:, column:column + n_pos] = (grad * errors).sum(-1)
             feature_positions, feature_ids = replay.layer_features(layer, n_pos)
-            decoder = replay.adapters[layer].W_dec.T[feature_ids]  # [n, d]
+            decoder = replay.decoder(layer, feature_positions, feature_ids)  # [n, d]
             values = replay.layer_activations(layer, n_pos)
             start = offsets[layer]
             out[:, start:start + len(feature_ids)] = (grad[:, feature_positions] * decoder).sum(-1) * values
         here = layers == layer
         if here.any():
             grad[batch[here], positions[here]] += readout[here]
-        row_bias += grad.sum(1) @ state.attn_bias[layer]
-        block = replay.body.layers[layer]
-        scale = state.attn_scale[layer, :n_pos, None] * block.input_layernorm.weight
-        grad = grad + _attend_transposed(block.self_attn, state.patterns[layer], grad) * scale
+        row_bias += (grad * state.attn_bias[layer, :n_pos]).sum((1, 2))
+        scale = state.attn_scale[layer, :n_pos, None] * state.attn_weight[layer]
+        out_scale = state.attn_out_scale[layer, :n_pos, None] * state.attn_out_weight[layer]
+        grad = grad + _attend_transposed(replay.attentions[layer], state.patterns[layer], grad * out_scale) * scale
     token_start = n_features + n_layers * total_pos
     out[:, token_start:token_start + n_pos] = (grad * state.embeddings[:n_pos]).sum(-1)
     return out, row_bias

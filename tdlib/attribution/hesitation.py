@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..models import find_layers, unwrap
+from ..models import find_layers, get_mlp, unwrap
 from .attribute import attribute
+from .capture import final_norm_weight
 from .graph import graph_scores, node_influence, normalize_rows
 
 
@@ -170,7 +171,7 @@ def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: i
 
 
 def _width(model) -> int:
-    return unwrap(model).model.layers[0].mlp.adapter.W_enc.shape[0]
+    return get_mlp(unwrap(model), 0).adapter.W_enc.shape[0]
 
 
 def select_features(stats: dict, influence_mass: float) -> list[tuple[int, int]]:
@@ -190,9 +191,9 @@ def decoder_logit_effect(model, layer: int, feature: int, token: int, demean: bo
     """Virtual weight of a feature's decoder direction onto the (demeaned) token logit through the final norm's
     weight (the norm's 1/rms scale excluded): > 0 means the feature writes in the "wait" direction."""
     inner = unwrap(model)
-    unembed = inner.lm_head.weight
-    direction = (unembed[token] - (unembed.mean(0) if demean else 0)) * inner.model.norm.weight
-    return float(inner.model.layers[layer].mlp.adapter.W_dec[:, feature] @ direction)
+    unembed = inner.get_output_embeddings().weight
+    direction = (unembed[token] - (unembed.mean(0) if demean else 0)) * final_norm_weight(inner)
+    return float(get_mlp(inner, layer).adapter.W_dec[:, feature] @ direction)
 
 
 def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int, model, token: int) -> dict:

@@ -1,12 +1,25 @@
-"""The frozen replay: the adapter model made linear on one prompt (see ``tdlib.attribution``)."""
+"""The frozen replay: the adapter model made linear on one prompt (see ``tdlib.attribution``).
+
+Built from what ``capture`` records of the model's own modules, so it holds for any pre-norm decoder whose
+norms scale each position (Qwen2, Llama, Gemma, Gemma 2, Gemma 3, ...): per layer
+
+    h += attn_out_norm( attend_frozen( attn_norm(h) ) )           attn_out_norm: Gemma 2/3, else identity
+    h += error + sum_f act_f * decoder_f(position)                the MLP branch's residual contribution
+
+where every norm is frozen at its prompt scale, ``error`` is the non-feature part of the MLP branch's residual
+contribution (the base MLP's output and ``b_dec``, through a frozen post-MLP norm where the block has one), and a
+feature's decoder is its residual write: ``W_dec[:, f]`` for adapters placed on the residual stream, or
+``W_dec[:, f]`` through the frozen post-MLP norm for adapters placed before it.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..models import find_layers, unwrap
-from ..splice import SplicedMLP
+from ..models import find_layers, get_mlp, unwrap
+from .capture import FrozenNorm, NotReplayable, attention_of, capture, check_replayable, tolerance
 
 
 @dataclass
@@ -16,25 +29,37 @@ class FrozenPrompt:
     input_ids: torch.Tensor
     """[P] token ids."""
     embeddings: torch.Tensor
-    """[P, d] token embeddings (the token nodes' values)."""
+    """[P, d] the residual stream entering layer 0 (the token nodes' values; scaled embeddings for Gemma)."""
     attn_scale: torch.Tensor
-    """[L, P] 1/rms at each layer's input norm."""
+    """[L, P] each layer's attention-input norm scale (``attn_weight`` is its fixed factor, [L, d])."""
+    attn_weight: torch.Tensor
+    attn_out_scale: torch.Tensor
+    """[L, P] the norm on the attention's output (ones where the block has none; ``attn_out_weight`` [L, d])."""
+    attn_out_weight: torch.Tensor
     mlp_scale: torch.Tensor
-    """[L, P] 1/rms at each layer's post-attention norm (the MLP and adapter input)."""
+    """[L, P] the MLP-input norm scale (the MLP and adapter input; ``mlp_weight`` [L, d])."""
+    mlp_weight: torch.Tensor
+    decoder_scale: torch.Tensor
+    """[L, P] what the residual receives per unit of adapter output: the frozen post-MLP norm for adapters placed
+    before it, ones otherwise (``decoder_weight`` [L, d])."""
+    decoder_weight: torch.Tensor
     final_scale: torch.Tensor
-    """[P] 1/rms at the final norm."""
+    """[P] the final norm's scale (``final_weight`` [d])."""
+    final_weight: torch.Tensor
     patterns: torch.Tensor
     """[L, H, P, P] attention patterns (rows sum to 1)."""
     errors: torch.Tensor
-    """[L, P, d] error nodes' values: base_mlp(x) + b_dec."""
+    """[L, P, d] error nodes' values: the MLP branch's residual contribution minus the features' writes."""
     attn_bias: torch.Tensor
-    """[L, d] attention output bias o_proj(b_v) (added at every position)."""
+    """[L, P, d] what attention adds at each position whatever its input (value and output biases)."""
     features: torch.Tensor
     """[n, 3] active features as (layer, position, feature id), sorted."""
     activations: torch.Tensor
     """[n] their activations (> 0)."""
     logits: torch.Tensor
-    """[V] the model's logits at the last position (reference for checks)."""
+    """[V] the unembedding's output at the last position, before any final soft-capping (the replay's logits)."""
+    softcap: float | None = None
+    """The model's final logit soft-capping (Gemma 2): probabilities use ``softcap * tanh(logits / softcap)``."""
 
     @property
     def n_layers(self) -> int:
@@ -44,87 +69,102 @@ class FrozenPrompt:
     def n_pos(self) -> int:
         return self.input_ids.shape[0]
 
+    def model_logits(self) -> torch.Tensor:
+        """The model's own logits (soft-capped where the model caps them)."""
+        return self.logits if not self.softcap else self.softcap * torch.tanh(self.logits / self.softcap)
+
+    def replace(self, **changes) -> "FrozenPrompt":
+        return dataclasses.replace(self, **changes)
+
 
 def _check_supported(model) -> None:
-    inner = unwrap(model)
-    layers = find_layers(inner)
-    for i, layer in enumerate(layers):
-        if not isinstance(layer.mlp, SplicedMLP) or layer.mlp.choice != "adapter" or layer.mlp.adapter is None:
-            raise ValueError(f"layer {i} does not run base MLP + adapter; attribution needs the adapter model "
-                             "(load_named(pair, 'adapter_l1_...') or set_mlp_choice(model, 'adapter'))")
-        attention = layer.self_attn
-        if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ValueError("attribution supports Qwen2/Llama-style attention (q/k/v/o projections) only")
-        if getattr(attention, "sliding_window", None):
-            raise ValueError("sliding-window attention is not supported by the attribution replay")
-    if getattr(inner.lm_head, "bias", None) is not None:
-        raise ValueError("an unembedding with a bias is not supported")
+    check_replayable(model)
 
 
-def _rms_scale(norm, h: torch.Tensor) -> torch.Tensor:
-    return torch.rsqrt(h.pow(2).mean(-1) + norm.variance_epsilon)
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 @torch.no_grad()
 def freeze(model, input_ids) -> FrozenPrompt:
-    """Run the adapter model on one prompt (a list or 1-D tensor of ids) and keep what the replay freezes."""
-    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
-    _check_supported(model)
+    """Run the adapter model on one prompt (a list or 1-D tensor of ids) and keep what the replay freezes.
+    Refuses (``NotReplayable``, naming the feature) a model the replay cannot reproduce, before running it, and
+    checks that the replay reproduces every block's output and the logits."""
+    check_replayable(model)
     inner = unwrap(model)
-    body = inner.model
     ids = torch.as_tensor(input_ids, device=next(inner.parameters()).device).reshape(-1)
-    n_pos = ids.shape[0]
-    h = body.embed_tokens(ids)
-    embeddings = h.clone()
-    cos, sin = body.rotary_emb(h[None], torch.arange(n_pos, device=ids.device)[None])
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=ids.device).tril()
-    attn_scales, mlp_scales, patterns, errors, biases, features, activations = [], [], [], [], [], [], []
-    for index, layer in enumerate(body.layers):
-        attention = layer.self_attn
-        n_heads, head_dim = attention.config.num_attention_heads, attention.head_dim
-        attn_scales.append(_rms_scale(layer.input_layernorm, h))
-        x = h * attn_scales[-1][:, None] * layer.input_layernorm.weight  # the norm, in the replay's precision
-        q = attention.q_proj(x).view(n_pos, -1, head_dim).transpose(0, 1)[None]
-        k = attention.k_proj(x).view(n_pos, -1, head_dim).transpose(0, 1)[None]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k = k.repeat_interleave(n_heads // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2))[0] * attention.scaling
-        pattern = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        patterns.append(pattern)
-        h = h + _attend(attention, pattern, x[None])[0] + _value_bias(attention)
-        biases.append(_value_bias(attention))
-        mlp_scales.append(_rms_scale(layer.post_attention_layernorm, h))
-        x = h * mlp_scales[-1][:, None] * layer.post_attention_layernorm.weight
-        adapter = layer.mlp.adapter
-        acts = adapter.encode(x)
-        error = layer.mlp.base_mlp(x) + adapter.b_dec
-        errors.append(error)
-        h = h + error + acts @ adapter.W_dec.T
-        positions, ids_active = (acts > 0).nonzero(as_tuple=True)
-        features.append(torch.stack([torch.full_like(positions, index), positions, ids_active], dim=1))
-        activations.append(acts[positions, ids_active])
-    final_scale = _rms_scale(body.norm, h)
-    logits = inner.lm_head(h * final_scale[:, None] * body.norm.weight)[-1]
-    return FrozenPrompt(ids, embeddings, torch.stack(attn_scales), torch.stack(mlp_scales), final_scale,
-                        torch.stack(patterns), torch.stack(errors), torch.stack(biases), torch.cat(features),
-                        torch.cat(activations), logits)
+    captured = capture(inner, ids)
+    tol = tolerance(captured.logits.dtype)
+    h = captured.blocks[0].h_in.clone()
+    embeddings, n_pos, d = h.clone(), h.shape[0], h.shape[1]
+    rows: dict[str, list] = {key: [] for key in ("attn", "attn_out", "mlp", "decoder", "errors", "bias",
+                                                 "features", "activations", "patterns")}
+    for index, (block, frozen) in enumerate(zip(find_layers(inner), captured.blocks)):
+        h = _freeze_layer(index, block, get_mlp(inner, index), frozen, h, rows, tol)
+    final = captured.final
+    logits = inner.get_output_embeddings()(final.apply(h))[-1]
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    state = FrozenPrompt(
+        ids, embeddings, *_stack(rows["attn"]), *_stack(rows["attn_out"]), *_stack(rows["mlp"]),
+        *_stack(rows["decoder"]), final.scale, final.weight, torch.stack(rows["patterns"]),
+        torch.stack(rows["errors"]), torch.stack(rows["bias"]), torch.cat(rows["features"]),
+        torch.cat(rows["activations"]), logits, softcap)
+    gap = _relative_gap(state.model_logits(), captured.logits)
+    if gap > tol:
+        raise NotReplayable(f"the replay's logits differ from the model's by {gap:.2g} (relative): the model "
+                            "computes its logits from the final norm's output in a way the replay does not know")
+    return state
 
 
-def _value_bias(attention) -> torch.Tensor:
-    """o_proj(b_v): what the value biases add at every position (pattern rows sum to 1)."""
-    n_heads, head_dim = attention.config.num_attention_heads, attention.head_dim
-    bias = attention.v_proj.bias
+def _stack(norms: list[FrozenNorm]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([n.scale for n in norms]), torch.stack([n.weight for n in norms])
+
+
+def _freeze_layer(index, block, mlp, frozen, h, rows, tol):
+    n_pos, d = h.shape
+    identity = FrozenNorm.identity(n_pos, d, h)
+    attention = attention_of(block)
+    attn_out = frozen.attn_out or identity
+    bias = attn_out.apply(_value_bias(attention, frozen.pattern.shape[0]).expand(n_pos, -1))
+    h = h + attn_out.apply(_attend(attention, frozen.pattern, frozen.attn_in.apply(h)[None])[0]) + bias
+    x = frozen.mlp_norm.apply(h)
+    if _relative_gap(x, frozen.mlp_in) > tol:
+        raise NotReplayable(f"layer {index}: the MLP input is not the norm of the residual after attention "
+                            "(a block wiring the replay does not know, e.g. parallel attention and MLP)")
+    adapter = mlp.adapter
+    acts = adapter.encode(x)
+    post = frozen.mlp_out or identity
+    if mlp.placement == "residual":
+        error, decoder = post.apply(mlp.base_mlp(x)) + adapter.b_dec, identity
+    else:
+        error, decoder = post.apply(mlp.base_mlp(x) + adapter.b_dec), post
+    h = h + error + decoder.apply(acts @ adapter.W_dec.T)
+    if _relative_gap(h, frozen.h_out) > tol:
+        raise NotReplayable(f"layer {index}: the replay does not reproduce the block's output (relative gap "
+                            f"{_relative_gap(h, frozen.h_out):.2g}); the block computes something it does not know")
+    positions, ids_active = (acts > 0).nonzero(as_tuple=True)
+    for key, value in (("attn", frozen.attn_in), ("attn_out", attn_out), ("mlp", frozen.mlp_norm),
+                       ("decoder", decoder), ("errors", error), ("bias", bias), ("patterns", frozen.pattern),
+                       ("features", torch.stack([torch.full_like(positions, index), positions, ids_active], 1)),
+                       ("activations", acts[positions, ids_active])):
+        rows[key].append(value)
+    return h
+
+
+def _value_bias(attention, n_heads: int) -> torch.Tensor:
+    """o_proj(b_v): what the value (and output) biases add at every position (pattern rows sum to 1)."""
+    head_dim = attention.o_proj.in_features // n_heads
+    weight, bias = attention.v_proj.weight, attention.v_proj.bias
     if bias is None:
-        return torch.zeros(attention.o_proj.out_features, device=attention.o_proj.weight.device,
-                           dtype=attention.o_proj.weight.dtype)
+        bias = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
     bias = bias.view(-1, head_dim).repeat_interleave(n_heads // (bias.shape[0] // head_dim), dim=0)
     return attention.o_proj(bias.reshape(-1))
 
 
 def _attend(attention, pattern: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Frozen-pattern attention without the value bias: x [B, P, d] (already normed) -> [B, P, d]."""
-    n_heads, head_dim = attention.config.num_attention_heads, attention.head_dim
+    n_heads = pattern.shape[0]
+    head_dim = attention.o_proj.in_features // n_heads
     batch, n_pos, _ = x.shape
     values = (x @ attention.v_proj.weight.T).view(batch, n_pos, -1, head_dim)
     values = values.repeat_interleave(n_heads // values.shape[2], dim=2)
@@ -137,16 +177,15 @@ class Replay:
 
     def __init__(self, model, state: FrozenPrompt, target_token: int, demean: bool = True):
         inner = unwrap(model)
-        self.body = inner.model
         self.state = state
-        self.adapters = [layer.mlp.adapter for layer in self.body.layers]
-        unembed = inner.lm_head.weight
+        self.attentions = [attention_of(block) for block in find_layers(inner)]
+        self.adapters = [get_mlp(inner, i).adapter for i in range(len(self.attentions))]
+        unembed = inner.get_output_embeddings().weight
         direction = unembed[target_token] - (unembed.mean(0) if demean else 0)
-        self.logit_direction = (direction * self.body.norm.weight).detach()
+        self.logit_direction = (direction * state.final_weight).detach()
         self.target_token = int(target_token)
         self.demean = demean
-        self.encoders = torch.stack([a.W_enc * layer.post_attention_layernorm.weight
-                                     for a, layer in zip(self.adapters, self.body.layers)])
+        self.encoders = torch.stack([a.W_enc * weight for a, weight in zip(self.adapters, state.mlp_weight)])
 
     def run(self, embeddings, errors, activations, biases, n_layers=None, n_pos=None, recompute=False):
         """Residual stream of the replay. Shapes carry a batch dimension B: embeddings [B, P, d];
@@ -160,20 +199,19 @@ class Replay:
         h = embeddings
         mids, values = [], []
         for index in range(n_layers):
-            layer = self.body.layers[index]
-            x = h * (state.attn_scale[index, :n_pos, None] * layer.input_layernorm.weight)
-            h = h + _attend(layer.self_attn, state.patterns[index], x) + biases[index]
+            x = h * (state.attn_scale[index, :n_pos, None] * state.attn_weight[index])
+            out = _attend(self.attentions[index], state.patterns[index], x)
+            h = h + out * (state.attn_out_scale[index, :n_pos, None] * state.attn_out_weight[index]) + biases[index]
             mids.append(h)
             if index == len(errors):
                 break
             positions, ids = self.layer_features(index, n_pos)
-            adapter = self.adapters[index]
             acts = activations[index]
             if recompute:
                 acts = self.preactivations(index, h, positions, ids, with_bias=True)
             values.append(acts)
             writes = torch.zeros_like(h)
-            writes = writes.index_add(1, positions, acts[..., None] * adapter.W_dec.T[ids])
+            writes = writes.index_add(1, positions, acts[..., None] * self.decoder(index, positions, ids))
             h = h + errors[index] + writes
         return mids, h
 
@@ -184,10 +222,15 @@ class Replay:
             keep &= features[:, 1] < n_pos
         return features[keep, 1], features[keep, 2]
 
+    def decoder(self, layer: int, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[n, d] the residual write per unit activation of features ``ids`` at ``positions`` of ``layer``."""
+        state = self.state
+        frame = state.decoder_scale[layer, positions, None] * state.decoder_weight[layer]
+        return self.adapters[layer].W_dec.T[ids] * frame
+
     def preactivations(self, layer, mid, positions, ids, with_bias=False):
         """Pre-activations of the given features from the residual ``mid`` [B, P, d] -> [B, n]."""
-        norm = self.body.layers[layer].post_attention_layernorm
-        encoder = self.adapters[layer].W_enc[ids] * norm.weight  # [n, d]
+        encoder = self.encoders[layer, ids]  # [n, d]
         x = mid[:, positions] * self.state.mlp_scale[layer, positions, None]
         pre = (x * encoder).sum(-1)
         return pre + self.adapters[layer].b_enc[ids] if with_bias else pre
@@ -214,7 +257,7 @@ class Replay:
         embeddings = copy(state.embeddings[:n_pos])
         errors = [copy(state.errors[i, :n_pos]) for i in range(n_layers)]
         activations = [copy(self.layer_activations(i, n_pos)) for i in range(n_layers)]
-        biases = [copy(state.attn_bias[i].expand(n_pos, -1)) for i in range(min(n_layers + 1, state.n_layers))]
+        biases = [copy(state.attn_bias[i, :n_pos]) for i in range(min(n_layers + 1, state.n_layers))]
         return embeddings, errors, activations, biases
 
     def layer_activations(self, layer: int, n_pos: int | None = None) -> torch.Tensor:
@@ -230,7 +273,8 @@ class Replay:
 
 def _attend_transposed(attention, pattern: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Transpose of ``_attend``: gradient at the attention output [B, P, d] -> at its normed input [B, P, d]."""
-    n_heads, head_dim = attention.config.num_attention_heads, attention.head_dim
+    n_heads = pattern.shape[0]
+    head_dim = attention.o_proj.in_features // n_heads
     batch, n_pos, _ = grad.shape
     mixed = (grad @ attention.o_proj.weight).view(batch, n_pos, n_heads, head_dim)
     values = torch.einsum("hpq,bphd->bqhd", pattern[:, :n_pos, :n_pos], mixed)
