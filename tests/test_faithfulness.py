@@ -195,9 +195,11 @@ def test_evaluate_faithfulness_end_to_end(smoke):
     assert results["adapter_l1_0.01"]["l0"] > 0 and results["hybrid"]["l0"] is None
     for name, entry in results.items():
         assert len(entry["nmse_by_layer"]) == 3
-        if name != "base":  # spliced models share the target's embeddings; the base has its own
+        if name != "base":  # spliced models share the target's embeddings (the base too when fine-tuning froze them)
             assert entry["nmse_by_layer"][0] == pytest.approx(0, abs=1e-12)
-    assert results["base"]["nmse_by_layer"][0] > 0 and results["base"]["kl"] > 0
+        assert entry["nmse_layers"] == pytest.approx(sum(entry["nmse_by_layer"][1:]) / 2)
+        assert entry["nmse_with_embedding"] == pytest.approx(sum(entry["nmse_by_layer"]) / 3)
+    assert results["base"]["nmse_layers"] > 0 and results["base"]["kl"] > 0
 
 
 def test_figures_draw(tmp_path):
