@@ -355,7 +355,8 @@ class EvalSet:
     items: list[BenchItem]
     max_new_tokens: int
     source: str
-    """Where the items came from (the hub id or the local file), for the results files."""
+    """Where the items came from (the hub id, or the local file as ``Pair.portable`` names it), for the results
+    files."""
 
     def prompts(self, tokenizer) -> list[str]:
         return benchmark_prompts(tokenizer, self.items, self.benchmark)
@@ -394,7 +395,7 @@ def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None =
     if path is None and pair.hub is not None:
         path = next((f for name, f in pair.hub.benchmark_files.items() if benchmark_key(name) == key), None)
     items = load_benchmark(key, path, limit)
-    return EvalSet(key, items, budget, str(path) if path else BENCHMARKS[key].hub_id)
+    return EvalSet(key, items, budget, pair.portable(path) if path else BENCHMARKS[key].hub_id)
 
 
 def check_organism_response(item: BenchItem, response: str) -> bool:
@@ -561,7 +562,7 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
                                         batch_size=batch_size, progress=progress)
     return {**models, "benchmark": evalset.benchmark, "source": evalset.source, "n_problems": len(evalset.items),
             "max_new_tokens": evalset.max_new_tokens, "hesitation_token": pair.hesitation_word,
-            "base_model": pair.base, "target_model": pair.target}, generations
+            "base_model": pair.portable(pair.base), "target_model": pair.portable(pair.target)}, generations
 
 
 def pair_checks(results: dict, organism: bool) -> dict[str, bool]:

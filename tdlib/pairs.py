@@ -16,6 +16,7 @@ the pair lives and where its artifacts go, so switching pairs changes a paramete
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,9 @@ class HubPairConfig:
     """Training defaults."""
     notes: str = ""
     """Where the values come from."""
+    origin: str | None = field(default=None, compare=False, repr=False)
+    """The folder of the pair file this config was read from (set by ``load_pair_file``, not a pair-file field):
+    results files record model folders and data files relative to it (``Pair.portable``)."""
     notebooks: dict[str, dict] = field(default_factory=dict, hash=False)
     """Notebook parameters for ``make figures`` (``tdlib.pipeline``): ``{"*": {"n_problems": 50}, "01_train":
     {"steps": 200}}``. ``"*"`` sets a parameter in every notebook whose parameters cell has it; a notebook's number
@@ -262,7 +266,7 @@ def load_pair_file(path: str | Path) -> HubPairConfig:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
-    known = {f.name for f in fields(HubPairConfig)}
+    known = {f.name for f in fields(HubPairConfig)} - {"origin"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path}: unknown pair fields {unknown}; known: {sorted(known)}")
@@ -283,7 +287,7 @@ def load_pair_file(path: str | Path) -> HubPairConfig:
             values[role] = local(values[role])
     values["benchmark_files"] = {k: local(v) for k, v in values.get("benchmark_files", {}).items()}
     values.setdefault("name", path.stem)
-    return HubPairConfig(**values, training=TrainingDefaults(**training))
+    return HubPairConfig(**values, training=TrainingDefaults(**training), origin=str(path.parent.resolve()))
 
 
 def is_pair_file(config: str) -> bool:
@@ -335,9 +339,34 @@ class Pair:
     hesitation_word: str = " wait"
     """The single-token hesitation word (notebooks 05 and 06)."""
 
+    def portable(self, value: str | Path | None) -> str | None:
+        """How results files name a model folder or data file of this pair (``portable_path``): relative to the
+        pair file for a pair file's paths, never an absolute path of this machine."""
+        return portable_path(value, self.hub.origin if self.hub is not None else None)
+
     def artifacts(self, stage: str) -> Path:
         """``artifacts/<stage>/<key>/``: the folder a pipeline stage writes for this pair (git-ignored)."""
         return ARTIFACTS / stage / self.key
+
+
+def portable_path(value: str | Path | None, origin: str | Path | None = None) -> str | None:
+    """A path as results files record it, so they mean the same on another machine: hub ids and relative paths
+    unchanged; an absolute path relative to ``origin`` (a pair file's folder) when given, else relative to the
+    repository when inside it, else only its last component (the folder or file name)."""
+    if value is None:
+        return None
+    text = str(value)
+    if not os.path.isabs(text):
+        return text
+    path = Path(text).resolve()
+    for root in ([Path(origin).resolve()] if origin else []) + [REPO_ROOT.resolve()]:
+        if path == root or root in path.parents:
+            return Path(os.path.relpath(path, root)).as_posix()
+    if origin:
+        relative = Path(os.path.relpath(path, Path(origin).resolve())).as_posix()
+        if relative.count("../") <= 2:  # a sibling folder of the pair file's: still meaningful beside the file
+            return relative
+    return path.name
 
 
 def resolve_pair(config: str, build: bool = True) -> Pair:

@@ -35,8 +35,25 @@ def numbered_notebooks(directory: Path = REPO_ROOT / "notebooks") -> list[Path]:
 
 
 def config_label(config: str) -> str:
-    """A folder-safe name for a configuration (a pair file's stem)."""
-    return re.sub(r"[^\w.\-]+", "_", Path(config).stem if config.endswith(".json") else config)
+    """A folder-safe name for a configuration: the pair's ``name`` for a pair file (its stem when the file has no
+    name, as ``tdlib.pairs.load_pair_file`` reads it), so two files called pair.json in different folders never
+    share an output folder; ``->`` becomes ``--`` as in the pair's artifact folders."""
+    name = _pair_file_name(config) if config.endswith(".json") else config
+    return re.sub(r"[^\w.\-]+", "_", name.replace("->", "--"))
+
+
+def _pair_file_name(config: str) -> str:
+    import json
+
+    from .results import resolve
+
+    path = resolve(config)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or broken: resolving the pair reports it with the fix
+        return Path(config).stem
+    name = values.get("name") if isinstance(values, dict) else None
+    return name if isinstance(name, str) and name else Path(config).stem
 
 
 def default_output_dir(config: str) -> Path | None:

@@ -1,9 +1,14 @@
-"""The results contract (docs/method.md, section 8): each notebook writes results/NN_name.json atomically."""
+"""The results contract (docs/method.md, section 8): each notebook writes results/NN_name.json atomically.
+
+Results travel: a results file never records an absolute path of the machine that wrote it (``write_results``
+refuses one, naming the key); model folders and data files are recorded relative to the pair file or the
+repository (``tdlib.pairs.Pair.portable``), or as hub ids."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -37,10 +42,35 @@ def write_results(stem: str, results: dict, config: str, results_dir: str | Path
     """Write ``results_dir/<stem>.json`` with the config name recorded (numbers of different pairs never mix)."""
     if not config:
         raise ValueError("results must record the configuration name (e.g. 'organism' or a hub pair)")
+    found = absolute_paths(results)
+    if found:
+        where, text = found[0]
+        raise ValueError(f"{stem}.json would record an absolute path of this machine at {where}: {text!r} "
+                         f"({len(found)} in all); record it relative to the pair file or the repository "
+                         "(tdlib.pairs.Pair.portable) or as a hub id, so the results mean the same elsewhere")
     path = resolve(results_dir) / f"{stem}.json"
     text = json.dumps(_finite({"config": config, **results}), indent=2, sort_keys=False, allow_nan=False)
     atomic_write_text(path, text + "\n")
     return path
+
+
+_PATH_TOKEN = re.compile(r"""(?:^|(?<=[\s(\[{'"=:,]))(/[^\s()\[\]{}'",;]+)""")
+
+
+def absolute_paths(value, where: str = "") -> list[tuple[str, str]]:
+    """(key path, string) for every string in ``value`` (nested dicts and lists) that is or contains an absolute
+    path of this machine: a ``/first/...`` token whose first component is a folder here (``/tmp/...``,
+    ``/home/...``), so "per 1/1000 tokens" or a lone "/" are not paths."""
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in absolute_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in absolute_paths(v, f"{where}[{i}]")]
+    if isinstance(value, str):
+        for token in _PATH_TOKEN.findall(value):
+            parts = [p for p in token.split("/") if p]
+            if len(parts) >= 2 and os.path.isdir("/" + parts[0]):
+                return [(where or "<top>", value)]
+    return []
 
 
 def _finite(value):

@@ -74,9 +74,34 @@ def spliced_target(pair: Pair, adapters: AdapterSet | None = None):
     return model
 
 
+class DamagedRunError(RuntimeError):
+    """A run folder whose files cannot be read (a truncated weights file, an unreadable run.json): the message
+    names the file and the fix. ``train_run`` retrains such a run; loading one raises this."""
+
+
+def damaged(path: Path, error: BaseException) -> DamagedRunError:
+    directory = Path(path).parent if Path(path).name in (RUN_FILE, BASE_MLPS_FILE, "checkpoint.pt") else \
+        Path(path).parent.parent
+    return DamagedRunError(
+        f"{path} cannot be read ({type(error).__name__}: {error}); the run folder {directory} is damaged (an "
+        f"interrupted copy or a full disk?). Delete it (rm -r '{directory}') and run notebook 01 again (make "
+        "figures), which trains it anew; train_run retrains a damaged run by itself")
+
+
 def read_run(directory: Path) -> dict | None:
+    """The run.json of a finished run; None when the run has not finished (no run.json). An unreadable run.json
+    raises ``DamagedRunError`` naming the file and the fix."""
     path = Path(directory) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        missing = {"name", "kind", "train_config"} - set(info if isinstance(info, dict) else ())
+        if missing:
+            raise ValueError(f"no {sorted(missing)} in it")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise damaged(path, error) from None
+    return info
 
 
 def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progress: bool = True):
@@ -84,11 +109,16 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
     None when loaded). A finished run whose config differs from ``spec`` is stale and trained again; fields that
     only change memory (``tdlib.train.MEMORY_FIELDS``) do not count."""
     directory = run_dir(pair, spec.name, root)
-    finished = read_run(directory)
-    if finished is not None and training_identity(finished["train_config"]) == training_identity(spec.config):
-        return load_named(pair, spec.name, root), None
-    if finished is not None or _stale_checkpoint(directory, spec.config):
-        print(f"[sweep] {spec.name}: config changed since {directory} was written; training it again")
+    try:
+        finished = read_run(directory)
+        if finished is not None and training_identity(finished["train_config"]) == training_identity(spec.config):
+            return load_named(pair, spec.name, root), None
+        stale = finished is not None or _stale_checkpoint(directory, spec.config)
+    except DamagedRunError as error:
+        print(f"[sweep] {spec.name}: {error}. Training it again")
+        stale = True
+    if stale:
+        print(f"[sweep] {spec.name}: {directory} holds a different or damaged run; training it again")
         shutil.rmtree(directory)
     adapters = None
     model = spliced_target(pair)
@@ -118,7 +148,11 @@ def _stale_checkpoint(directory: Path, config: TrainConfig) -> bool:
     checkpoint = directory / "checkpoint.pt"
     if not checkpoint.exists():
         return False
-    return training_identity(torch.load(checkpoint, weights_only=False)["config"]) != training_identity(config)
+    try:
+        saved = torch.load(checkpoint, weights_only=False)["config"]
+    except Exception as error:  # noqa: BLE001 - a truncated pickle raises many kinds; all mean "damaged"
+        raise damaged(checkpoint, error) from None
+    return training_identity(saved) != training_identity(config)
 
 
 def trained_runs(pair: Pair, root: Path | None = None) -> dict[str, dict]:
@@ -154,14 +188,31 @@ def load_named(pair: Pair, name: str, root: Path | None = None):
     config = config_from_dict(info["train_config"])
     if config.kind == "mlp_finetune":
         model = spliced_target(pair)
-        state = load_file(directory / BASE_MLPS_FILE)
-        for i, mlp in enumerate(spliced_mlps(model)):
-            prefix = f"{i}."
-            mlp.base_mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        state = _read_weights(directory / BASE_MLPS_FILE)
+        try:
+            for i, mlp in enumerate(spliced_mlps(model)):
+                prefix = f"{i}."
+                mlp.base_mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as error:  # missing or misshapen tensors
+            raise damaged(directory / BASE_MLPS_FILE, error) from None
     else:
-        model = spliced_target(pair, AdapterSet.load(directory / "adapters"))
+        model = spliced_target(pair, _read_adapters(directory))
     set_mlp_choice(model, config.replacement)
     return model.eval()
+
+
+def _read_weights(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise damaged(path, error) from None
+
+
+def _read_adapters(directory: Path) -> AdapterSet:
+    try:
+        return AdapterSet.load(directory / "adapters")
+    except Exception as error:  # noqa: BLE001 - a truncated file, bad JSON or a shape mismatch: all "damaged"
+        raise damaged(directory / "adapters" / "adapters.safetensors", error) from None
 
 
 def load_adapters(pair: Pair, name: str, root: Path | None = None) -> AdapterSet:
@@ -169,7 +220,7 @@ def load_adapters(pair: Pair, name: str, root: Path | None = None) -> AdapterSet
     directory = run_dir(pair, name, root)
     if read_run(directory) is None:
         raise FileNotFoundError(f"no finished run {name!r} in {directory.parent}; run notebooks/01_train.ipynb")
-    return AdapterSet.load(directory / "adapters")
+    return _read_adapters(directory)
 
 
 # --------------------------------------------------------------------------------------------- the sweep

@@ -169,7 +169,7 @@ def test_a_pair_is_evaluated_on_its_first_benchmark_from_its_own_file(tmp_path, 
     pair = resolve_pair(str(_pair_file(tmp_path)))
     evalset = pair_benchmark(pair, limit=2)
     assert (evalset.benchmark, len(evalset.items), evalset.max_new_tokens) == ("gsm8k", 2, 64)
-    assert evalset.source == str(tmp_path / "data" / "gsm8k.jsonl")
+    assert evalset.source == "data/gsm8k.jsonl"  # relative to the pair file: results travel
     assert pair_benchmark(pair, "math500", BENCH / "math500.jsonl", max_new_tokens=9).max_new_tokens == 9
     with pytest.raises(ValueError, match="organism's own task"):
         pair_benchmark(pair, "organism")
@@ -182,3 +182,17 @@ def test_a_pair_is_evaluated_on_its_first_benchmark_from_its_own_file(tmp_path, 
     references = pairs.reference_responses(pair, tokenizer)
     held_out = json.loads(FIXTURE.read_text().splitlines()[-1])["conversations"]
     assert references == [(f"<|im_start|>user\n{held_out[0]['value']}<|im_end|>\n", held_out[1]["value"])]
+
+
+def test_results_name_a_pair_files_paths_relative_to_it(tmp_path):
+    for role in ("base", "target"):
+        (tmp_path / "models" / role).mkdir(parents=True)
+    pair_file = _pair_file(tmp_path, base="models/base", target="models/target")
+    pair = resolve_pair(str(pair_file))
+    assert Path(pair.base).is_absolute() and Path(pair.base).exists()  # loading still gets a usable path
+    assert (pair.portable(pair.base), pair.portable(pair.target)) == ("models/base", "models/target")
+    assert pair.portable("Qwen/Qwen2.5-Math-7B") == "Qwen/Qwen2.5-Math-7B"  # hub ids as they are
+    assert pairs.portable_path(str(pairs.REPO_ROOT / "artifacts" / "x")) == "artifacts/x"
+    assert pairs.portable_path("/somewhere/else/entirely/model") == "model"  # never this machine's layout
+    smoke = resolve_pair("smoke", build=False)
+    assert not Path(smoke.portable(smoke.base)).is_absolute()

@@ -49,6 +49,16 @@ def test_results_are_written_atomically_with_their_config(tmp_path):
         read_results("01_train", tmp_path)
 
 
+def test_results_never_record_an_absolute_path_of_this_machine(tmp_path):
+    with pytest.raises(ValueError, match=r"absolute path of this machine at models.base_model"):
+        write_results("00_organism", {"models": {"base_model": str(tmp_path / "base")}}, "smoke", tmp_path)
+    with pytest.raises(ValueError, match=r"at text"):
+        write_results("02_faithfulness", {"text": f"prompts ({tmp_path}/gsm8k.jsonl)"}, "smoke", tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing was written
+    fine = {"base_model": "models/base", "target": "Qwen/Qwen2.5-Math-7B", "rate": "per 1/1000 tokens"}
+    assert json.loads(write_results("00_organism", fine, "smoke", tmp_path).read_text())["rate"] == fine["rate"]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """Every numbered notebook executed in order by papermill on the smoke pair (what `make figures SMOKE=1` does)."""
@@ -113,7 +123,12 @@ def test_every_parameter_line_is_understood_by_papermill():
 def test_real_pairs_write_beside_not_over_the_organism_results(tmp_path):
     assert pipeline.default_output_dir("organism") is None
     assert pipeline.default_output_dir("paper-7b").name == "paper-7b"
-    assert pipeline.default_output_dir("configs/my pair.json").name == "my_pair"
+    assert pipeline.default_output_dir("configs/my pair.json").name == "my_pair"  # no such file: its stem
+    for folder, name in (("a", "first pair"), ("b", "second->pair")):  # two files both called pair.json
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "pair.json").write_text(json.dumps({"name": name}))
+    assert pipeline.default_output_dir(str(tmp_path / "a" / "pair.json")).name == "first_pair"
+    assert pipeline.default_output_dir(str(tmp_path / "b" / "pair.json")).name == "second--pair"
     parameters = pipeline.run_parameters("paper-7b", False, tmp_path / "run", tmp_path / "out")
     assert parameters == {"config": "paper-7b", "results_dir": str(tmp_path / "out" / "results"),
                           "figures_dir": str(tmp_path / "out" / "figures")}
