@@ -1,8 +1,9 @@
 """Train, store and load the replacement models of one (base, target) pair; what notebook 01 calls.
 
 Each run lives in its own folder ``artifacts/train/<pair key>/<run name>/``: ``checkpoint.pt`` while training
-(an interrupted run resumes from it), ``log.csv``, the final weights (``adapters/`` as safetensors + JSON, or
-``base_mlps.safetensors`` for the dense skyline) and ``run.json``, written last, which marks the run finished.
+(an interrupted run resumes from it; deleted once the run is finished), ``log.csv``, the final weights
+(``adapters/`` as safetensors + JSON, or ``base_mlps.safetensors`` for the dense skyline) and ``run.json``, written
+last, which marks the run finished.
 ``train_run`` on a finished run with the same config loads it instead of training.
 
 Later notebooks get any model by name with ``load_named(pair, name)``: ``"base"``, ``"target"``,
@@ -138,6 +139,8 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
     atomic_write_text(directory / RUN_FILE, json.dumps({
         "name": spec.name, "kind": spec.config.kind, "pair": pair.name, "train_config": asdict(spec.config),
         "train_seconds": round(time.time() - started, 1), "tokens_since_fired": since_fired}))
+    # finished: later notebooks need the weights and run.json, not the optimiser state (2x the weights, in fp32)
+    (directory / "checkpoint.pt").unlink(missing_ok=True)
     set_mlp_choice(model, spec.config.replacement)
     return model, result
 

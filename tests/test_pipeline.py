@@ -257,3 +257,34 @@ def test_a_multi_token_hesitation_word_is_refused_when_the_pipeline_starts(tmp_p
     pair_file = _pair_file(tmp_path, hesitation_word="Wait")  # the smoke tokenizer: 'W' 'ai' 't'
     with pytest.raises(SystemExit, match=r"hesitation_word 'Wait' is 3 tokens .*\['W', 'ai', 't'\].*\[' wait'\]"):
         pipeline.main(["--config", str(pair_file), "--only", "00"])
+
+
+def test_a_finished_run_keeps_its_weights_not_its_optimiser_state(smoke_runs, tmp_path, monkeypatch):
+    """checkpoint.pt (weights + AdamW moments, about 3x the adapters) exists while training and is deleted once
+    run.json marks the run finished; the run still loads by name."""
+    import dataclasses
+
+    import tdlib.sweep
+    from tdlib.models import load_tokenizer
+    from tdlib.pairs import data_for
+    from tdlib.sweep import RUN_FILE, RunSpec, default_plan, load_named, train_run
+
+    pair = smoke_runs
+    spec = RunSpec("short", dataclasses.replace(default_plan(pair).specs[0].config, steps=3, checkpoint_every=1))
+    data = data_for(pair, load_tokenizer(pair.target), batch_size=spec.config.batch_size, seed=0)
+    seen, train = [], tdlib.sweep.train
+
+    def measured_train(model, data, config, run_dir, **kwargs):
+        result = train(model, data, config, run_dir, **kwargs)
+        seen.append(sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file()))  # before run.json
+        return result
+
+    monkeypatch.setattr(tdlib.sweep, "train", measured_train)
+    train_run(pair, spec, data, root=tmp_path, progress=False)
+    folder = tmp_path / "short"
+    assert (folder / RUN_FILE).exists() and not (folder / "checkpoint.pt").exists()
+    adapters = sum(f.stat().st_size for f in (folder / "adapters").rglob("*") if f.is_file())
+    finished = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert seen and seen[0] > 2.5 * adapters  # while training: the checkpoint's weights and optimiser moments
+    assert finished < 1.2 * adapters + 100_000  # finished: the adapters, run.json and the log
+    assert load_named(pair, "short", tmp_path) is not None
