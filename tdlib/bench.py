@@ -608,9 +608,11 @@ def benchmark_checks(models: dict[str, dict], train_results: dict) -> dict:
     return checks
 
 
-def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, train_results: dict | None = None):
+def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, train_results: dict | None = None,
+                     decoding: str = "greedy decoding"):
     """Fig. 4 style: accuracy (Wilson 95% interval) and mean response length per model, side by side, with the
-    base and target levels drawn across both panels."""
+    base and target levels drawn across both panels; ``decoding`` (how the responses were generated) is in the
+    title."""
     import matplotlib.pyplot as plt
 
     from .plots import MODEL_COLORS, model_kind
@@ -641,6 +643,6 @@ def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, t
     for axis in (accuracy_axis, length_axis):
         axis.tick_params(axis="x", labelsize=7, rotation=30)
         axis.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, greedy decoding")
+    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, {decoding}")
     fig.tight_layout()
     return fig

@@ -74,8 +74,14 @@ def _run_color(name: str, kind: str, adapter_rank: dict[str, int]):
 def training_figure(logs: dict, models: dict, smooth: int = 25):
     """Notebook 01's figure: training curves (KL, L0) per run, and the sweep's end points against the paper's.
 
-    ``logs``: {run name: DataFrame of log.csv}; ``models``: the 01_train.json ``models`` dict.
+    ``logs``: {run name: DataFrame of log.csv}; ``models``: the 01_train.json ``models`` dict. Curves are rolling
+    means over ``smooth`` steps, or over the whole run when it is shorter; the titles say which, and how many steps
+    each run trained.
     """
+    steps = sorted({len(log) for log in logs.values()})
+    window = min(smooth, max(steps, default=1))
+    what = "per step" if window <= 1 else f"{window}-step rolling mean"
+    trained = f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps"
     adapters = sorted((n for n in logs if models[n]["kind"] == "adapter"), key=lambda n: -models[n]["l1_weight"])
     rank = {n: i for i, n in enumerate(adapters)}
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
@@ -84,15 +90,15 @@ def training_figure(logs: dict, models: dict, smooth: int = 25):
         kind = models[name]["kind"]
         color = _run_color(name, kind, rank)
         if kind != "local_mse":  # local_mse optimises no KL: its training curve has no KL to draw
-            kl_axis.plot(log["step"], log["kl"].rolling(smooth, min_periods=1).mean(), color=color, label=name)
+            kl_axis.plot(log["step"], log["kl"].rolling(window, min_periods=1).mean(), color=color, label=name)
         if kind in ("adapter", "local_mse"):
-            l0_axis.plot(log["step"], log["l0"].rolling(smooth, min_periods=1).mean(), color=color, label=name,
+            l0_axis.plot(log["step"], log["l0"].rolling(window, min_periods=1).mean(), color=color, label=name,
                          linestyle="--" if kind == "local_mse" else "-")
     kl_axis.set(yscale="log", xlabel="training step", ylabel="KL(target || model) (nats/token)",
-                title=f"Output KL while training ({smooth}-step mean)")
+                title=f"Output KL while training ({what})")
     kl_axis.legend(fontsize=7)
     l0_axis.set(yscale="log", xlabel="training step", ylabel="L0 (active features / token / layer)",
-                title="Sparsity while training")
+                title=f"Sparsity while training ({what})")
     l0_axis.legend(fontsize=7)
 
     weights = [models[n]["l1_weight"] for n in adapters]
@@ -116,6 +122,7 @@ def training_figure(logs: dict, models: dict, smooth: int = 25):
     tradeoff_axis.set(xscale="log", yscale="log", xlabel="L0 (active features / token / layer)",
                       ylabel="held-out KL(target || model) (nats/token)", title="Faithfulness vs sparsity")
     tradeoff_axis.legend(fontsize=7)
+    fig.suptitle(f"{len(logs)} training runs, {trained} each; held-out numbers on the right")
     fig.tight_layout()
     return fig
 

@@ -288,3 +288,20 @@ def test_a_finished_run_keeps_its_weights_not_its_optimiser_state(smoke_runs, tm
     assert seen and seen[0] > 2.5 * adapters  # while training: the checkpoint's weights and optimiser moments
     assert finished < 1.2 * adapters + 100_000  # finished: the adapters, run.json and the log
     assert load_named(pair, "short", tmp_path) is not None
+
+
+def test_training_figure_titles_say_what_was_run():
+    import pandas as pd
+
+    from tdlib.plots import training_figure
+
+    logs = {name: pd.DataFrame({"step": range(4), "kl": [1.0, 0.8, 0.7, 0.6], "l0": [9.0, 7.0, 6.0, 5.0]})
+            for name in ("adapter_l1_0.01", "adapter_l1_0.001")}
+    models = {"adapter_l1_0.01": {"kind": "adapter", "l1_weight": 0.01, "l0": 2.0, "kl": 0.5},
+              "adapter_l1_0.001": {"kind": "adapter", "l1_weight": 0.001, "l0": 6.0, "kl": 0.2}}
+    fig = training_figure(logs, models)
+    titles = [axis.get_title() for axis in fig.axes]
+    assert titles[0] == "Output KL while training (4-step rolling mean)"  # not "25-step" for a 4-step run
+    assert fig._suptitle.get_text().startswith("2 training runs, 4 steps each")
+    one_step = {name: log.head(1) for name, log in logs.items()}
+    assert training_figure(one_step, models).axes[1].get_title() == "Sparsity while training (per step)"
