@@ -8,7 +8,9 @@
   percent and degree signs are normalised, and numbers are compared numerically (``\\frac{1}{2}`` == ``0.5``).
 * ``evaluate_items``: greedy (or sampled) generation with a token budget, then checking; accuracy with a Wilson
   95% interval, mean response length in tokens and the share of responses saying "wait".
-* ``recovered_gain``: (acc_model - acc_base) / (acc_target - acc_base), the paper's headline benchmark number.
+* ``recovered_gain``: (acc_model - acc_base) / (acc_target - acc_base), the paper's headline benchmark number;
+  undefined (None, with ``recovered_gain_reason``) unless the target's gain over the base is resolved: the lower
+  end of its 95% interval (``accuracy_gain``, Newcombe's method from the two Wilson intervals) is above zero.
 """
 from __future__ import annotations
 
@@ -500,11 +502,49 @@ def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, 
 
 
 def recovered_gain(accuracy: float, base_accuracy: float, target_accuracy: float) -> float | None:
-    """(acc - acc_base) / (acc_target - acc_base); None when the target does not beat the base (undefined)."""
+    """(acc - acc_base) / (acc_target - acc_base); None when the target does not beat the base (undefined).
+
+    The bare formula: whether the gain is large enough to divide by is ``accuracy_gain``'s question, which
+    ``recovered_gains`` asks before calling this."""
     gap = target_accuracy - base_accuracy
     if gap <= 0:
         return None
     return (accuracy - base_accuracy) / gap
+
+
+def accuracy_gain(base: dict, target: dict) -> dict:
+    """The target's accuracy gain over the base with its 95% interval, from the two entries' Wilson intervals
+    (``accuracy`` and ``accuracy_ci``, as ``score_responses`` writes them) by Newcombe's hybrid score method:
+
+        gain = p_t - p_b,  low = gain - sqrt((p_t - l_t)^2 + (u_b - p_b)^2),  high = gain + sqrt((u_t - p_t)^2 + (p_b - l_b)^2)
+
+    ``resolved`` is True when ``low > 0``, i.e. the gain is larger than the half-width of its own interval below it;
+    only then is a recovered gain (a ratio over this gain) reported."""
+    p_t, (l_t, u_t) = target["accuracy"], target["accuracy_ci"]
+    p_b, (l_b, u_b) = base["accuracy"], base["accuracy_ci"]
+    gain = p_t - p_b
+    below = math.sqrt((p_t - l_t) ** 2 + (u_b - p_b) ** 2)
+    above = math.sqrt((u_t - p_t) ** 2 + (p_b - l_b) ** 2)
+    return {"gain": gain, "gain_ci": [gain - below, gain + above], "half_width": below, "resolved": gain - below > 0,
+            "interval": "95%, Newcombe's method from the base's and target's Wilson intervals"}
+
+
+def recovered_gains(results: dict[str, dict]) -> dict:
+    """Add ``recovered_gain`` and ``recovered_gain_reason`` to every entry of ``results`` (which must hold "base" and
+    "target"): the gain when ``accuracy_gain`` is resolved (reason None), else None with the reason. Returns the
+    ``accuracy_gain`` it used."""
+    base, target = results["base"], results["target"]
+    gain = accuracy_gain(base, target)
+    reason = None
+    if not gain["resolved"]:
+        reason = (f"undefined: the target's gain over the base ({gain['gain']:+.1%}) is not larger than its 95% "
+                  f"interval's half-width ({gain['half_width']:.1%}; interval {gain['gain_ci'][0]:+.1%} to "
+                  f"{gain['gain_ci'][1]:+.1%}), so a ratio over it would be noise")
+    for entry in results.values():
+        entry["recovered_gain"] = None if reason else recovered_gain(entry["accuracy"], base["accuracy"],
+                                                                     target["accuracy"])
+        entry["recovered_gain_reason"] = reason
+    return gain
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,7 +566,8 @@ def benchmark_model_names(train_results: dict, include_local_mse: bool = True) -
 def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
                   batch_size: int = 64, sampling: SamplingConfig | None = None,
                   progress: bool = True) -> tuple[dict[str, dict], dict[str, Generation]]:
-    """Evaluate every named model of ``pair`` on ``items``; adds ``recovered_gain`` against base and target."""
+    """Evaluate every named model of ``pair`` on ``items``; adds ``recovered_gain`` (and its reason when undefined,
+    ``recovered_gains``) against base and target."""
     from .models import load_tokenizer
     from .sweep import load_named
 
@@ -539,9 +580,7 @@ def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: 
             sampling=sampling, desc=name)
         del model
     if "base" in results and "target" in results:
-        base, target = results["base"]["accuracy"], results["target"]["accuracy"]
-        for entry in results.values():
-            entry["recovered_gain"] = recovered_gain(entry["accuracy"], base, target)
+        recovered_gains(results)
     return results, generations
 
 
@@ -600,6 +639,7 @@ def benchmark_checks(models: dict[str, dict], train_results: dict) -> dict:
     if lowest in models:
         gain = models[lowest]["recovered_gain"]
         checks["recovered_gain_lowest"] = gain
+        checks["recovered_gain_reason"] = models[lowest].get("recovered_gain_reason")
         checks["recovers_half_at_lowest"] = gain is not None and gain >= 0.5
         hybrid_gain = models.get("hybrid", {}).get("recovered_gain")
         checks["recovered_gain_hybrid"] = hybrid_gain

@@ -166,6 +166,39 @@ def test_recovered_gain():
     assert recovered_gain(0.3, 0.5, 0.5) is None
 
 
+def _scored(correct, n):
+    return {"accuracy": correct / n, "accuracy_ci": list(wilson_interval(correct, n))}
+
+
+def test_gain_interval_is_newcombes_from_the_wilson_intervals():
+    from tdlib.bench import accuracy_gain
+
+    # Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 vs 48/80, method 10 -> 0.0524 to 0.3339
+    gain = accuracy_gain(base=_scored(48, 80), target=_scored(56, 70))
+    assert gain["gain"] == pytest.approx(0.2)
+    assert gain["gain_ci"] == pytest.approx([0.0524, 0.3339], abs=1e-4)
+    assert gain["resolved"] and gain["half_width"] == pytest.approx(0.2 - 0.0524, abs=1e-4)
+
+
+def test_recovered_gain_is_undefined_when_the_targets_gain_is_within_its_interval():
+    from tdlib.bench import recovered_gains
+
+    # target 2% vs base 0% on 50 problems: the formula alone gave a hybrid at 6% a recovered gain of 3.0
+    assert recovered_gain(0.06, 0.0, 0.02) == pytest.approx(3.0)
+    models = {"base": _scored(0, 50), "target": _scored(1, 50), "hybrid": _scored(3, 50)}
+    gain = recovered_gains(models)
+    assert not gain["resolved"] and gain["gain_ci"][0] <= 0 < gain["gain"] <= gain["half_width"]
+    for entry in models.values():
+        assert entry["recovered_gain"] is None
+        assert entry["recovered_gain_reason"].startswith("undefined") and "+2.0%" in entry["recovered_gain_reason"]
+    # the same 2% vs 0% on 500 problems (10 vs 0 correct) is resolved, and so is a large gain
+    assert recovered_gains({"base": _scored(0, 500), "target": _scored(10, 500)})["resolved"]
+    models = {"base": _scored(10, 50), "target": _scored(40, 50), "hybrid": _scored(25, 50)}
+    assert recovered_gains(models)["resolved"]
+    assert models["hybrid"]["recovered_gain"] == pytest.approx(0.5) and models["hybrid"]["recovered_gain_reason"] is None
+    assert models["target"]["recovered_gain"] == pytest.approx(1.0) and models["base"]["recovered_gain"] == 0
+
+
 # --- generation on the smoke organism ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
