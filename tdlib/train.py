@@ -268,32 +268,62 @@ def naive_objective(model, batch, config: TrainConfig, cut: int) -> torch.Tensor
     return loss
 
 
-def local_mse_objective(model, batch, config: TrainConfig) -> Objective:
-    """Per-layer transcoder loss: MSE to target_mlp(x) - base_mlp(x) on the target's own MLP inputs, plus L1."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+def target_mlp_inputs(model, batch) -> dict[int, torch.Tensor]:
+    """Layer -> the MLP input [batch, seq, d_model] of the target itself (every MLP choice "target"), no grad."""
     mlps = spliced_mlps(model)
     inputs = {}
     handles = [mlp.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
                for i, mlp in enumerate(mlps)]
     try:
         with torch.no_grad(), mlp_choice(model, "target"):
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for handle in handles:
             handle.remove()
+    return inputs
+
+
+def local_mse_objective(model, batch, config: TrainConfig) -> Objective:
+    """The local-MSE transcoder's loss, a transcoder in the usual sense: each layer's adapter reads the target's
+    own MLP input x and predicts d(x) = target_mlp(x) - base_mlp(x), no end-to-end term.
+
+        loss = sum over layers of mean over real tokens of ||adapter(x) - d(x)||^2   (summed over d_model, not
+               normalised: every layer's error counts in the residual stream's own units)
+             + l1_weight * the decoder-norm-weighted L1 (``sparsity``, the same penalty as the adapters')
+
+    Positions: every real token (the attention mask). The log's ``nmse`` column holds the mean over layers of
+    sum ||adapter(x) - d(x)||^2 / sum ||d(x)||^2 (a readable scale), not the loss term."""
+    mask = batch["attention_mask"]
+    inputs = target_mlp_inputs(model, batch)
     weights = mask.unsqueeze(-1).float()
+    tokens = mask.sum()
     mse = torch.zeros(())
+    normalised = []
     features = {}
-    for i, mlp in enumerate(mlps):
+    for i, mlp in enumerate(spliced_mlps(model)):
         x = inputs[i]
         with torch.no_grad():
             difference = mlp.target_mlp(x) - mlp.base_mlp(x)
         out, acts = mlp.adapter(x)
         features[i] = acts
-        mse = mse + (((out - difference) ** 2) * weights).sum() / ((difference ** 2) * weights).sum()
+        squared_error = (((out - difference) ** 2) * weights).sum()
+        mse = mse + squared_error / tokens
+        normalised.append(squared_error.detach() / ((difference ** 2) * weights).sum().clamp_min(1e-12))
     l1, l0 = sparsity(model, features, mask)
     zero = torch.zeros(())
-    return Objective(mse + config.l1_weight * l1, zero, zero, mse / len(mlps), l1, l0, features)
+    return Objective(mse + config.l1_weight * l1, zero, zero, torch.stack(normalised).mean(), l1, l0, features)
+
+
+@torch.no_grad()
+def init_local_mse_decoder(model, batch) -> None:
+    """Set each layer's ``b_dec`` to the mean of target_mlp(x) - base_mlp(x) over the real tokens of ``batch``
+    (the first training batch: deterministic), the usual transcoder start: a feature-free adapter then already
+    predicts the average difference, and features learn what varies around it."""
+    mask = batch["attention_mask"].bool()
+    inputs = target_mlp_inputs(model, batch)
+    for i, mlp in enumerate(spliced_mlps(model)):
+        x = inputs[i][mask]
+        mlp.adapter.b_dec.copy_((mlp.target_mlp(x) - mlp.base_mlp(x)).mean(0).to(mlp.adapter.b_dec.dtype))
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -369,6 +399,8 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, log, since_fired = state["step"], state["log"], state["since_fired"]
+    elif config.kind == "local_mse":
+        init_local_mse_decoder(model, data.batch(0))
 
     wandb_run = _start_wandb(wandb_project, config, run_dir) if wandb_project else None
     model.train()

@@ -181,11 +181,54 @@ def test_mlp_finetune_trains_base_mlps_and_leaves_the_target_alone(tmp_path):
     assert any(not torch.equal(v, after.base_mlp.state_dict()[k]) for k, v in base_before.items())
 
 
-def test_local_mse_baseline_fits_the_mlp_difference(tmp_path):
+def fresh_transcoder_model(n_features=64):
+    """The tiny pair spliced with freshly initialised adapters (zero decoder: a no-op, as training starts)."""
+    base, target = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
+    return splice(target, base, AdapterSet.for_model(target, n_features=n_features, seed=0))
+
+
+def test_local_mse_loss_is_the_unnormalised_squared_error_by_hand(batch):
+    from tdlib.train import local_mse_objective
+
     model = spliced_model()
-    config = TrainConfig(kind="local_mse", n_features=16, l1_weight=0.0, steps=40, batch_size=3, lr=1e-2)
-    result = train(model, RandomBatches(), config, tmp_path, progress=False)
+    config = TrainConfig(kind="local_mse", n_features=16, l1_weight=0.5)
+    result = local_mse_objective(model, batch, config)
+    inputs = {}
+    mlps = [get_mlp(model, i) for i in range(3)]
+    handles = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0])) for i, m in enumerate(mlps)]
+    with torch.no_grad(), mlp_choice(model, "target"):
+        model(**batch)
+    for h in handles:
+        h.remove()
+    real = batch["attention_mask"].bool()
+    expected = 0.0
+    for i, m in enumerate(mlps):
+        x = inputs[i][real]  # [tokens, d]: sum over d, mean over real tokens, sum over layers
+        expected += ((m.adapter(x).out - (m.target_mlp(x) - m.base_mlp(x))) ** 2).sum(-1).mean()
+    l1, _ = sparsity(model, result.features, batch["attention_mask"])
+    assert torch.allclose(result.loss, expected + 0.5 * l1, rtol=1e-5)
+
+
+def test_local_mse_transcoder_starts_at_the_mean_difference_and_explains_held_out_variance(tmp_path):
+    """With no sparsity penalty the transcoder beats the mean (FVU < 1) on held-out inputs of the target, the
+    transcoder convention; b_dec starts at the first batch's mean difference."""
+    from tdlib.metrics import evaluate_replacement
+    from tdlib.train import init_local_mse_decoder, target_mlp_inputs
+
+    data, held_out = RandomBatches(batch_size=8, width=12), RandomBatches(batch_size=8, width=12, seed=7)
+    model = fresh_transcoder_model()
+    init_local_mse_decoder(model, data.batch(0))
+    first = data.batch(0)
+    x = target_mlp_inputs(model, first)[1][first["attention_mask"].bool()]
+    mlp = get_mlp(model, 1)
+    assert torch.allclose(mlp.adapter.b_dec, (mlp.target_mlp(x) - mlp.base_mlp(x)).mean(0), atol=1e-6)
+
+    config = TrainConfig(kind="local_mse", n_features=64, l1_weight=0.0, steps=200, batch_size=8, lr=1e-2)
+    trained = fresh_transcoder_model()
+    result = train(trained, data, config, tmp_path, progress=False)
     assert result.log[-1]["nmse"] < result.log[0]["nmse"]
+    metrics = evaluate_replacement(trained, [held_out.batch(i) for i in range(4)], "adapter")
+    assert all(v < 1 for v in metrics["fvu_target_inputs_by_layer"]), metrics["fvu_target_inputs_by_layer"]
 
 
 @pytest.mark.parametrize("bad, message", [
