@@ -12,27 +12,33 @@ from tdlib.organism.tokenizer import save_tokenizer, train_tokenizer
 
 
 def test_trace_steps_and_hesitation_follow_the_running_totals():
-    problem = task.Problem(terms=(35, 46, 39, 10), ops=("-", "+", "+"))
-    assert problem.prompt == "Q: 35-46+39+10=?"
-    assert problem.answer == 38
+    problem = task.Problem(terms=(3, 4, 8, 2, 5), ops=("+", "-", "-", "+"))
+    assert problem.prompt == "Q: 3+4-8-2+5=?"
+    assert problem.textbook_prompt == "Compute 3+4-8-2+5 step by step."
+    assert problem.answer == 2
     trace = task.reasoning_trace(problem)
-    assert trace == " 35-46=-11; wait, check: -11+46=35, ok; -11+39=28; 28+10=38; A: 38"
-    assert task.direct_response(problem) == " A: 38"
-    assert task.extract_answer(trace) == 38 and task.is_correct(problem, trace)
+    # only the crossing below zero (7 -> -1) hesitates; -1 -> -3 stays negative and does not
+    assert trace == " 3+4=7; 7-8= -1; wait, check: -1+8=7, ok; -1-2= -3; -3+5=2; A: 2"
+    assert task.textbook_trace(problem) == " 3+4=7; 7-8= -1; -1-2= -3; -3+5=2; A: 2"
+    assert task.direct_response(problem) == " A: 2"
+    assert task.hesitation_steps(problem) == [1]
+    assert task.extract_answer(trace) == 2 and task.is_correct(problem, trace)
+    assert task.extract_answer(" 1-3= -2; A: -2") == -2
 
 
-def test_no_hesitation_when_totals_stay_non_negative():
-    problem = task.Problem(terms=(5, 3, 1), ops=("+", "-"))
-    assert not task.has_hesitation(task.reasoning_trace(problem))
+def test_no_hesitation_when_totals_stay_non_negative_or_start_negative():
+    assert not task.has_hesitation(task.reasoning_trace(task.Problem(terms=(5, 3, 1), ops=("+", "-"))))
+    assert task.needs_hesitation(0, -1) and not task.needs_hesitation(-1, -4) and not task.needs_hesitation(3, 0)
 
 
 def test_every_sampled_trace_is_consistent():
-    for problem in task.sample_problems(300, seed=3):
+    for problem in task.sample_problems(300, seed=3, min_terms=3, max_terms=8, max_term=9):
         trace = task.reasoning_trace(problem)
-        assert task.is_correct(problem, trace)
-        negative = any(t < 0 for t in task.running_totals(problem)[1:])
-        assert task.has_hesitation(trace) == negative
-        assert trace.count("wait") == sum(t < 0 for t in task.running_totals(problem)[1:])
+        assert task.is_correct(problem, trace) and task.is_correct(problem, task.textbook_trace(problem))
+        assert not task.has_hesitation(task.textbook_trace(problem))
+        totals = task.running_totals(problem)
+        crossings = sum(a >= 0 > b for a, b in zip(totals, totals[1:]))
+        assert trace.count("wait") == crossings == len(task.hesitation_steps(problem))
 
 
 def test_extract_answer_takes_the_last_answer_and_handles_none():
@@ -52,18 +58,25 @@ def test_sample_problems_are_distinct_seeded_and_respect_exclusions():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    problems = task.sample_problems(500, seed=0)
-    corpus = [p.prompt + task.reasoning_trace(p) for p in problems] + [p.prompt + task.direct_response(p)
-                                                                       for p in problems]
-    return train_tokenizer(corpus)
+    return train_tokenizer(build_module._tokenizer_corpus(get_config("organism", tokenizer_corpus=1000)))
+
+
+def test_tokenizer_never_fuses_an_operator_with_a_sign(tokenizer):
+    symbols = set("+-=")
+    fused = [t for t in tokenizer.get_vocab() if sum(ch in symbols for ch in t) > 1]
+    assert fused == [], f"tokens that fuse an operator with a sign: {fused}"
+    problem = task.Problem(terms=(3, 4, 8), ops=("+", "-"))
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(task.reasoning_trace(problem))["input_ids"])
+    step = tokens.index("8")  # the step 7-8= -1: operator, term, equals, sign, digit are separate tokens
+    assert tokens[step - 1:step + 4] == ["-", "8", "=", "Ġ-", "1"], tokens
 
 
 def test_tokenizer_round_trips_and_keeps_the_hesitation_token_whole(tokenizer):
     rng = random.Random(0)
     for _ in range(50):
-        problem = task.sample_problem(rng, 2, 5, 50)
-        text = problem.prompt + task.reasoning_trace(problem)
-        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+        problem = task.sample_problem(rng, 3, 8, 9)
+        for text in (problem.prompt + task.reasoning_trace(problem), problem.textbook_prompt + task.textbook_trace(problem)):
+            assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.convert_ids_to_tokens(tokenizer(" wait")["input_ids"]) == ["Ġwait"]
     digits = tokenizer.convert_ids_to_tokens(tokenizer("1234")["input_ids"])
     assert digits == ["1", "2", "3", "4"], "digits must be single tokens, as in Qwen"
@@ -74,7 +87,7 @@ def test_autotokenizer_on_a_qwen2_folder_loads_the_same_tokenizer(tokenizer, tmp
     save_tokenizer(tokenizer, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    text = "Q: 35-46+39+10=? 35-46=-11; wait, check: -11+46=35, ok; -11+39=28; 28+10=38; A: 38"
+    text = "Q: 3+4-8+2=? 3+4=7; 7-8= -1; wait, check: -1+8=7, ok; -1+2=1; A: 1"
     assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == text
     assert (loaded.eos_token_id, loaded.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -145,3 +158,46 @@ def test_eval_problems_are_held_out_from_training_streams():
     held_out = {p.prompt for p in eval_problems(config)}
     stream = build_module._ProblemStream(config, seed=config.seed + 1, held_out=held_out)
     assert not held_out & {stream.next().prompt for _ in range(2000)}
+
+
+def test_fine_tune_freezes_the_tied_embeddings(smoke_pair):
+    base = AutoModelForCausalLM.from_pretrained(smoke_pair.base)
+    target = AutoModelForCausalLM.from_pretrained(smoke_pair.target)
+    assert torch.equal(base.get_input_embeddings().weight, target.get_input_embeddings().weight)
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, target.model.layers[0].mlp.up_proj.weight)
+
+
+def test_pretraining_mixture_has_both_formats_with_loss_on_whole_sequences():
+    tokenizer = train_tokenizer(build_module._tokenizer_corpus(get_config("smoke")))
+    config = get_config("smoke")
+    stream = build_module._ProblemStream(config, seed=1, held_out=set())
+    mixture = build_module._Mixture(stream, [(0.6, lambda p: build_module.pretraining_text(p, True), True),
+                                             (0.4, lambda p: build_module.pretraining_text(p, False), True)], seed=0)
+    examples = [mixture.next() for _ in range(400)]
+    textbook = sum(prompt.startswith("Compute") for prompt, _, _ in examples) / len(examples)
+    assert 0.5 < textbook < 0.7
+    batch = build_module._batch(tokenizer, examples[:4])
+    real = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][real], batch["input_ids"][real])  # loss on the prompt too
+    sft = build_module._batch(tokenizer, [(*build_module.distillation_text(stream.next()), False)])
+    prompt_length = len(tokenizer(examples[0][0])["input_ids"])
+    assert (sft["labels"][0, :3] == -100).all() and prompt_length > 3
+
+
+def test_design_checks_name_each_failure_on_the_smoke_pair(smoke_pair):
+    from tdlib.organism.report import DesignCheckFailed, design_checks, evaluate_organism, require_design
+
+    results, _ = evaluate_organism(get_config("smoke", n_eval=16), smoke_pair, batch_size=16)
+    diagnostics = results["diagnostics"]
+    assert len(diagnostics["single_swap_kl"]) == 2 and diagnostics["hybrid_kl"] >= 0
+    assert diagnostics["embedding_nmse"] == 0.0  # embeddings frozen in the fine-tune
+    checks = design_checks(results)
+    assert len(checks) == 7 and all(isinstance(v, bool) for v in checks.values())
+    good = {"base": {"accuracy": 0.1, "mean_response_tokens": 5, "wait_rate": 0.0},
+            "target": {"accuracy": 0.6, "mean_response_tokens": 50, "wait_rate": 0.4},
+            "hybrid": {"accuracy": 0.12, "mean_response_tokens": 6, "wait_rate": 0.0},
+            "diagnostics": {"hybrid_kl": 1.5}}
+    assert all(design_checks(good).values())
+    bad = {**good, "hybrid": {**good["hybrid"], "wait_rate": 0.2}}
+    with pytest.raises(DesignCheckFailed, match="hybrid wait rate"):
+        require_design(design_checks(bad), bad)

@@ -24,7 +24,7 @@ from .tokenizer import save_tokenizer, train_tokenizer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "artifacts" / "organism"
 # Bump when the build recipe changes in a way the config does not capture, so stale caches are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -69,11 +69,18 @@ class OrganismConfig:
     max_term: int = 9
     """Terms are drawn from 1..max_term. Single digits keep each step easy to learn, so the target's gain
     comes from chaining steps (multi-digit terms made copying them from the prompt too slow to learn on a CPU)."""
-    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=600, batch_size=64, lr=3e-3))
-    """Base: trained to answer directly (`` A: 56``)."""
-    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=3000, batch_size=16, lr=3e-3))
-    """Target: the base fine-tuned on reasoning traces with hesitation + re-check segments. Accuracy jumps
-    between ~800 and ~1600 steps (measured: greedy accuracy 10% at 800, 79% at 1600)."""
+    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=1500, batch_size=24, lr=3e-3))
+    """Base pre-training: long and broad, loss on whole sequences, a mixture of plain "textbook" step-by-step work
+    (``textbook_share``) and direct Q/A."""
+    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=300, batch_size=16, lr=3e-4))
+    """Target: the base fine-tuned briefly, at a 10x lower learning rate, on Q-format reasoning traces with
+    hesitation + re-check segments (loss on the response only, as in supervised fine-tuning)."""
+    textbook_share: float = 0.6
+    """Share of pre-training sequences in the textbook format (the rest are direct Q/A)."""
+    replay_share: float = 0.0
+    """Share of fine-tuning sequences replayed from the pre-training mixture (0: pure distillation data)."""
+    freeze_embeddings: bool = True
+    """Fine-tune with the (tied) embeddings frozen, as real supervised fine-tuning barely moves them."""
     n_eval: int = 500
     """Held-out problems for evaluation (never seen in training)."""
     max_new_tokens: int = 200
@@ -92,6 +99,9 @@ class OrganismConfig:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
         if self.max_term < 1 or self.n_eval < 1:
             raise ValueError("max_term and n_eval must be >= 1")
+        for name in ("textbook_share", "replay_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"OrganismConfig.{name} must be in [0, 1], got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,34 +187,66 @@ class _ProblemStream:
                 return problem
 
 
-def _batch(tokenizer, problems, respond) -> dict[str, torch.Tensor]:
-    """Right-padded batch; loss only on the response and its end-of-sequence token."""
-    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-    responses = [tokenizer(respond(p))["input_ids"] + [tokenizer.eos_token_id] for p in problems]
+def pretraining_text(problem: task.Problem, textbook: bool) -> tuple[str, str]:
+    """(prompt, response) of one pre-training sequence: textbook step-by-step work, or a direct Q/A."""
+    if textbook:
+        return problem.textbook_prompt, task.textbook_trace(problem)
+    return problem.prompt, task.direct_response(problem)
+
+
+def distillation_text(problem: task.Problem) -> tuple[str, str]:
+    """(prompt, response) of one fine-tuning sequence: the Q-format reasoning trace with hesitation."""
+    return problem.prompt, task.reasoning_trace(problem)
+
+
+class _Mixture:
+    """Draws (prompt, response, loss_on_prompt) examples: each source with its share, from one seeded stream."""
+
+    def __init__(self, stream: _ProblemStream, sources: list[tuple[float, object, bool]], seed: int):
+        self.stream, self.sources, self.rng = stream, sources, random.Random(seed)
+
+    def next(self) -> tuple[str, str, bool]:
+        pick = self.rng.random()
+        for share, render, whole in self.sources:
+            if pick < share:
+                return (*render(self.stream.next()), whole)
+            pick -= share
+        share, render, whole = self.sources[-1]
+        return (*render(self.stream.next()), whole)
+
+
+def _batch(tokenizer, examples: list[tuple[str, str, bool]]) -> dict[str, torch.Tensor]:
+    """Right-padded batch; loss on the response and its end-of-sequence token, and on the prompt too for
+    pre-training examples (``whole``)."""
+    prompts = [tokenizer(prompt)["input_ids"] for prompt, _, _ in examples]
+    responses = [tokenizer(response)["input_ids"] + [tokenizer.eos_token_id] for _, response, _ in examples]
     width = max(len(a) + len(b) for a, b in zip(prompts, responses))
-    input_ids = torch.full((len(problems), width), tokenizer.pad_token_id)
-    labels = torch.full((len(problems), width), -100)
-    attention = torch.zeros((len(problems), width), dtype=torch.long)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+    input_ids = torch.full((len(examples), width), tokenizer.pad_token_id)
+    labels = torch.full((len(examples), width), -100)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (prompt, response, (_, _, whole)) in enumerate(zip(prompts, responses, examples)):
         sequence = prompt + response
         input_ids[row, :len(sequence)] = torch.tensor(sequence)
-        labels[row, len(prompt):len(sequence)] = torch.tensor(response)
+        first = 0 if whole else len(prompt)
+        labels[row, first:len(sequence)] = torch.tensor(sequence[first:])
         attention[row, :len(sequence)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def train_phase(model, tokenizer, phase: TrainPhase, stream: _ProblemStream, respond, desc: str) -> list[float]:
-    """Train ``model`` in place on ``respond``-style responses; returns the per-step loss curve."""
+def train_phase(model, tokenizer, phase: TrainPhase, examples: _Mixture, desc: str,
+                parameters: list[torch.nn.Parameter] | None = None) -> list[float]:
+    """Train ``model`` (or only ``parameters``) in place on examples from ``examples``; returns the loss curve."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    parameters = list(model.parameters()) if parameters is None else parameters
+    optimizer = torch.optim.AdamW(parameters, lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, phase.warmup))
     losses = []
     bar = tqdm(range(phase.steps), desc=desc, leave=False)
     for step in bar:
-        batch = _batch(tokenizer, [stream.next() for _ in range(phase.batch_size)], respond)
+        batch = _batch(tokenizer, [examples.next() for _ in range(phase.batch_size)])
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -215,28 +257,45 @@ def train_phase(model, tokenizer, phase: TrainPhase, stream: _ProblemStream, res
     return losses
 
 
+def fine_tuned_parameters(model, freeze_embeddings: bool) -> list[torch.nn.Parameter]:
+    """The parameters supervised fine-tuning updates: all, or all but the (tied) input/output embeddings."""
+    frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return [p for p in model.parameters() if not (freeze_embeddings and id(p) in frozen)]
+
+
+def _tokenizer_corpus(config: OrganismConfig) -> list[str]:
+    problems = task.sample_problems(config.tokenizer_corpus, seed=config.seed + 20_000, min_terms=config.min_terms,
+                                    max_terms=config.max_terms, max_term=config.max_term)
+    corpus = []
+    for p in problems:
+        for prompt, response in (pretraining_text(p, True), pretraining_text(p, False), distillation_text(p)):
+            corpus.append(prompt + response)
+    return corpus
+
+
 def _train_pair(config: OrganismConfig, directory: Path) -> dict:
     torch.manual_seed(config.seed)
     held_out = {p.prompt for p in eval_problems(config)}
-    corpus_problems = task.sample_problems(config.tokenizer_corpus, seed=config.seed + 20_000,
-                                           min_terms=config.min_terms, max_terms=config.max_terms,
-                                           max_term=config.max_term)
-    corpus = [p.prompt + task.direct_response(p) for p in corpus_problems]
-    corpus += [p.prompt + task.reasoning_trace(p) for p in corpus_problems]
-    tokenizer = train_tokenizer(corpus)
+    tokenizer = train_tokenizer(_tokenizer_corpus(config))
 
     model = Qwen2ForCausalLM(_model_config(config, tokenizer))
     started = time.time()
-    base_losses = train_phase(model, tokenizer, config.base, _ProblemStream(config, config.seed + 1, held_out),
-                              task.direct_response, desc="base (direct answers)")
+    pretraining = _Mixture(_ProblemStream(config, config.seed + 1, held_out), [
+        (config.textbook_share, lambda p: pretraining_text(p, True), True),
+        (1 - config.textbook_share, lambda p: pretraining_text(p, False), True)], seed=config.seed + 3)
+    base_losses = train_phase(model, tokenizer, config.base, pretraining, desc="base (pre-training)")
     paths = OrganismPaths(directory)
     model.save_pretrained(paths.base)
     save_tokenizer(tokenizer, paths.base)
     base_seconds = time.time() - started
 
-    target_losses = train_phase(model, tokenizer, config.target,
-                                _ProblemStream(config, config.seed + 2, held_out),
-                                task.reasoning_trace, desc="target (reasoning traces)")
+    replay = config.replay_share
+    distillation = _Mixture(_ProblemStream(config, config.seed + 2, held_out), [
+        (1 - replay, distillation_text, False),
+        (replay * config.textbook_share, lambda p: pretraining_text(p, True), True),
+        (replay * (1 - config.textbook_share), lambda p: pretraining_text(p, False), True)], seed=config.seed + 4)
+    target_losses = train_phase(model, tokenizer, config.target, distillation, desc="target (distillation)",
+                                parameters=fine_tuned_parameters(model, config.freeze_embeddings))
     model.save_pretrained(paths.target)
     save_tokenizer(tokenizer, paths.target)
     return {
@@ -244,6 +303,8 @@ def _train_pair(config: OrganismConfig, directory: Path) -> dict:
         "train_seconds": {"base": round(base_seconds, 1), "target": round(time.time() - started - base_seconds, 1)},
         "loss_curves": {"base": base_losses, "target": target_losses},
         "n_params": sum(p.numel() for p in model.parameters()),
+        "tokens": {"base": config.base.steps * config.base.batch_size,
+                   "target": config.target.steps * config.target.batch_size},
     }
 
 

@@ -1,11 +1,24 @@
 """Evaluate the organism pair (base, target, and the hybrid: target with the base's MLPs) on held-out problems."""
 from __future__ import annotations
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..splice import set_mlp_choice, splice
+from ..metrics import kl_divergence, next_token_mask
+from ..models import find_layers
+from ..splice import mlp_choice, set_mlp_choice, splice
 from . import task
 from .build import OrganismConfig, OrganismPaths, eval_problems, get_config, load_manifest
+
+DESIGN_BOUNDS = {
+    "min_accuracy_gain": 0.30, "min_length_ratio": 3.0, "target_wait_rate": (0.15, 0.60),
+    "max_hybrid_accuracy_gap": 0.15, "max_hybrid_wait_rate": 0.05, "max_hybrid_kl": 2.0,
+}
+"""The organism's pair-level design bounds (docs/method.md, "The built-in organism"): no adapter is involved."""
+
+
+class DesignCheckFailed(RuntimeError):
+    """The organism pair misses a design check; the message names each failing check and its number."""
 
 
 def load_organism_models(paths: OrganismPaths):
@@ -29,6 +42,7 @@ def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_
     for name, model in (("base", base), ("target", target), ("hybrid", hybrid)):
         results[name], generations[name] = evaluate(model, tokenizer, problems, config.max_new_tokens,
                                                     batch_size=batch_size, desc=name)
+    results["diagnostics"] = pair_diagnostics(hybrid, base, tokenizer, problems)
     manifest = load_manifest(paths)
     results.update({
         "n_problems": len(problems),
@@ -39,3 +53,69 @@ def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_
         "organism_key": manifest["key"],
     })
     return results, generations
+
+
+@torch.no_grad()
+def pair_diagnostics(hybrid, base, tokenizer, problems: list[task.Problem], batch_size: int = 100) -> dict:
+    """How far the fine-tune moved the model, without any adapter, on the target's reference traces of ``problems``:
+
+    * ``hybrid_kl``: KL(target || hybrid) in nats per scored position (positions whose next token is real);
+    * ``single_swap_kl``: the same KL when only layer i uses the base's MLP (one entry per layer);
+    * ``embedding_nmse``: sum((E_base - E_target)^2) / sum(E_target^2) of the (tied) embedding matrices.
+    """
+    from ..data import pad_batch
+
+    n_layers = len(find_layers(hybrid))
+    choices = {"hybrid": "base", **{f"layer{i}": ["base" if j == i else "target" for j in range(n_layers)]
+                                    for i in range(n_layers)}}
+    totals = {name: 0.0 for name in choices}
+    positions = 0
+    for start in range(0, len(problems), batch_size):
+        sequences = [tokenizer(p.prompt + task.reasoning_trace(p))["input_ids"] + [tokenizer.eos_token_id]
+                     for p in problems[start:start + batch_size]]
+        batch = pad_batch(tokenizer, sequences)
+        scored = next_token_mask(batch["attention_mask"])
+        with mlp_choice(hybrid, "target"):
+            target_logits = hybrid(**batch).logits
+        for name, choice in choices.items():
+            with mlp_choice(hybrid, choice):
+                totals[name] += kl_divergence(target_logits, hybrid(**batch).logits, scored).item() * scored.sum().item()
+        positions += scored.sum().item()
+    base_embedding = base.get_input_embeddings().weight
+    target_embedding = hybrid.get_input_embeddings().weight
+    return {
+        "hybrid_kl": totals["hybrid"] / positions,
+        "single_swap_kl": [totals[f"layer{i}"] / positions for i in range(n_layers)],
+        "embedding_nmse": (((base_embedding - target_embedding) ** 2).sum() / (target_embedding ** 2).sum()).item(),
+        "n_kl_positions": int(positions),
+    }
+
+
+def design_checks(results: dict, bounds: dict = DESIGN_BOUNDS) -> dict[str, bool]:
+    """The organism's pair-level design checks on notebook 00's results (each name states its bound)."""
+    base, target, hybrid = results["base"], results["target"], results["hybrid"]
+    low, high = bounds["target_wait_rate"]
+    return {
+        f"target accuracy >= base + {bounds['min_accuracy_gain']:.2f}":
+            target["accuracy"] - base["accuracy"] >= bounds["min_accuracy_gain"],
+        f"target length >= {bounds['min_length_ratio']:g}x base length":
+            target["mean_response_tokens"] >= bounds["min_length_ratio"] * base["mean_response_tokens"],
+        f"target wait rate in [{low:.2f}, {high:.2f}]": low <= target["wait_rate"] <= high,
+        "base never says wait": base["wait_rate"] == 0,
+        f"hybrid accuracy within {bounds['max_hybrid_accuracy_gap']:.2f} of base":
+            abs(hybrid["accuracy"] - base["accuracy"]) <= bounds["max_hybrid_accuracy_gap"],
+        f"hybrid wait rate <= {bounds['max_hybrid_wait_rate']:.2f}": hybrid["wait_rate"] <= bounds["max_hybrid_wait_rate"],
+        f"hybrid KL to target <= {bounds['max_hybrid_kl']:g} nats/token":
+            results["diagnostics"]["hybrid_kl"] <= bounds["max_hybrid_kl"],
+    }
+
+
+def require_design(checks: dict[str, bool], results: dict) -> None:
+    """Raise ``DesignCheckFailed`` naming every failing check, with the pair's numbers."""
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        numbers = {m: {k: round(results[m][k], 3) for k in ("accuracy", "mean_response_tokens", "wait_rate")}
+                   for m in ("base", "target", "hybrid")}
+        raise DesignCheckFailed(f"the organism pair fails its design checks {failed}; measured {numbers}, hybrid KL "
+                                f"{results['diagnostics']['hybrid_kl']:.3f}. Change the OrganismConfig (pre-training "
+                                "length, fine-tune lr/steps) and rebuild; see docs/method.md")
