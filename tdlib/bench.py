@@ -605,16 +605,14 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
 
 
 def pair_checks(results: dict, organism: bool) -> dict[str, bool]:
-    """What notebook 00 asks of a pair. The organism has design checks (docs/method.md, section 6); a real pair
-    is only asked to show the difference the adapters are meant to explain (the target is better, longer and hesitates more)."""
-    base, target = results["base"], results["target"]
+    """What notebook 00 asks of a pair. The organism has pair-level design checks
+    (``tdlib.organism.report.design_checks``, docs/method.md); a real pair is only asked to show the difference the
+    adapters are meant to explain (the target is better, longer and hesitates more)."""
     if organism:
-        return {
-            "target accuracy - base accuracy >= 0.30": target["accuracy"] - base["accuracy"] >= 0.30,
-            "target length >= 3x base length": target["mean_response_tokens"] >= 3 * base["mean_response_tokens"],
-            "target wait rate in [0.15, 0.60]": 0.15 <= target["wait_rate"] <= 0.60,
-            "base never says wait": base["wait_rate"] == 0,
-        }
+        from .organism.report import design_checks
+
+        return design_checks(results)
+    base, target = results["base"], results["target"]
     return {
         "target is more accurate than base": target["accuracy"] > base["accuracy"],
         "target responses are longer than base's": target["mean_response_tokens"] > base["mean_response_tokens"],
