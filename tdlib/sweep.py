@@ -258,8 +258,10 @@ class SweepPlan:
 # This range spans L0 ~0.4 to ~45 (results/01_train.json). Smoke only exercises every code path in seconds.
 DEFAULT_PLANS = {
     "organism": SweepPlan(l1_weights=(3.0, 1.0, 0.3, 0.1, 0.03, 0.01),
-                          base=TrainConfig(n_features=512, steps=600, batch_size=16, lr=3e-3)),
-    "smoke": SweepPlan(l1_weights=(1e-2, 1e-3), base=TrainConfig(n_features=64, steps=20, batch_size=8),
+                          base=TrainConfig(n_features=512, steps=600, batch_size=16, lr=3e-3,
+                                           dead_after_tokens=100_000)),
+    "smoke": SweepPlan(l1_weights=(1e-2, 1e-3), base=TrainConfig(n_features=64, steps=20, batch_size=8,
+                                                                 dead_after_tokens=2_000),
                        n_validation_batches=2),
 }
 
