@@ -29,6 +29,11 @@ from .train import TrainConfig, TrainResult, config_from_dict, train, training_i
 RUN_FILE = "run.json"
 BASE_MLPS_FILE = "base_mlps.safetensors"
 REFERENCE_MODELS = ("base", "target", "hybrid")
+LOCAL_MSE = "local_mse"
+CALIBRATION_FILE = "local_mse_calibration.json"
+L0_RANGE = (1.0, 10.0)
+"""The paper's range of active features per token per layer (its adapters: about 1 to 10); the analysis model is
+chosen inside it (``analysis_models``)."""
 
 
 @dataclass(frozen=True)
@@ -43,19 +48,27 @@ def adapter_run_name(l1_weight: float) -> str:
     return f"adapter_l1_{l1_weight:g}"
 
 
+def _shared(base: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(base).items() if k not in ("kind", "l1_weight")}
+
+
 def sweep_specs(l1_weights, base: TrainConfig, baselines: bool = True) -> list[RunSpec]:
-    """Adapters at each ``l1_weight`` plus the dense MLP fine-tune skyline and the local-MSE transcoder, all
-    sharing ``base``'s data budget (steps, batch size, seed). The local-MSE baseline uses the middle l1_weight."""
+    """Adapters at each ``l1_weight`` plus (``baselines``) the dense MLP fine-tune skyline, all sharing ``base``'s
+    data budget (steps, batch size, seed). The local-MSE transcoder is not here: its L1 weight is calibrated after
+    the adapters are trained (``calibrate_local_mse``, run by ``run_sweep``)."""
     l1_weights = sorted(l1_weights, reverse=True)
     if not l1_weights:
         raise ValueError("the sweep needs at least one l1_weight")
-    shared = {k: v for k, v in asdict(base).items() if k not in ("kind", "l1_weight")}
+    shared = _shared(base)
     specs = [RunSpec(adapter_run_name(w), TrainConfig(kind="adapter", l1_weight=w, **shared)) for w in l1_weights]
     if baselines:
         specs.append(RunSpec("mlp_finetune", TrainConfig(kind="mlp_finetune", l1_weight=0.0, **shared)))
-        middle = l1_weights[len(l1_weights) // 2]
-        specs.append(RunSpec("local_mse", TrainConfig(kind="local_mse", l1_weight=middle, **shared)))
     return specs
+
+
+def local_mse_spec(base: TrainConfig, l1_weight: float) -> RunSpec:
+    """The local-MSE transcoder with ``base``'s data budget at ``l1_weight``."""
+    return RunSpec(LOCAL_MSE, TrainConfig(kind="local_mse", l1_weight=l1_weight, **_shared(base)))
 
 
 def train_root(pair: Pair) -> Path:
@@ -241,16 +254,36 @@ class SweepPlan:
     baselines: bool = True
     """Also train the dense MLP fine-tune skyline and the local-MSE transcoder. The skyline trains every base MLP
     (5.7e9 parameters on the 7B pair: 68 GB of fp32 gradients and AdamW states), so a one-GPU 7B run sets False."""
+    calibration_steps: int | None = None
+    """Steps of each short local-MSE trial run that calibrates its L1 weight (``calibrate_local_mse``); None: a
+    fifth of ``base.steps``."""
+    calibration_trials: int = 5
+    """Short local-MSE trial runs at most in that calibration (the cost: about trials x calibration_steps local-MSE
+    steps, one full local-MSE run at the defaults; cached, so a rerun of notebook 01 does not repeat it)."""
 
     def __post_init__(self):
         if not self.l1_weights or any(w <= 0 for w in self.l1_weights):
             raise ValueError(f"SweepPlan.l1_weights must be positive values, got {self.l1_weights}")
         if self.n_validation_batches < 1:
             raise ValueError("SweepPlan.n_validation_batches must be >= 1")
+        if self.calibration_steps is not None and self.calibration_steps < 1:
+            raise ValueError(f"SweepPlan.calibration_steps must be None or >= 1, got {self.calibration_steps}")
+        if self.calibration_trials < 1:
+            raise ValueError(f"SweepPlan.calibration_trials must be >= 1, got {self.calibration_trials}")
 
     @property
     def specs(self) -> list[RunSpec]:
+        """The runs trained from the plan alone: the adapters and (``baselines``) the skyline."""
         return sweep_specs(self.l1_weights, self.base, self.baselines)
+
+    @property
+    def run_names(self) -> list[str]:
+        """Every run ``run_sweep`` leaves behind: ``specs`` plus the calibrated local-MSE transcoder."""
+        return [spec.name for spec in self.specs] + ([LOCAL_MSE] if self.baselines else [])
+
+    @property
+    def trial_steps(self) -> int:
+        return self.calibration_steps or max(1, self.base.steps // 5)
 
 
 # Per-configuration defaults. The organism's hybrid is far from its target (KL ~8.6 nats/token), so its adapters
@@ -278,67 +311,189 @@ def default_plan(pair: Pair, n_validation_batches: int = 8) -> SweepPlan:
                      n_validation_batches=n_validation_batches)
 
 
-def run_sweep(pair: Pair, plan: SweepPlan, data, progress: bool = True) -> dict[str, object]:
-    """Train (or load) every run of ``plan``; returns {name: TrainResult or None when loaded from disk}."""
+def validation_batches(pair: Pair, plan: SweepPlan, tokenizer) -> list[dict]:
+    """The held-out batches every held-out number of the sweep uses (a separate seed stream from training)."""
+    from .pairs import data_for
+
+    validation = data_for(pair, tokenizer, "validation", batch_size=plan.base.batch_size, seed=plan.base.seed)
+    return [validation.batch(i) for i in range(plan.n_validation_batches)]
+
+
+def run_sweep(pair: Pair, plan: SweepPlan, data, batches: list[dict] | None = None, progress: bool = True,
+              root: Path | None = None) -> dict[str, object]:
+    """Train (or load) every run of ``plan``; returns {name: TrainResult or None when loaded from disk}.
+
+    First the adapters and the skyline; then, with ``plan.baselines``, the local-MSE transcoder at the L1 weight
+    whose L0 matches the analysis adapter's (``calibrate_local_mse`` on the held-out ``batches``; None: the pair's
+    ``validation_batches``, read with ``data.tokenizer``)."""
     results = {}
     for spec in plan.specs:
-        _, results[spec.name] = train_run(pair, spec, data, progress=progress)
+        _, results[spec.name] = train_run(pair, spec, data, root=root, progress=progress)
+    if plan.baselines:
+        if batches is None:
+            batches = validation_batches(pair, plan, data.tokenizer)
+        calibration = calibrate_local_mse(pair, plan, data, batches, root=root, progress=progress)
+        spec = local_mse_spec(plan.base, calibration["l1_weight"])
+        _, results[spec.name] = train_run(pair, spec, data, root=root, progress=progress)
     return results
 
 
-def read_log(pair: Pair, name: str, root: Path | None = None):
-    import pandas as pd
+# ----------------------------------------------------------------------------- the local-MSE transcoder's L1
 
-    return pd.read_csv(run_dir(pair, name, root) / "log.csv")
+def calibrate_local_mse(pair: Pair, plan: SweepPlan, data, batches: list[dict], root: Path | None = None,
+                        progress: bool = True) -> dict:
+    """The local-MSE transcoder's L1 weight, chosen so its L0 matches the analysis adapter's (a fair baseline
+    compares at equal sparsity). Cheap by design, and cached in ``<train root>/local_mse_calibration.json``:
+
+    1. the trained adapters' held-out KL and L0 on ``batches`` pick the analysis adapter (``analysis_models``);
+       its L0 is the target;
+    2. short local-MSE runs (``plan.trial_steps`` steps each, the full run's settings otherwise, at most
+       ``plan.calibration_trials``) start at the analysis adapter's L1 weight, step by 10x until the target L0 is
+       bracketed, then bisect in log space; each trial's L0 is measured as the sweep measures every model's (the
+       spliced model on ``batches``);
+    3. the trial whose L0 is nearest the target on a log scale gives the weight.
+
+    A short run's L0 is not exactly the full run's, so the full run's L0 is reported beside the target (notebook
+    01), not assumed. Returns {"l1_weight", "target_l0", "matched_to", "trials": [{"l1_weight", "l0"}], ...}."""
+    path = Path(root or train_root(pair)) / CALIBRATION_FILE
+    key = {"adapters": [training_identity(s.config) for s in plan.specs if s.config.kind == "adapter"],
+           "local_mse": training_identity(local_mse_spec(plan.base, 0.0).config), "trial_steps": plan.trial_steps,
+           "trials": plan.calibration_trials, "n_validation_batches": len(batches)}
+    cached = _read_calibration(path)
+    if cached is not None and cached.get("key") == key:
+        return cached
+    adapters = [s.name for s in plan.specs if s.config.kind == "adapter"]
+    summary = {name: _held_out_summary(pair, name, batches, root) for name in adapters}
+    chosen = analysis_models(summary)["analysis_model"]
+    target = summary[chosen]["l0"]
+    trials = _search_l1(pair, plan, data, batches, target, start=summary[chosen]["l1_weight"], progress=progress)
+    best = min(trials, key=lambda t: (abs(_log_l0(t["l0"]) - _log_l0(target)), t["l1_weight"]))
+    result = {"l1_weight": best["l1_weight"], "target_l0": target, "matched_to": chosen,
+              "trial_l0": best["l0"], "trial_steps": plan.trial_steps, "trials": trials,
+              "rule": "L1 weight whose short-run L0 is nearest (log scale) the analysis adapter's held-out L0",
+              "key": key}
+    atomic_write_text(path, json.dumps(result, indent=2))
+    return result
 
 
-def evaluate_sweep(pair: Pair, names: list[str], batches: list[dict], root: Path | None = None) -> dict[str, dict]:
-    """Held-out metrics for the hybrid and every named run, in the 01_train.json ``models`` schema."""
+def local_mse_calibration(pair: Pair, root: Path | None = None) -> dict | None:
+    """The last calibration ``calibrate_local_mse`` wrote for this pair (None if none), for the results file."""
+    cached = _read_calibration(Path(root or train_root(pair)) / CALIBRATION_FILE)
+    return {k: v for k, v in cached.items() if k != "key"} if cached else None
+
+
+def _read_calibration(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except ValueError:  # a damaged cache is only a cache: calibrate again
+        return None
+
+
+def _log_l0(l0: float) -> float:
+    import math
+
+    return math.log(max(l0, 1e-3))
+
+
+def _held_out_summary(pair: Pair, name: str, batches: list[dict], root: Path | None) -> dict:
     from .metrics import evaluate_replacement
-    from .splice import get_mlp_choice
-    from .train import run_dead_features
 
-    models = {}
-    for name in ["hybrid", *names]:
-        model = load_named(pair, name, root)
-        choice = get_mlp_choice(model)[0]
-        metrics = evaluate_replacement(model, batches, choice)
-        info = read_run(run_dir(pair, name, root)) if name != "hybrid" else None
-        config = info["train_config"] if info else None
-        dead = run_dead_features(run_dir(pair, name, root), info) if info else {}
-        models[name] = {
-            "kind": config["kind"] if config else "hybrid",
-            "l1_weight": config["l1_weight"] if config and config["kind"] != "mlp_finetune" else None,
-            "l0": metrics.get("l0"),
-            "kl": metrics["kl"],
-            "top1_error": metrics["top1_error"],
-            "nmse_layers": metrics["nmse_layers"],
-            "nmse_with_embedding": metrics["nmse_with_embedding"],
-            "dead_fraction_train": dead.get("dead_fraction_train"),
-            "dead_after_tokens": dead.get("dead_after_tokens"),
-            "dead_fraction_heldout": metrics.get("dead_fraction_heldout"),
-            "l0_by_layer": metrics.get("l0_by_layer"),
-            "fvu_by_layer": metrics.get("fvu_by_layer"),
-            "fvu_target_inputs_by_layer": metrics.get("fvu_target_inputs_by_layer"),
-            "nmse_by_layer": metrics["nmse_by_layer"],
-            "n_tokens": metrics["n_tokens"],
-            "train_seconds": info["train_seconds"] if info else 0.0,
-        }
-    return models
+    metrics = evaluate_replacement(load_named(pair, name, root), batches, "adapter")
+    info = read_run(run_dir(pair, name, root))
+    return {"kind": info["kind"], "l1_weight": info["train_config"]["l1_weight"], "l0": metrics["l0"],
+            "kl": metrics["kl"]}
+
+
+def search_l1(measure, target: float, start: float, trials: int) -> list[dict]:
+    """Weights tried and their L0, ``measure(weight) -> L0`` (L0 falls as the weight rises): x10 steps from
+    ``start`` until ``target`` is bracketed, then geometric bisection, ``trials`` measurements in all."""
+    import math
+
+    tried: list[dict] = []
+    above = below = None  # the largest weight whose L0 stayed above the target, the smallest one at or below it
+    weight = start
+    for _ in range(trials):
+        l0 = measure(weight)
+        tried.append({"l1_weight": weight, "l0": l0})
+        if l0 > target:
+            above = weight if above is None else max(above, weight)
+        else:
+            below = weight if below is None else min(below, weight)
+        if above is not None and below is not None:
+            weight = math.sqrt(above * below)
+        else:
+            weight = weight * 10 if below is None else weight / 10
+    return tried
+
+
+def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start: float, progress: bool) -> list[dict]:
+    """``search_l1`` with short local-MSE runs (``plan.trial_steps`` steps) measured on the held-out ``batches``."""
+    import dataclasses
+    import tempfile
+
+    from .metrics import evaluate_replacement
+
+    model = spliced_target(pair)
+
+    def measure(weight: float) -> float:
+        config = dataclasses.replace(local_mse_spec(plan.base, weight).config, steps=plan.trial_steps,
+                                     checkpoint_every=plan.trial_steps)
+        attach_adapters(model, AdapterSet.for_model(model, config.n_features, seed=config.seed))
+        with tempfile.TemporaryDirectory(prefix=".local_mse_trial.") as scratch:
+            train(model, data, config, scratch, progress=False)
+        l0 = evaluate_replacement(model, batches, "adapter")["l0"]
+        if progress:
+            print(f"[sweep] local_mse calibration: l1 {weight:.3g} -> L0 {l0:.2f} (target {target:.2f})")
+        return l0
+
+    return search_l1(measure, target, start, plan.calibration_trials)
 
 
 def sweep_checks(models: dict) -> dict[str, bool]:
-    """The sweep's checks: L0 falls as l1_weight rises, and the middle-sparsity adapter's KL is <= hybrid KL / 10."""
+    """The sweep's checks: L0 falls as l1_weight rises; the analysis adapter (``analysis_models``) has L0 in the
+    paper's range and a held-out KL at most a tenth of the hybrid's."""
     adapters = sorted((n for n in models if models[n]["kind"] == "adapter"), key=lambda n: models[n]["l1_weight"])
     l0s = [models[n]["l0"] for n in adapters]
-    middle = adapters[len(adapters) // 2]
+    chosen = analysis_models(models)
+    analysis = models[chosen["analysis_model"]]
+    low, high = L0_RANGE
     return {
         "L0 decreases monotonically as l1_weight increases": all(a > b for a, b in zip(l0s, l0s[1:])),
-        "middle-sparsity adapter KL <= hybrid KL / 10": models[middle]["kl"] <= models["hybrid"]["kl"] / 10,
+        f"analysis adapter L0 in [{low:g}, {high:g}]": chosen["analysis_in_range"],
+        "analysis adapter KL <= hybrid KL / 10": analysis["kl"] <= models["hybrid"]["kl"] / 10,
     }
 
 
-def analysis_models(models: dict) -> dict[str, str]:
-    """The adapters later notebooks use: the middle sparsity (analysis) and the lowest penalty."""
-    adapters = sorted((n for n in models if models[n]["kind"] == "adapter"), key=lambda n: models[n]["l1_weight"])
-    return {"analysis_model": adapters[len(adapters) // 2], "lowest_penalty_model": adapters[0]}
+def analysis_models(models: dict) -> dict:
+    """The adapters later notebooks study, chosen by one rule used everywhere (notebook 01 writes it to
+    results/01_train.json; notebooks 02-06 read ``analysis_model`` from there):
+
+    * ``analysis_model``: among adapters with held-out L0 in the paper's range ``L0_RANGE`` (1-10 active features
+      per token per layer), the one with the lowest held-out KL; if none is in range, the one whose L0 is nearest
+      the range on a log scale (L0 spans orders of magnitude; ties go to the lower KL). ``analysis_rule`` says
+      which applied and ``analysis_in_range`` whether the model is in range;
+    * ``lowest_penalty_model``: the adapter with the smallest L1 weight (the most faithful, least sparse).
+
+    ``models``: {name: {"kind", "l1_weight", "l0", "kl", ...}} as ``evaluate_sweep`` gives them."""
+    import math
+
+    adapters = sorted((n for n in models if models[n]["kind"] == "adapter" and models[n].get("l0") is not None),
+                      key=lambda n: models[n]["l1_weight"])
+    if not adapters:
+        raise ValueError("no adapter with a held-out L0 among the models; train the sweep first (notebook 01)")
+    low, high = L0_RANGE
+    in_range = [n for n in adapters if low <= models[n]["l0"] <= high]
+    if in_range:
+        chosen = min(in_range, key=lambda n: models[n]["kl"])
+        rule = f"lowest held-out KL among the adapters with held-out L0 in [{low:g}, {high:g}] ({len(in_range)} of " \
+               f"{len(adapters)})"
+    else:
+        def distance(name):
+            l0 = max(models[name]["l0"], 1e-6)
+            return max(math.log(low / l0), math.log(l0 / high), 0.0), models[name]["kl"]
+
+        chosen = min(adapters, key=distance)
+        rule = f"no adapter has held-out L0 in [{low:g}, {high:g}]; the one whose L0 ({models[chosen]['l0']:.3g}) " \
+               "is nearest that range on a log scale"
+    return {"analysis_model": chosen, "analysis_rule": rule, "analysis_in_range": bool(in_range),
+            "analysis_l0_range": [low, high], "lowest_penalty_model": adapters[0]}
