@@ -7,6 +7,11 @@ Per batch, with the target's MLPs replaced by base MLP + adapter ("adapter" choi
          + lambda_nmse   * mean over embeddings + L layers of NMSE(h_adapter, h_target)
          + l1_weight     * sum over layers of mean over tokens of sum_f act_f * ||W_dec[:, f]||
 
+Each KL is a mean over the positions t whose next token t+1 is real (``tdlib.metrics.next_token_mask``: the
+prediction at the last real token is never trained); NMSE and the L1 term average over every real token. The
+cut k is uniform on min_cut..L, drawn from a random stream of its own (``cut_for_step``). The metric functions
+themselves live in ``tdlib.metrics``.
+
 Each forward pass runs once: the target's pass (no grad) gives the KL targets, the NMSE targets and the
 residual that starts the T->A bridge; the adapter pass gives the NMSE inputs and the residual that starts the
 A->T bridge; each bridge runs only the layers above its cut (``residual.run_from_layer``).
