@@ -30,7 +30,7 @@ import torch
 
 from .bench import EvalSet, count_hesitations, evaluate_items
 from .generate import Generation
-from .models import find_layers, get_mlp
+from .models import find_layers, get_mlp, post_mlp_norm_name
 from .organism import task
 from .residual import capture_features
 from .splice import SplicedMLP, mlp_choice
@@ -179,10 +179,18 @@ def feature_contribution(adapter, x: torch.Tensor, chosen: torch.Tensor, values:
     return acts @ adapter.W_dec[:, chosen].T
 
 
+def _placement(model, adapters) -> str:
+    """Where the adapters add their output: recorded with them (``AdapterSet.meta``) or set in the splice."""
+    if adapters is not None:
+        return adapters.meta.get("placement", "mlp_output")
+    return getattr(get_mlp(model, 0), "placement", "mlp_output")
+
+
 @contextmanager
 def add_feature_directions(model, features: FeatureSet, scale: float = 1.0, values=None, adapters=None):
     """Within the context, each named layer's MLP output gains ``scale`` x the chosen features' decoder
-    contribution, their activations computed by the adapter encoder on that MLP's input.
+    contribution, their activations computed by the adapter encoder on that MLP's input (adapters placed on the
+    residual stream, ``tdlib.models.PLACEMENTS``, add it after the block's post-MLP norm instead).
 
     For the hybrid (spliced model, choice "base") with scale 1 this adds the features to the base MLPs; for the
     target (choice "target", or a plain model with ``adapters`` given) scale -0.5 is the paper's transfer
@@ -205,6 +213,9 @@ def add_feature_directions(model, features: FeatureSet, scale: float = 1.0, valu
     def hook(module, args, output, adapter, index, value):
         return output + scale * feature_contribution(adapter, args[0], index, value)
 
+    placement = _placement(model, adapters)
+    norm_name = post_mlp_norm_name(model) if placement == "residual" else None
+
     def install(handles):
         if scale == 0:
             return
@@ -214,9 +225,19 @@ def add_feature_directions(model, features: FeatureSet, scale: float = 1.0, valu
             mlp, adapter = modules[layer]
             index = torch.tensor(chosen, device=adapter.W_enc.device)
             value = None if values is None else _values_for(layer, chosen, values, adapter.W_enc)
-            handles.append(mlp.register_forward_hook(
-                lambda module, args, output, adapter=adapter, index=index, value=value:
-                hook(module, args, output, adapter, index, value)))
+            if norm_name is None:
+                handles.append(mlp.register_forward_hook(
+                    lambda module, args, output, adapter=adapter, index=index, value=value:
+                    hook(module, args, output, adapter, index, value)))
+                continue
+            # placement "residual": the features write after the block's post-MLP norm, read the MLP's input
+            inputs = {}
+            handles.append(mlp.register_forward_pre_hook(lambda module, args, inputs=inputs:
+                                                         inputs.__setitem__("x", args[0])))
+            norm = getattr(find_layers(model)[layer], norm_name)
+            handles.append(norm.register_forward_hook(
+                lambda module, args, output, adapter=adapter, index=index, value=value, inputs=inputs:
+                output + scale * feature_contribution(adapter, inputs.pop("x"), index, value)))
 
     with _hooks(install):
         yield model
