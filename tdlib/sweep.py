@@ -449,6 +449,47 @@ def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start:
     return search_l1(measure, target, start, plan.calibration_trials)
 
 
+def read_log(pair: Pair, name: str, root: Path | None = None):
+    import pandas as pd
+
+    return pd.read_csv(run_dir(pair, name, root) / "log.csv")
+
+
+def evaluate_sweep(pair: Pair, names: list[str], batches: list[dict], root: Path | None = None) -> dict[str, dict]:
+    """Held-out metrics for the hybrid and every named run, in the 01_train.json ``models`` schema."""
+    from .metrics import evaluate_replacement
+    from .splice import get_mlp_choice
+    from .train import run_dead_features
+
+    models = {}
+    for name in ["hybrid", *names]:
+        model = load_named(pair, name, root)
+        choice = get_mlp_choice(model)[0]
+        metrics = evaluate_replacement(model, batches, choice)
+        info = read_run(run_dir(pair, name, root)) if name != "hybrid" else None
+        config = info["train_config"] if info else None
+        dead = run_dead_features(run_dir(pair, name, root), info) if info else {}
+        models[name] = {
+            "kind": config["kind"] if config else "hybrid",
+            "l1_weight": config["l1_weight"] if config and config["kind"] != "mlp_finetune" else None,
+            "l0": metrics.get("l0"),
+            "kl": metrics["kl"],
+            "top1_error": metrics["top1_error"],
+            "nmse_layers": metrics["nmse_layers"],
+            "nmse_with_embedding": metrics["nmse_with_embedding"],
+            "dead_fraction_train": dead.get("dead_fraction_train"),
+            "dead_after_tokens": dead.get("dead_after_tokens"),
+            "dead_fraction_heldout": metrics.get("dead_fraction_heldout"),
+            "l0_by_layer": metrics.get("l0_by_layer"),
+            "fvu_by_layer": metrics.get("fvu_by_layer"),
+            "fvu_target_inputs_by_layer": metrics.get("fvu_target_inputs_by_layer"),
+            "nmse_by_layer": metrics["nmse_by_layer"],
+            "n_tokens": metrics["n_tokens"],
+            "train_seconds": info["train_seconds"] if info else 0.0,
+        }
+    return models
+
+
 def sweep_checks(models: dict) -> dict[str, bool]:
     """The sweep's checks: L0 falls as l1_weight rises; the analysis adapter (``analysis_models``) has L0 in the
     paper's range and a held-out KL at most a tenth of the hybrid's."""
