@@ -102,6 +102,9 @@ def test_smoke_models_carry_the_contract_metrics(smoke_run):
     for model in train["models"].values():
         assert set(model) >= {"kind", "l1_weight", "l0", "kl", "nmse_layers", "nmse_with_embedding",
                               "dead_fraction_train", "dead_fraction_heldout"}
+    assert train["plan"]["train_config"]["min_cut"] == 1  # the bridge cut range is recorded (paper's text: 1..L)
+    faithfulness = json.loads((smoke_run / "results" / "02_faithfulness.json").read_text())
+    assert faithfulness["include_prompt"] is False and faithfulness["n_tokens"] > 0
 
 
 def test_every_parameter_line_is_understood_by_papermill():
@@ -225,9 +228,13 @@ def _pair_file(tmp_path, **changes):
 def test_the_pipeline_passes_pair_file_and_command_line_parameters_to_each_notebook(tmp_path, monkeypatch):
     import papermill
 
-    calls = {}
-    monkeypatch.setattr(papermill, "execute_notebook",
-                        lambda source, out, parameters, **kw: calls.setdefault(Path(source).stem, parameters))
+    calls, kernel_managers = {}, set()
+
+    def execute_notebook(source, out, parameters, kernel_manager_class=None, **kwargs):
+        kernel_managers.add(kernel_manager_class)
+        calls[Path(source).stem] = parameters
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
     pair_file = _pair_file(tmp_path, notebooks={"*": {"n_problems": 12, "n_prompts": 3}, "01_train": {"steps": 9}})
     pipeline.run_pipeline(str(pair_file), only=["00", "01", "05"], run_dir=tmp_path / "run",
                           output_dir=tmp_path / "out", params=pipeline.parse_params(["n_prompts=4 baselines=false"]))
@@ -236,6 +243,7 @@ def test_the_pipeline_passes_pair_file_and_command_line_parameters_to_each_noteb
     assert calls["01_train"]["steps"] == 9 and calls["01_train"]["baselines"] is False
     assert calls["05_attribution"]["n_prompts"] == 4  # the command line wins over the pair file
     assert calls["05_attribution"]["results_dir"] == str(tmp_path / "out" / "results")
+    assert kernel_managers == {pipeline.QuietShutdownKernelManager}
 
 
 def test_a_bad_notebooks_block_is_refused_before_any_notebook_runs(tmp_path, monkeypatch):
@@ -305,3 +313,24 @@ def test_training_figure_titles_say_what_was_run():
     assert fig._suptitle.get_text().startswith("2 training runs, 4 steps each")
     one_step = {name: log.head(1) for name, log in logs.items()}
     assert training_figure(one_step, models).axes[1].get_title() == "Sparsity while training (per step)"
+
+
+def test_notebook_kernels_are_shut_down_without_an_interrupt(monkeypatch):
+    """jupyter_client interrupts (SIGINT) a kernel before asking it to shut down; landing just after the last
+    cell's reply, that interrupt made a succeeded notebook log "KeyboardInterrupt caught in kernel.". The
+    pipeline's kernel manager sends no interrupt while shutting down, and still interrupts otherwise."""
+    import asyncio
+
+    from jupyter_client import AsyncKernelManager
+
+    sent = []
+
+    async def record(self):
+        sent.append(self.shutting_down)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", record)
+    manager = pipeline.QuietShutdownKernelManager(kernel_name="python3")
+    asyncio.run(manager._async_interrupt_kernel())
+    manager.shutting_down = True
+    asyncio.run(manager._async_interrupt_kernel())
+    assert sent == [False]
