@@ -39,6 +39,11 @@ class ShardedBatches:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.data, self.rank, self.world_size = data, rank, world_size
 
+    def full_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The whole step batch, every shard: what one-time statistics (the local-MSE transcoder's starting
+        ``b_dec``) are computed from, so every rank starts from the same weights."""
+        return self.data.batch(step)
+
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         full = self.data.batch(step)
         rows = full["input_ids"].shape[0]

@@ -404,8 +404,8 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, log, since_fired = state["step"], state["log"], state["since_fired"]
-    elif config.kind == "local_mse":
-        init_local_mse_decoder(model, data.batch(0))
+    elif config.kind == "local_mse":  # from the whole first batch, so data-parallel ranks start alike
+        init_local_mse_decoder(model, getattr(data, "full_batch", data.batch)(0))
 
     wandb_run = _start_wandb(wandb_project, config, run_dir) if wandb_project else None
     model.train()
