@@ -334,3 +334,25 @@ def test_notebook_kernels_are_shut_down_without_an_interrupt(monkeypatch):
     manager.shutting_down = True
     asyncio.run(manager._async_interrupt_kernel())
     assert sent == [False]
+
+
+def test_the_documented_notebooks_block_and_params_are_accepted():
+    """docs/real_models.md's worked example stays valid as notebooks change their parameters."""
+    import re
+
+    from tdlib.pairs import _check_notebook_block
+    from tdlib.results import REPO_ROOT
+
+    doc = (REPO_ROOT / "docs" / "real_models.md").read_text()
+    block = doc.split("<!-- notebooks-example -->", 1)[1].strip("\n").split("\n\n", 1)[0]
+    example = json.loads("\n".join(line[4:] for line in block.splitlines()))
+    _check_notebook_block(example["notebooks"])
+    notebooks = pipeline.numbered_notebooks()
+    commands = re.findall(r'PARAMS="([^"]+)"', doc)
+    assert len(commands) >= 4
+    runs = [pipeline.notebook_overrides(notebooks, example["notebooks"], pipeline.parse_params(command))
+            for command in commands if "n_promts" not in command and "..." not in command]  # typo, syntax line
+    assert any(run["05_attribution"]["n_prompts"] == 40 for run in runs)
+    assert all(run["02_faithfulness"]["subset_ks"] == [2, 8] for run in runs)
+    with pytest.raises(ValueError, match="n_promts"):
+        pipeline.notebook_overrides(notebooks, pipeline.parse_params("n_promts=10"))
