@@ -218,7 +218,8 @@ def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") ->
     * ``nmse_by_layer`` (index 0 the embedding output), ``nmse_layers`` (headline, embedding excluded),
       ``nmse_with_embedding``: over every real position;
     * adapters only: ``l0_by_layer``/``l0`` (every real position), ``dead_fraction_heldout`` (never fired on these
-      tokens), ``fvu_by_layer`` (adapter output against target_mlp(x) - base_mlp(x) at the MLP inputs x the
+      tokens) and ``dead_fraction_heldout_half`` (the same on the first half of the batches: close to the full
+      value when the held-out set is large enough for the share to be stable), ``fvu_by_layer`` (adapter output against target_mlp(x) - base_mlp(x) at the MLP inputs x the
       replacement model itself produces) and ``fvu_target_inputs_by_layer`` (the same at the target's own MLP
       inputs, the usual transcoder convention).
     """
@@ -229,9 +230,12 @@ def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") ->
     nmse_errors = nmse_norms = 0
     l0_sum = torch.zeros(n_layers)
     fired: dict[int, torch.Tensor] = {}
+    fired_half: dict[int, torch.Tensor] = {}
     fvu_own: dict[int, RunningFVU] = {}
     fvu_target: dict[int, RunningFVU] = {}
-    for batch in batches:
+    for number, batch in enumerate(batches):
+        if number == (len(batches) + 1) // 2:
+            fired_half = {layer: f.clone() for layer, f in fired.items()}
         ids, mask = batch["input_ids"], batch["attention_mask"]
         real, scored = mask.bool(), next_token_mask(mask)
         target_inputs, handles = _capture_mlp_inputs(mlps)
@@ -279,6 +283,7 @@ def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") ->
         result["l0_by_layer"] = (l0_sum / n_real).tolist()
         result["l0"] = sum(result["l0_by_layer"]) / n_layers
         result["dead_fraction_heldout"] = dead_fraction_heldout(fired)
+        result["dead_fraction_heldout_half"] = dead_fraction_heldout(fired_half or fired)
         result["fvu_by_layer"] = [fvu_own[i].value() for i in sorted(fired)]
         result["fvu_target_inputs_by_layer"] = [fvu_target[i].value() for i in sorted(fired)]
     return result

@@ -480,6 +480,7 @@ def evaluate_sweep(pair: Pair, names: list[str], batches: list[dict], root: Path
             "dead_fraction_train": dead.get("dead_fraction_train"),
             "dead_after_tokens": dead.get("dead_after_tokens"),
             "dead_fraction_heldout": metrics.get("dead_fraction_heldout"),
+            "dead_fraction_heldout_half": metrics.get("dead_fraction_heldout_half"),
             "l0_by_layer": metrics.get("l0_by_layer"),
             "fvu_by_layer": metrics.get("fvu_by_layer"),
             "fvu_target_inputs_by_layer": metrics.get("fvu_target_inputs_by_layer"),

@@ -160,6 +160,9 @@ def test_held_out_metrics_use_the_conventions():
     assert len(result["fvu_by_layer"]) == len(result["fvu_target_inputs_by_layer"]) == 3
     assert result["fvu_by_layer"][0] == pytest.approx(result["fvu_target_inputs_by_layer"][0], rel=1e-5)  # same x
     assert 0 <= result["dead_fraction_heldout"] <= 1 and result["l0"] > 0
+    first_half = metrics.evaluate_replacement(model, batches[:1], "adapter")
+    assert result["dead_fraction_heldout_half"] == pytest.approx(first_half["dead_fraction_heldout"])
+    assert result["dead_fraction_heldout_half"] >= result["dead_fraction_heldout"]  # fewer tokens, fewer fire
 
 
 # ----------------------------------------------------------------------------------------------- dead features
