@@ -516,7 +516,9 @@ def accuracy_gain(base: dict, target: dict) -> dict:
     """The target's accuracy gain over the base with its 95% interval, from the two entries' Wilson intervals
     (``accuracy`` and ``accuracy_ci``, as ``score_responses`` writes them) by Newcombe's hybrid score method:
 
-        gain = p_t - p_b,  low = gain - sqrt((p_t - l_t)^2 + (u_b - p_b)^2),  high = gain + sqrt((u_t - p_t)^2 + (p_b - l_b)^2)
+        gain = p_t - p_b
+        low  = gain - sqrt((p_t - l_t)^2 + (u_b - p_b)^2)     (l, u: each accuracy's Wilson 95% interval)
+        high = gain + sqrt((u_t - p_t)^2 + (p_b - l_b)^2)
 
     ``resolved`` is True when ``low > 0``, i.e. the gain is larger than the half-width of its own interval below it;
     only then is a recovered gain (a ratio over this gain) reported."""

@@ -63,6 +63,8 @@ class FaithfulnessConfig:
             raise ValueError(f"FaithfulnessConfig.n_bootstrap must be >= 10 for an interval, got {self.n_bootstrap}")
         if not 0 < self.uncertain_threshold <= 1:
             raise ValueError(f"uncertain_threshold must be in (0, 1], got {self.uncertain_threshold}")
+        if not isinstance(self.include_prompt, bool):
+            raise ValueError(f"FaithfulnessConfig.include_prompt must be True or False, got {self.include_prompt!r}")
 
 
 def onpolicy_batches(target, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,

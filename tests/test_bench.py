@@ -195,7 +195,8 @@ def test_recovered_gain_is_undefined_when_the_targets_gain_is_within_its_interva
     assert recovered_gains({"base": _scored(0, 500), "target": _scored(10, 500)})["resolved"]
     models = {"base": _scored(10, 50), "target": _scored(40, 50), "hybrid": _scored(25, 50)}
     assert recovered_gains(models)["resolved"]
-    assert models["hybrid"]["recovered_gain"] == pytest.approx(0.5) and models["hybrid"]["recovered_gain_reason"] is None
+    assert models["hybrid"]["recovered_gain"] == pytest.approx(0.5)
+    assert models["hybrid"]["recovered_gain_reason"] is None
     assert models["target"]["recovered_gain"] == pytest.approx(1.0) and models["base"]["recovered_gain"] == 0
 
 
