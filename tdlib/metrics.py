@@ -12,8 +12,10 @@ Conventions (``docs/method.md``), stated again in each function:
   layer i-1. The embedding is shared by base and target, so entry 0 is identically zero for every replacement
   model; ``nmse_layers`` (the headline) is the mean over the layer outputs only, ``nmse_with_embedding`` the mean
   over all entries (what the training objective weights, as the paper's code does).
-* **FVU** of an adapter: sum of squared errors against the true MLP difference target_mlp(x) - base_mlp(x),
-  divided by that difference's total variance (about its per-dimension mean), on the given MLP inputs x.
+* **FVU** of an adapter: sum of squared errors against the true MLP difference at the adapter's placement
+  (``tdlib.splice.mlp_difference``: target_mlp(x) - base_mlp(x); under the "residual" placement of blocks with a
+  post-MLP norm, norm(target_mlp(x)) - norm(base_mlp(x)), the difference of the blocks' residual writes), divided
+  by that difference's total variance (about its per-dimension mean), on the given MLP inputs x.
 * **L0**: active features (activation > 0) per real token per layer.
 * **Dead features**, two counts under two names: ``dead_fraction_train`` (the paper's: not fired during the last
   ``dead_after_tokens`` training tokens) and ``dead_fraction_heldout`` (never fired on the held-out tokens).
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from .models import find_layers
 from .residual import capture_features, capture_residuals
-from .splice import mlp_choice, spliced_mlps
+from .splice import mlp_choice, mlp_difference, spliced_mlps
 
 
 # ------------------------------------------------------------------------------------------------ positions
@@ -219,9 +221,11 @@ def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") ->
       ``nmse_with_embedding``: over every real position;
     * adapters only: ``l0_by_layer``/``l0`` (every real position), ``dead_fraction_heldout`` (never fired on these
       tokens) and ``dead_fraction_heldout_half`` (the same on the first half of the batches: close to the full
-      value when the held-out set is large enough for the share to be stable), ``fvu_by_layer`` (adapter output against target_mlp(x) - base_mlp(x) at the MLP inputs x the
-      replacement model itself produces) and ``fvu_target_inputs_by_layer`` (the same at the target's own MLP
-      inputs, the usual transcoder convention).
+      value when the held-out set is large enough for the share to be stable), ``fvu_by_layer`` (adapter output
+      against the MLP difference at the adapter's placement, ``tdlib.splice.mlp_difference``:
+      target_mlp(x) - base_mlp(x), both passed through the block's post-MLP norm under "residual", at the MLP
+      inputs x the replacement model itself produces) and ``fvu_target_inputs_by_layer`` (the same at the target's
+      own MLP inputs, the usual transcoder convention).
     """
     n_layers = len(find_layers(model))
     mlps = spliced_mlps(model)
@@ -268,7 +272,7 @@ def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") ->
             mlp = mlps[layer]
             for store, source in ((fvu_own, inputs), (fvu_target, target_inputs)):
                 x = source[layer][real]
-                store.setdefault(layer, RunningFVU()).add(mlp.adapter(x).out, mlp.target_mlp(x) - mlp.base_mlp(x))
+                store.setdefault(layer, RunningFVU()).add(mlp.adapter(x).out, mlp_difference(mlp, x))
     by_layer = (nmse_errors / nmse_norms).tolist()
     result = {
         "kl": kl_sum / n_scored,

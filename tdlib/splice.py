@@ -37,8 +37,12 @@ class SplicedMLP(nn.Module):
         """"mlp_output": the adapter adds to this module's output; "residual": the block's post-MLP norm
         (wrapped in ``PostMLPNorm``) adds it after normalising (``tdlib.models.PLACEMENTS``)."""
         self._pending = None
+        self._post_norm: list[nn.Module] = []  # the block's post-MLP norm under "residual" (a plain reference)
 
     def forward(self, x):
+        # a forward cut short after this module (checkpoint recomputation stops at the last saved tensor, before
+        # the post-MLP norm takes the adapter's output) must not leave that output for the next forward's norm
+        self._pending = None
         if self.choice == "target":
             return self.target_mlp(x)
         if self.choice == "base":
@@ -49,6 +53,17 @@ class SplicedMLP(nn.Module):
             self._pending = self.adapter(x).out
             return self.base_mlp(x)
         return self.base_mlp(x) + self.adapter(x).out
+
+    def difference(self, x):
+        """What this layer's adapter stands in for, at its placement: target_mlp(x) - base_mlp(x) under
+        "mlp_output"; under "residual" the difference of the block's residual contributions,
+        norm(target_mlp(x)) - norm(base_mlp(x)), with the block's post-MLP norm (the target's: a spliced model keeps
+        the target's norms whatever the MLP choice, so this is exactly what the adapter must add to the hybrid)."""
+        target, base = self.target_mlp(x), self.base_mlp(x)
+        if self.placement == "residual":
+            norm = self._post_norm[0]
+            return norm(target) - norm(base)
+        return target - base
 
     def take_pending(self):
         """The adapter output of the last forward (placement "residual"), handed over once."""
@@ -79,6 +94,12 @@ def spliced_mlps(model) -> list[SplicedMLP]:
     if not all(isinstance(m, SplicedMLP) for m in mlps):
         raise ValueError("this model is not spliced; call tdlib.splice.splice(target, base) first")
     return mlps
+
+
+def mlp_difference(mlp: SplicedMLP, x):
+    """The MLP difference at the adapter's placement (``SplicedMLP.difference``): what FVU and the local-MSE
+    transcoder compare an adapter's output with."""
+    return mlp.difference(x)
 
 
 def is_spliced(model) -> bool:
@@ -136,6 +157,7 @@ def set_placement(model, placement: str) -> None:
             elif placement == "mlp_output" and isinstance(norm, PostMLPNorm):
                 setattr(block, norm_name, norm.norm)
         mlp.placement = placement if norm_name is not None else "mlp_output"
+        mlp._post_norm = [getattr(block, norm_name).norm] if mlp.placement == "residual" else []
         mlp._pending = None
 
 

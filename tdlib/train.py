@@ -23,7 +23,7 @@ and runs the head, log-softmax and KL a chunk of tokens at a time, recomputing e
 
 Three kinds share the loop: ``adapter`` (the method), ``mlp_finetune`` (the skyline: the hybrid's base MLPs
 trained densely with the same objective, no sparsity) and ``local_mse`` (a per-layer transcoder fitted only to
-the local MLP difference target_mlp(x) - base_mlp(x), no end-to-end loss).
+the local MLP difference target_mlp(x) - base_mlp(x) at the adapter's placement, no end-to-end loss).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from .models import find_layers, get_mlp, unwrap
 from .results import atomic_write_text
 from .residual import capture_features, capture_residuals, final_hidden, run_from_layer
 from .schedule import warmup_cosine
-from .splice import enable_gradient_checkpointing, mlp_choice, spliced_mlps
+from .splice import enable_gradient_checkpointing, mlp_choice, mlp_difference, spliced_mlps
 
 KINDS = ("adapter", "mlp_finetune", "local_mse")
 CHECKPOINT = "checkpoint.pt"
@@ -290,7 +290,8 @@ def target_mlp_inputs(model, batch) -> dict[int, torch.Tensor]:
 
 def local_mse_objective(model, batch, config: TrainConfig) -> Objective:
     """The local-MSE transcoder's loss, a transcoder in the usual sense: each layer's adapter reads the target's
-    own MLP input x and predicts d(x) = target_mlp(x) - base_mlp(x), no end-to-end term.
+    own MLP input x and predicts d(x), the MLP difference at the adapter's placement (``mlp_difference``:
+    target_mlp(x) - base_mlp(x), both through the block's post-MLP norm under "residual"), no end-to-end term.
 
         loss = sum over layers of mean over real tokens of ||adapter(x) - d(x)||^2   (summed over d_model, not
                normalised: every layer's error counts in the residual stream's own units)
@@ -308,7 +309,7 @@ def local_mse_objective(model, batch, config: TrainConfig) -> Objective:
     for i, mlp in enumerate(spliced_mlps(model)):
         x = inputs[i]
         with torch.no_grad():
-            difference = mlp.target_mlp(x) - mlp.base_mlp(x)
+            difference = mlp_difference(mlp, x)
         out, acts = mlp.adapter(x)
         features[i] = acts
         squared_error = (((out - difference) ** 2) * weights).sum()
@@ -321,14 +322,14 @@ def local_mse_objective(model, batch, config: TrainConfig) -> Objective:
 
 @torch.no_grad()
 def init_local_mse_decoder(model, batch) -> None:
-    """Set each layer's ``b_dec`` to the mean of target_mlp(x) - base_mlp(x) over the real tokens of ``batch``
-    (the first training batch: deterministic), the usual transcoder start: a feature-free adapter then already
-    predicts the average difference, and features learn what varies around it."""
+    """Set each layer's ``b_dec`` to the mean MLP difference at the adapter's placement (``mlp_difference``) over
+    the real tokens of ``batch`` (the first training batch: deterministic), the usual transcoder start: a
+    feature-free adapter then already predicts the average difference, and features learn what varies around it."""
     mask = batch["attention_mask"].bool()
     inputs = target_mlp_inputs(model, batch)
     for i, mlp in enumerate(spliced_mlps(model)):
         x = inputs[i][mask]
-        mlp.adapter.b_dec.copy_((mlp.target_mlp(x) - mlp.base_mlp(x)).mean(0).to(mlp.adapter.b_dec.dtype))
+        mlp.adapter.b_dec.copy_(mlp_difference(mlp, x).mean(0).to(mlp.adapter.b_dec.dtype))
 
 
 # ------------------------------------------------------------------------------------------------- loop
