@@ -61,7 +61,7 @@ def hesitation_prompts(target, tokenizer, prompts: list[str], n_prompts: int, ma
                        max_new_tokens: int = 200, word: str = " wait", batch_size: int = 64,
                        progress: bool = True) -> list[HesitationPrompt]:
     """The target's greedy continuations of ``prompts``, cut before each "wait": up to ``n_prompts``."""
-    from .generate import generate_greedy
+    from ..generate import generate_greedy
 
     token = hesitation_token(tokenizer, word)
     found: list[HesitationPrompt] = []
