@@ -170,9 +170,10 @@ def _type_problem(name: str, value, default) -> str | None:
         return None
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
-    elif isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float)) and not (isinstance(default, int) and isinstance(value, float)
-                                                      and not value.is_integer())
+    elif isinstance(default, int):
+        ok = isinstance(value, int)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
     elif isinstance(default, (list, tuple)):
         ok = isinstance(value, (list, tuple))
     else:

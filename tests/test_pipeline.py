@@ -208,6 +208,7 @@ def test_overrides_apply_where_declared_and_the_command_line_wins():
     (["01.n_prompts=3"], r"unknown notebook parameter 'n_prompts' for '01'.*01_train: l1_weights, steps"),
     (["baselines=0"], r"baselines=0 \(int\) where the default is True"),
     (["n_prompts=many"], r"n_prompts='many' \(str\) where the default is 60"),
+    (["n_prompts=10.0"], r"n_prompts=10.0 \(float\) where the default is 60"),
     (["07.steps=1"], r"'07' names no notebook"),
     (["results_dir=/tmp/x"], r"set by the pipeline"),
 ])
