@@ -317,11 +317,12 @@ def test_pair_checks_ask_the_organism_for_its_design_and_a_real_pair_for_a_diffe
     def model(accuracy, tokens, wait_rate):
         return {"accuracy": accuracy, "mean_response_tokens": tokens, "wait_rate": wait_rate}
 
-    results = {"base": model(0.5, 10, 0.0), "target": model(0.9, 40, 0.3)}
+    results = {"base": model(0.5, 10, 0.0), "target": model(0.9, 40, 0.3), "hybrid": model(0.45, 12, 0.0),
+               "diagnostics": {"hybrid_kl": 1.0}}
     assert all(pair_checks(results, organism=True).values())
     assert all(pair_checks(results, organism=False).values())
     results["target"] = model(0.6, 20, 0.0)
     organism = pair_checks(results, organism=True)
-    assert not organism["target accuracy - base accuracy >= 0.30"] and not organism["target length >= 3x base length"]
+    assert not organism["target accuracy >= base + 0.30"] and not organism["target length >= 3x base length"]
     real = pair_checks(results, organism=False)
     assert real["target is more accurate than base"] and not real["target says wait more often than base"]
