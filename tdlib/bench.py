@@ -314,19 +314,22 @@ def format_question(item: BenchItem, kind: str = "math") -> str:
     return f"{item.question}\n{MATH_INSTRUCTION}"
 
 
-def render_prompts(tokenizer, items: list[BenchItem], kind: str = "math") -> list[str]:
-    """Chat-templated prompts (generation prompt appended) when the tokenizer has a template, else plain text."""
-    messages = [[{"role": "user", "content": format_question(item, kind)}] for item in items]
-    if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    return [m[0]["content"] + "\n" for m in messages]
+def render_prompts(tokenizer, items: list[BenchItem], kind: str = "math", prompt_format: str | None = None) -> list[str]:
+    """Prompts rendered as the pair's training traces are (``tdlib.data.render_prompt``): ``prompt_format`` "chat"
+    (the chat template, generation prompt appended) or "plain"; None picks "chat" when the tokenizer has a template."""
+    from .data import render_prompt
+
+    if prompt_format is None:
+        prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return [render_prompt(tokenizer, [{"role": "user", "content": format_question(item, kind)}], prompt_format)
+            for item in items]
 
 
-def benchmark_prompts(tokenizer, items: list[BenchItem], benchmark: str) -> list[str]:
+def benchmark_prompts(tokenizer, items: list[BenchItem], benchmark: str, prompt_format: str | None = None) -> list[str]:
     """The prompts a benchmark's items are generated from: the organism's own prompts, else ``render_prompts``."""
     if benchmark == "organism":
         return [item.question for item in items]
-    return render_prompts(tokenizer, items, BENCHMARKS[benchmark].kind)
+    return render_prompts(tokenizer, items, BENCHMARKS[benchmark].kind, prompt_format)
 
 
 def check_response(item: BenchItem, response: str, kind: str = "math") -> bool:
@@ -359,9 +362,12 @@ class EvalSet:
     source: str
     """Where the items came from (the hub id, or the local file as ``Pair.portable`` names it), for the results
     files."""
+    prompt_format: str | None = None
+    """How prompts are rendered: the pair's ``prompt_format`` ("chat" or "plain"); None: "chat" when the tokenizer
+    has a template."""
 
     def prompts(self, tokenizer) -> list[str]:
-        return benchmark_prompts(tokenizer, self.items, self.benchmark)
+        return benchmark_prompts(tokenizer, self.items, self.benchmark, self.prompt_format)
 
 
 def benchmark_key(name: str) -> str:
@@ -397,7 +403,8 @@ def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None =
     if path is None and pair.hub is not None:
         path = next((f for name, f in pair.hub.benchmark_files.items() if benchmark_key(name) == key), None)
     items = load_benchmark(key, path, limit)
-    return EvalSet(key, items, budget, pair.portable(path) if path else BENCHMARKS[key].hub_id)
+    return EvalSet(key, items, budget, pair.portable(path) if path else BENCHMARKS[key].hub_id,
+                   prompt_format=pair.hub.prompt_format)
 
 
 def check_organism_response(item: BenchItem, response: str) -> bool:
@@ -482,12 +489,13 @@ def score_responses(correct: list[bool], generation: Generation, hesitation: str
 
 def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
                    batch_size: int = 64, sampling: SamplingConfig | None = None, desc: str = "generate",
-                   prompts: list[str] | None = None) -> tuple[dict, Generation, list[bool]]:
+                   prompts: list[str] | None = None,
+                   prompt_format: str | None = None) -> tuple[dict, Generation, list[bool]]:
     """Generate for every item, check the answers, score. ``benchmark="organism"`` uses the organism's own prompts
     and answer rule; other names are formatted with ``render_prompts`` and checked with ``check_response``."""
     kind = BENCHMARKS[benchmark].kind if benchmark in BENCHMARKS else "math"
     if prompts is None:
-        prompts = benchmark_prompts(tokenizer, items, benchmark)
+        prompts = benchmark_prompts(tokenizer, items, benchmark, prompt_format)
     if sampling is None:
         generation = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, desc=desc)
@@ -579,7 +587,7 @@ def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: 
         model = load_named(pair, name)
         results[name], generations[name], _ = evaluate_items(
             model, tokenizer, items, benchmark=benchmark, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            sampling=sampling, desc=name)
+            sampling=sampling, desc=name, prompt_format=pair.hub.prompt_format if pair.hub else None)
         del model
     if "base" in results and "target" in results:
         recovered_gains(results)

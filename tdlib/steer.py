@@ -346,7 +346,8 @@ def run_condition(model, tokenizer, evalset: EvalSet, batch_size: int = 100,
                   desc: str = "generate") -> tuple[dict, Generation]:
     """Greedy generation on ``evalset`` under whatever hooks/choice are active; accuracy, length and hesitation."""
     metrics, generation, _ = evaluate_items(model, tokenizer, evalset.items, benchmark=evalset.benchmark,
-                                            max_new_tokens=evalset.max_new_tokens, batch_size=batch_size, desc=desc)
+                                            max_new_tokens=evalset.max_new_tokens, batch_size=batch_size, desc=desc,
+                                            prompt_format=evalset.prompt_format)
     return {**metrics, **wait_metrics(generation)}, generation
 
 

@@ -145,6 +145,20 @@ def test_render_prompts_without_a_chat_template_keeps_the_instruction():
     assert "A) " in prompt and "D) " in prompt and "\\boxed" in prompt
 
 
+def test_render_prompts_follow_the_pairs_prompt_format():
+    class Templated:
+        chat_template = "unused"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    items = load_benchmark("gsm8k", path=FIXTURES / "gsm8k.jsonl")[:1]
+    chat = render_prompts(Templated(), items)[0]
+    plain = render_prompts(Templated(), items, prompt_format="plain")[0]
+    assert chat.startswith("<user>") and chat.endswith("<assistant>")
+    assert not plain.startswith("<user>") and plain.endswith("\n") and plain.strip() in chat
+
+
 # --- statistics ----------------------------------------------------------------------------------------------------
 
 def test_wilson_interval():
