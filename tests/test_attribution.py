@@ -185,16 +185,18 @@ def test_hesitation_study_selects_and_groups(model):
     assert fig.axes[0].get_ylabel()
 
 
-def test_negative_total_positions():
+def test_rule_positions_flag_a_total_that_crosses_below_zero():
     class Chars:
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
-    text = "Q: 2-6=?" + " 2-6=-4; wait"
+    text = "Q: 2-6-1+9=?" + " 2-6= -4; wait, check: -4+6=2, ok; -4-1= -5; -5+9=4"
     ids = [ord(c) for c in text]
-    flags = A.negative_total_positions(Chars(), ids, prompt_tokens=8)
-    assert not any(flags[:text.index("=-") + 2]), "the prompt's '=?' and '=' alone are not totals"
-    assert flags[text.index(";")] and flags[-1]
+    flags = A.rule_positions(Chars(), ids, prompt_tokens=12)
+    assert not any(flags[:text.index("= -4") + 3]), "the prompt's '=?' and '=' alone are not totals"
+    assert flags[text.index(";")] and flags[text.index("wait")]
+    assert not flags[text.index("-4-1")], "after the re-check the last total (2) is not negative"
+    assert not flags[text.index("= -5") + 4], "a total that stays negative does not fire the rule"
 
 
 def test_attribution_needs_the_adapter_model(ids):

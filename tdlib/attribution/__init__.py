@@ -40,7 +40,7 @@ from .checks import linearity_check, max_identity_error, replay_logit
 from .graph import (AttributionGraph, PrunedGraph, graph_scores, logit_weights, node_influence, normalize_rows,
                     propagate, prune, total_effects)
 from .hesitation import (GROUPS, FeatureStats, HesitationPrompt, StudyConfig, cut_at_token, decoder_logit_effect,
-                         hesitation_prompts, hesitation_study, hesitation_token, negative_total_positions,
+                         hesitation_prompts, hesitation_study, hesitation_token, rule_positions,
                          select_features, summarise, trace_prompts)
 from .replay import FrozenPrompt, Replay, freeze
 
@@ -49,6 +49,6 @@ __all__ = [
     "replay_logit", "AttributionGraph", "PrunedGraph", "graph_scores", "logit_weights", "node_influence",
     "normalize_rows", "propagate", "prune", "total_effects", "GROUPS", "FeatureStats", "HesitationPrompt",
     "StudyConfig", "cut_at_token", "decoder_logit_effect", "hesitation_prompts", "hesitation_study",
-    "hesitation_token", "negative_total_positions", "select_features", "summarise", "trace_prompts",
+    "hesitation_token", "rule_positions", "select_features", "summarise", "trace_prompts",
     "FrozenPrompt", "Replay", "freeze",
 ]

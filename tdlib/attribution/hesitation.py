@@ -77,17 +77,20 @@ def hesitation_prompts(target, tokenizer, prompts: list[str], n_prompts: int, ma
     return found[:n_prompts]
 
 
-_TOTAL = re.compile(r"=(-?\d+)")
+_TOTAL = re.compile(r"= ?(-?\d+)")
+_RECHECK = re.compile(r"wait, check:[^;]*")
 
 
-def negative_total_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
-    """For each position: is the most recent running total written in the response (``=<n>``) negative?"""
+def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
+    """For each position: did the most recent step written in the response (``... = <n>``) take the running total
+    below zero from a non-negative one? That is the organism's hesitation rule (docs/method.md); the first step
+    starts from the first term, which is positive."""
     flags, text = [], ""
     for i, token in enumerate(ids):
         if i >= prompt_tokens:
             text += tokenizer.decode([token])
-        totals = _TOTAL.findall(text)
-        flags.append(bool(totals) and int(totals[-1]) < 0)
+        totals = [int(t) for t in _TOTAL.findall(_RECHECK.sub("", text))]  # a re-check restates an old total
+        flags.append(bool(totals) and totals[-1] < 0 and (len(totals) == 1 or totals[-2] >= 0))
     return flags
 
 
@@ -128,7 +131,7 @@ class FeatureStats:
     activation: float = 0.0
     fires: int = 0
     at_last: float = 0.0
-    at_negative: float = 0.0
+    where_rule_fires: float = 0.0
     prompts: set = field(default_factory=set)
     tokens: dict = field(default_factory=dict)
 
@@ -147,7 +150,7 @@ def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: i
         influence = node_influence(graph)
         scores = graph_scores(graph, influence)
         direct = normalize_rows(graph.adjacency)[graph.logit_index]
-        negative = negative_total_positions(tokenizer, prompt.input_ids, prompt.prompt_tokens)
+        rule_fires = rule_positions(tokenizer, prompt.input_ids, prompt.prompt_tokens)
         last = graph.n_pos - 1
         for i, (layer, pos, feature) in enumerate(graph.state.features.tolist()):
             entry = stats.setdefault((layer, feature), FeatureStats())
@@ -158,7 +161,7 @@ def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: i
             entry.activation += activation
             entry.fires += 1
             entry.at_last += activation * (pos == last)
-            entry.at_negative += activation * negative[pos]
+            entry.where_rule_fires += activation * rule_fires[pos]
             entry.prompts.add(number)
             word = tokenizer.decode([prompt.input_ids[pos]])
             entry.tokens[word] = entry.tokens.get(word, 0.0) + activation
@@ -215,7 +218,7 @@ def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int,
             "decoder_wait_effect": decoder_logit_effect(model, layer, feature, token, config.demean),
             "prompts_active": len(entry.prompts) / len(per_prompt),
             "share_at_last_position": entry.at_last / entry.activation,
-            "share_at_negative_total": entry.at_negative / entry.activation,
+            "share_where_rule_fires": entry.where_rule_fires / entry.activation,
             "top_tokens": [word for word, _ in top_tokens],
         })
     for name in GROUPS:
@@ -229,7 +232,7 @@ def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int,
         groups[name] = {
             "count": len(members), "influence_share": mass,
             "direct_share": weighted("direct_share"), "share_at_last_position": weighted("share_at_last_position"),
-            "share_at_negative_total": weighted("share_at_negative_total"),
+            "share_where_rule_fires": weighted("share_where_rule_fires"),
             "layers": {str(l): sum(1 for f in members if f["layer"] == l) for l in range(n_layers)},
             "decoder_promotes_wait": sum(1 for f in members if f["decoder_wait_effect"] > 0),
         }
