@@ -1,0 +1,72 @@
+"""The notebooks on a tiny Gemma 3 pair given as a pair file (tests/local_pair.py ``write_local_gemma3_pair``):
+sliding-window layers, q/k norms, pre/post feed-forward norms, (1 + weight) RMSNorms, and adapters at the
+"residual" placement, through training (01), attribution (05) and ablation (06) the way a user's own pair goes.
+
+The fast test runs notebook 05 alone on an adapter trained here; the slow one (``make test-slow``) runs every
+notebook on the pair file."""
+import json
+
+import pytest
+
+from tdlib import pipeline
+from tdlib.adapter import AdapterSet
+from tdlib.models import load_tokenizer
+from tdlib.pairs import data_for, resolve_pair
+from tdlib.results import read_results, write_results
+from tdlib.sweep import default_plan, run_dir, sweep_specs, train_run
+
+
+@pytest.fixture(scope="module")
+def gemma3_pair_file(tmp_path_factory):
+    from local_pair import write_local_gemma3_pair
+
+    return write_local_gemma3_pair(tmp_path_factory.mktemp("gemma3-pair"))
+
+
+def check_attribution(results: dict, name: str) -> None:
+    assert results["config"] == name
+    assert results["hesitation_token"] == " wait" and results["n_prompts"] > 0
+    assert 0 < results["hesitation_features"] < results["n_features_total"]
+    check = results["linearity_check"]  # removing a node changes the logit by its graph effect
+    tolerance = 1e-3 * max(1.0, abs(check["logit"]))
+    assert check["nodes_checked"] > 0
+    assert max(check["max_row_identity_error"], check["max_direct_effect_error"], check["max_total_effect_error"],
+               check["replay_vs_model_logit_error"]) < tolerance, check
+
+
+def test_attribution_notebook_runs_on_a_gemma3_pair(gemma3_pair_file, tmp_path):
+    """Notebook 05 on one adapter trained here (a few steps): the replay, graph, linearity check and hesitation
+    study on Gemma 3 blocks, with the adapter after the post-feed-forward norm."""
+    pair = resolve_pair(str(gemma3_pair_file))
+    assert json.loads((gemma3_pair_file.parent / "target" / "config.json").read_text())["model_type"] == "gemma3_text"
+    plan = default_plan(pair)
+    spec = sweep_specs(plan.l1_weights[:1], plan.base, baselines=False)[0]
+    data = data_for(pair, load_tokenizer(pair.target), batch_size=plan.base.batch_size, seed=plan.base.seed)
+    root = tmp_path / "train"
+    train_run(pair, spec, data, root=root, progress=False)
+    assert AdapterSet.load(run_dir(pair, spec.name, root) / "adapters").meta["placement"] == "residual"
+    out = tmp_path / "out"
+    write_results("01_train", {"analysis_model": spec.name}, config=pair.name, results_dir=out / "results")
+    pipeline.run_pipeline(str(gemma3_pair_file), only=["05"], run_dir=tmp_path / "run", output_dir=out,
+                          params={"05_attribution": {"train_root": str(root)}})
+    check_attribution(read_results("05_attribution", out / "results"), pair.name)
+    assert (out / "figures" / "05_wait_graph.json").exists()
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_on_a_gemma3_pair_file(gemma3_pair_file, tmp_path):
+    name = json.loads(gemma3_pair_file.read_text())["name"]
+    pipeline.run_pipeline(str(gemma3_pair_file), run_dir=tmp_path, output_dir=tmp_path)
+    results = {p.stem: read_results(p.stem, tmp_path / "results") for p in pipeline.numbered_notebooks()}
+    assert all(entry["config"] == name for entry in results.values())
+    train = results["01_train"]
+    kinds = {m["kind"] for m in train["models"].values()}
+    assert kinds == {"hybrid", "adapter", "mlp_finetune", "local_mse"}
+    for model in train["models"].values():
+        if model["kind"] in ("adapter", "local_mse"):  # FVU against the difference after the post-MLP norm
+            assert all(v >= 0 for v in model["fvu_target_inputs_by_layer"])
+    check_attribution(results["05_attribution"], name)
+    ablation = results["06_ablation"]
+    assert ablation["feature_source"] == "05_attribution" and ablation["n_problems"] == 8
+    assert ablation["n_features_chosen"] == results["05_attribution"]["hesitation_features"]
+    assert {"adapter", "ablated", "random_control", "steered"} <= set(ablation)
