@@ -195,7 +195,7 @@ def test_rule_positions_flag_a_total_that_crosses_below_zero():
     flags = A.rule_positions(Chars(), ids, prompt_tokens=12)
     assert not any(flags[:text.index("= -4") + 3]), "the prompt's '=?' and '=' alone are not totals"
     assert flags[text.index(";")] and flags[text.index("wait")]
-    assert not flags[text.index("-4-1")], "after the re-check the last total (2) is not negative"
+    assert flags[text.index("-4-1")], "the re-check restates an old total; the last step is still the crossing one"
     assert not flags[text.index("= -5") + 4], "a total that stays negative does not fire the rule"
 
 
