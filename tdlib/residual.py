@@ -6,6 +6,8 @@
   rotary embeddings, final norm and head) by temporarily replacing layers < k with pass-through modules, so a
   bridge costs only the layers above the cut.
 * ``final_hidden``: the final-normed hidden state (the head's input) without running the head.
+* ``record_attention`` / ``replay_attention``: keep a block's attention output from one pass and hand it to a
+  later pass whose block receives the same input, instead of computing it again (training's bridges).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import find_layers, get_mlp, unwrap
+from .models import find_layers, get_mlp, mlp_name, unwrap
 
 
 def _hidden(output):
@@ -80,7 +82,8 @@ def final_hidden(model, input_ids, attention_mask=None) -> torch.Tensor:
     if decoder is inner:
         raise ValueError(f"{type(inner).__name__}.get_decoder() returns the model itself; the final hidden state "
                          "needs a CausalLM whose decoder is a submodule")
-    return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: a KV cache is for generation; building one here only copies every layer's keys and values
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_mask=None, hidden: bool = False):
@@ -96,7 +99,77 @@ def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_m
     try:
         if hidden:
             return final_hidden(model, input_ids, attention_mask)
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
+"""Attribute names of a decoder block's attention module (Llama/Qwen/Gemma/Mistral, GPT-2, GPT-NeoX)."""
+
+
+def attention_name(block: nn.Module) -> str | None:
+    """The attribute name of ``block``'s attention module, or None when the block has none of ``ATTENTION_NAMES``."""
+    return next((name for name in ATTENTION_NAMES if isinstance(getattr(block, name, None), nn.Module)), None)
+
+
+def attention_replayable(model) -> bool:
+    """Whether a block's attention output depends only on the block's input, so one pass's output can stand in for
+    another's on the same input, with the same gradients: every block has an attention module, no parameter of a
+    block outside its MLP trains (so a recording made without grad loses no gradient), no block is recomputed in
+    the backward pass (activation checkpointing off), and no attention dropout is active."""
+    inner = unwrap(model)
+    blocks = find_layers(model)
+    names = [attention_name(block) for block in blocks]
+    if None in names or any(getattr(block, "gradient_checkpointing", False) for block in blocks):
+        return False
+    mlp = {id(p) for block in blocks for p in getattr(block, mlp_name(model)).parameters()}
+    if any(p.requires_grad and id(p) not in mlp for block in blocks for p in block.parameters()):
+        return False
+    if inner.training:
+        rates = [value for key, value in vars(inner.config).items()
+                 if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float))]
+        attention = [m for block, name in zip(blocks, names) for m in getattr(block, name).modules()]
+        if any(rate > 0 for rate in rates) or any(isinstance(m, nn.Dropout) and m.p > 0 for m in attention):
+            return False
+    return True
+
+
+@contextmanager
+def record_attention(model, layers):
+    """Yields a dict that fills with {layer: its attention module's output} for the given ``layers``."""
+    blocks = find_layers(model)
+    outputs: dict = {}
+    handles = [getattr(blocks[i], attention_name(blocks[i])).register_forward_hook(
+        lambda module, args, output, i=i: outputs.__setitem__(i, output)) for i in layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Replay(nn.Module):
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@contextmanager
+def replay_attention(model, outputs: dict):
+    """Within the block, each layer in ``outputs`` returns its recorded attention output instead of computing it.
+    Exact only when that layer receives the same input as in the recording pass (``attention_replayable``)."""
+    blocks = find_layers(model)
+    names = {i: attention_name(blocks[i]) for i in outputs}
+    originals = {i: getattr(blocks[i], names[i]) for i in outputs}
+    for i, output in outputs.items():
+        setattr(blocks[i], names[i], _Replay(output))
+    try:
+        yield
+    finally:
+        for i, module in originals.items():
+            setattr(blocks[i], names[i], module)

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .adapter import AdapterSet, TranscoderAdapter
-from .models import (PLACEMENTS, check_compatible, find_layers, get_mlp, post_mlp_norm_name, set_mlp,
+from .models import (PLACEMENTS, check_compatible, find_layers, get_mlp, mlp_name, post_mlp_norm_name, set_mlp,
                      unwrap)
 
 CHOICES = ("target", "base", "adapter")
@@ -90,7 +90,8 @@ class PostMLPNorm(nn.Module):
 
 
 def spliced_mlps(model) -> list[SplicedMLP]:
-    mlps = [get_mlp(model, i) for i in range(len(find_layers(model)))]
+    name = mlp_name(model)  # the block list and the MLP's name looked up once, not per layer (it runs per pass)
+    mlps = [getattr(block, name) for block in find_layers(model)]
     if not all(isinstance(m, SplicedMLP) for m in mlps):
         raise ValueError("this model is not spliced; call tdlib.splice.splice(target, base) first")
     return mlps

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -44,7 +45,8 @@ from . import metrics
 from .metrics import kl_divergence, masked_mean, next_token_mask, nmse, token_kl  # noqa: F401 (re-exported)
 from .models import find_layers, get_mlp, unwrap
 from .results import atomic_write_text
-from .residual import capture_features, capture_residuals, final_hidden, run_from_layer
+from .residual import (attention_replayable, capture_features, capture_residuals, final_hidden, record_attention,
+                       replay_attention, run_from_layer)
 from .schedule import warmup_cosine
 from .splice import enable_gradient_checkpointing, mlp_choice, mlp_difference, spliced_mlps
 
@@ -158,6 +160,70 @@ def token_rows(tensor, mask) -> torch.Tensor:
     return tensor.flatten(0, 1)[mask.flatten().bool()]
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of two [rows, n] tensors -> [rows], as a batched matrix product (no [rows, n] product
+    tensor is made)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
+class TargetDistribution(NamedTuple):
+    """The target's next-token distribution at the scored rows, computed once per batch (no grad) and shared by the
+    adapt-only KL and both bridges' KL."""
+
+    probs: torch.Tensor
+    """[rows, vocab] float32: p_target."""
+    neg_entropy: torch.Tensor
+    """[rows]: sum_v p log p."""
+    mass: torch.Tensor
+    """[rows]: sum_v p (1 up to rounding; kept so the KL is exactly sum_v p (log p - log q), as ``token_kl``)."""
+
+
+def target_distribution(target_logits: torch.Tensor) -> TargetDistribution:
+    """``TargetDistribution`` of [rows, vocab] target logits."""
+    with torch.no_grad():
+        log_probs = F.log_softmax(target_logits.float(), dim=-1)
+        probs = log_probs.exp()
+        return TargetDistribution(probs, _row_dot(probs, log_probs), probs.sum(-1))
+
+
+class _KLToTarget(torch.autograd.Function):
+    """Per row, KL(p_target || softmax(logits)) = sum_v p (log p - log q): ``tdlib.metrics.token_kl`` with the
+    target's side precomputed (``TargetDistribution``), one [rows, vocab] tensor (log q) kept for the backward pass,
+    and the gradient, grad * (mass * q - p), written into one buffer."""
+
+    @staticmethod
+    def forward(ctx, logits, probs, neg_entropy, mass):
+        log_q = F.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_q, probs, mass)
+        return neg_entropy - _row_dot(probs, log_q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, probs, mass = ctx.saved_tensors
+        return log_q.exp().mul_(mass.unsqueeze(-1)).sub_(probs).mul_(grad.unsqueeze(-1)), None, None, None
+
+
+def kl_to_target(target: TargetDistribution, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_target || softmax(logits)); ``logits`` [rows, vocab] at the same rows as ``target``
+    (equal to ``kl_divergence`` over those positions)."""
+    return _KLToTarget.apply(logits.float(), *target).sum() / logits.shape[0]
+
+
+PLAIN_HEAD_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3_text", "gpt2", "gpt_neox")
+"""Model types whose logits are the output head applied to the decoder's final hidden state and nothing else; for
+these the objective runs the head only at the scored positions (other types: the model's own logits)."""
+
+
+def plain_head(model):
+    """The output head when the model's logits are known to be exactly ``head(final hidden state)``, else None."""
+    if unwrap(model).config.model_type not in PLAIN_HEAD_TYPES:
+        return None
+    try:
+        return chunkable_head(model)
+    except ValueError:
+        return None
+
+
 def chunk_kl(head, target_hidden, hidden) -> torch.Tensor:
     """Per-position KL of one chunk of final hidden states, through the head (the target's side without grad)."""
     with torch.no_grad():
@@ -180,14 +246,14 @@ def chunked_kl_divergence(head, target_hidden, hidden, positions, chunk_tokens: 
 def sparsity(model, features: dict, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(decoder-norm-weighted L1 summed over layers, L0 per layer), each a mean over every real token (``mask`` is
     the attention mask; L0 as ``tdlib.metrics.l0``)."""
-    n_layers = len(find_layers(model))
-    l0 = torch.zeros(n_layers)
+    mlps = spliced_mlps(model)
+    l0 = torch.zeros(len(mlps), device=mask.device)
     l1 = torch.zeros((), device=mask.device)
     for layer, acts in features.items():
-        norms = get_mlp(model, layer).adapter.decoder_norms()
-        l1 = l1 + masked_mean((acts * norms).sum(-1), mask)
-        l0[layer] = metrics.l0(acts, mask).detach().cpu()
-    return l1, l0
+        norms = mlps[layer].adapter.decoder_norms()
+        l1 = l1 + masked_mean(acts @ norms.to(acts.dtype), mask)
+        l0[layer] = metrics.l0(acts.detach(), mask)
+    return l1, l0.cpu()  # one device-to-host copy per step, not one per layer
 
 
 def bridge_choices(replacement: str, n_layers: int, cut: int) -> dict[str, list[str]]:
@@ -215,32 +281,61 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
     terms run the head chunk by chunk when ``config.kl_chunk_tokens`` is set).
 
     KL terms count position t only when token t+1 is real (``next_token_mask``): the prediction made at the last
-    real token is never trained. NMSE and the sparsity terms count every real token."""
+    real token is never trained. NMSE and the sparsity terms count every real token.
+
+    Work done once, not per term: the target's distribution at the scored positions (``target_distribution``) is
+    shared by the three KL terms; for a model whose logits are the head of the final hidden state
+    (``plain_head``) the head runs only at the scored positions; a bridge that is the replaced model itself (cut L
+    for adapter->target, cut 0 for target->adapter) reuses the adapt-only KL instead of running again; and where a
+    block receives the same input as in the target pass (layer 0 of the adapter pass, layer k of the
+    target->adapter bridge) its attention output is the target pass's (``tdlib.residual.replay_attention``; off
+    under activation checkpointing or active dropout, ``attention_replayable``)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     scored = next_token_mask(mask)
     n_layers = len(find_layers(model))
     chunked = config.kl_chunk_tokens is not None
-    head = chunkable_head(model) if chunked else None
+    head = chunkable_head(model) if chunked else plain_head(model)
+    hidden = head is not None  # passes stop at the final hidden state
 
     def run():
-        return final_hidden(model, ids, mask) if chunked else model(input_ids=ids, attention_mask=mask).logits
+        if hidden:
+            return final_hidden(model, ids, mask)
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-    def divergence(target_out, out):
+    def scored_logits(out):
+        out = token_rows(out, scored)
+        return head(out) if hidden else out
+
+    def divergence(out):
         if chunked:
             return chunked_kl_divergence(head, target_out, out, scored, config.kl_chunk_tokens)
-        return kl_divergence(target_out, out, scored)
+        return kl_to_target(target, scored_logits(out))
 
-    with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals:
+    bridges = bridge_choices(config.replacement, n_layers, cut)
+    own = {name for name, choice in bridges.items() if all(chosen == config.replacement for chosen in choice)}
+    # Layer 0 of the adapter pass and layer k of the target->replaced bridge receive exactly what the target pass's
+    # blocks received, so their attention outputs are the target pass's (no grad flows there either way). The
+    # replaced->target bridge's layer k could reuse the adapter pass's, but its gradient would then be summed in a
+    # different order (a rounding-level change): not done, so the result stays bitwise that of the plain passes.
+    replay = attention_replayable(model)
+    recorded = ([0] + [cut] * ("target_to_replaced" in bridges.keys() - own)) if replay else []
+    with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals, \
+            record_attention(model, recorded) as target_attention:
         target_out = run()
+        target = None if chunked else target_distribution(scored_logits(target_out))
     with mlp_choice(model, config.replacement), capture_residuals(model) as residuals, \
-            capture_features(model) as features:
+            capture_features(model) as features, replay_attention(model, {0: target_attention[0]} if replay else {}):
         out = run()
-    kl = divergence(target_out, out)
+    kl = divergence(out)
     bridge_kl = torch.zeros((), device=ids.device)
-    for name, choice in bridge_choices(config.replacement, n_layers, cut).items():
+    for name, choice in bridges.items():
+        if name in own:  # the replaced model itself (cut L or 0): the same logits
+            bridge_kl = bridge_kl + kl
+            continue
         start = residuals[cut] if name == "replaced_to_target" else target_residuals[cut]
-        with mlp_choice(model, choice):
-            bridge_kl = bridge_kl + divergence(target_out, run_from_layer(model, start, cut, ids, mask, chunked))
+        reuse = {cut: target_attention[cut]} if replay and name == "target_to_replaced" else {}
+        with mlp_choice(model, choice), replay_attention(model, reuse):
+            bridge_kl = bridge_kl + divergence(run_from_layer(model, start, cut, ids, mask, hidden))
     hidden_nmse = nmse(residuals, target_residuals, mask)
     l1, l0 = sparsity(model, features, mask)
     weight_l1 = config.l1_weight if config.kind == "adapter" else 0.0
