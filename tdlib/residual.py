@@ -117,12 +117,16 @@ def attention_name(block: nn.Module) -> str | None:
 def attention_replayable(model) -> bool:
     """Whether a block's attention output depends only on the block's input, so one pass's output can stand in for
     another's on the same input, with the same gradients: every block has an attention module, no parameter of a
-    block outside its MLP trains (so a recording made without grad loses no gradient), no block is recomputed in
-    the backward pass (activation checkpointing off), and no attention dropout is active."""
+    block outside its MLP trains (so a recording made without grad loses no gradient), a block recomputed in the
+    backward pass is recomputed with the attention module it ran with (activation checkpointing off, or on through
+    ``tdlib.splice.enable_gradient_checkpointing``, which pins it), and no attention dropout is active."""
     inner = unwrap(model)
     blocks = find_layers(model)
     names = [attention_name(block) for block in blocks]
-    if None in names or any(getattr(block, "gradient_checkpointing", False) for block in blocks):
+    if None in names:
+        return False
+    if any(getattr(block, "gradient_checkpointing", False) for block in blocks) and \
+            not getattr(inner, "_tdlib_pinned_checkpointing", False):
         return False
     mlp = {id(p) for block in blocks for p in getattr(block, mlp_name(model)).parameters()}
     if any(p.requires_grad and id(p) not in mlp for block in blocks for p in block.parameters()):

@@ -240,24 +240,39 @@ def enable_gradient_checkpointing(model) -> None:
 
     The backward pass recomputes each layer after ``mlp_choice`` has already restored the previous choice, so
     plain checkpointing would recompute with the wrong MLP. Each checkpoint here snapshots the per-layer choice
-    when the layer first runs and pins it while the layer is recomputed."""
+    when the layer first runs and pins it while the layer is recomputed; likewise each block's attention module,
+    so a layer that ran with a replayed attention output (``tdlib.residual.replay_attention``) is recomputed with
+    it too."""
+    from .residual import attention_name
+
     mlps = spliced_mlps(model)
+    blocks = list(find_layers(model))  # the blocks themselves (run_from_layer swaps stand-ins into the list)
+    names = [attention_name(block) for block in blocks]
+
+    def attention_modules():
+        return [getattr(block, name) if name else None for block, name in zip(blocks, names)]
+
+    def install(choices, attentions):
+        for mlp, chosen in zip(mlps, choices):
+            mlp.choice = chosen
+        for block, name, module in zip(blocks, names, attentions):
+            if name and getattr(block, name) is not module:
+                setattr(block, name, module)
 
     def context_fn():
-        snapshot = [mlp.choice for mlp in mlps]
+        snapshot = [mlp.choice for mlp in mlps], attention_modules()
 
         @contextmanager
         def pinned():
-            previous = [mlp.choice for mlp in mlps]
-            for mlp, chosen in zip(mlps, snapshot):
-                mlp.choice = chosen
+            previous = [mlp.choice for mlp in mlps], attention_modules()
+            install(*snapshot)
             try:
                 yield
             finally:
-                for mlp, chosen in zip(mlps, previous):
-                    mlp.choice = chosen
+                install(*previous)
 
         return nullcontext(), pinned()
 
     unwrap(model).activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    unwrap(model)._tdlib_pinned_checkpointing = True  # tdlib.residual.attention_replayable reads it

@@ -287,9 +287,9 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
     shared by the three KL terms; for a model whose logits are the head of the final hidden state
     (``plain_head``) the head runs only at the scored positions; a bridge that is the replaced model itself (cut L
     for adapter->target, cut 0 for target->adapter) reuses the adapt-only KL instead of running again; and where a
-    block receives the same input as in the target pass (layer 0 of the adapter pass, layer k of the
-    target->adapter bridge) its attention output is the target pass's (``tdlib.residual.replay_attention``; off
-    under activation checkpointing or active dropout, ``attention_replayable``)."""
+    block receives the same input as a block of an earlier pass (layer 0 of the adapter pass, layer k of each
+    bridge) it takes that block's attention output instead of computing it again
+    (``tdlib.residual.replay_attention``; off under active dropout, ``attention_replayable``)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     scored = next_token_mask(mask)
     n_layers = len(find_layers(model))
@@ -313,18 +313,20 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
 
     bridges = bridge_choices(config.replacement, n_layers, cut)
     own = {name for name, choice in bridges.items() if all(chosen == config.replacement for chosen in choice)}
-    # Layer 0 of the adapter pass and layer k of the target->replaced bridge receive exactly what the target pass's
-    # blocks received, so their attention outputs are the target pass's (no grad flows there either way). The
-    # replaced->target bridge's layer k could reuse the adapter pass's, but its gradient would then be summed in a
-    # different order (a rounding-level change): not done, so the result stays bitwise that of the plain passes.
+    # Blocks that receive exactly what a block of an earlier pass received take that block's attention output:
+    # layer 0 of the replaced pass and layer k of the target->replaced bridge the target pass's (no grad flows there
+    # either way), layer k of the replaced->target bridge the replaced pass's (its gradient joins there).
     replay = attention_replayable(model)
-    recorded = ([0] + [cut] * ("target_to_replaced" in bridges.keys() - own)) if replay else []
+    running = bridges.keys() - own
+    from_target = ([0] + [cut] * ("target_to_replaced" in running)) if replay else []
+    from_replaced = [cut] if replay and "replaced_to_target" in running else []
     with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals, \
-            record_attention(model, recorded) as target_attention:
+            record_attention(model, from_target) as target_attention:
         target_out = run()
         target = None if chunked else target_distribution(scored_logits(target_out))
     with mlp_choice(model, config.replacement), capture_residuals(model) as residuals, \
-            capture_features(model) as features, replay_attention(model, {0: target_attention[0]} if replay else {}):
+            capture_features(model) as features, record_attention(model, from_replaced) as attention, \
+            replay_attention(model, {0: target_attention[0]} if replay else {}):
         out = run()
     kl = divergence(out)
     bridge_kl = torch.zeros((), device=ids.device)
@@ -333,8 +335,8 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
             bridge_kl = bridge_kl + kl
             continue
         start = residuals[cut] if name == "replaced_to_target" else target_residuals[cut]
-        reuse = {cut: target_attention[cut]} if replay and name == "target_to_replaced" else {}
-        with mlp_choice(model, choice), replay_attention(model, reuse):
+        recorded = attention if name == "replaced_to_target" else target_attention
+        with mlp_choice(model, choice), replay_attention(model, {cut: recorded[cut]} if replay else {}):
             bridge_kl = bridge_kl + divergence(run_from_layer(model, start, cut, ids, mask, hidden))
     hidden_nmse = nmse(residuals, target_residuals, mask)
     l1, l0 = sparsity(model, features, mask)
