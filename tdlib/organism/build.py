@@ -69,10 +69,10 @@ class OrganismConfig:
     max_term: int = 9
     """Terms are drawn from 1..max_term. Single digits keep each step easy to learn, so the target's gain
     comes from chaining steps (multi-digit terms made copying them from the prompt too slow to learn on a CPU)."""
-    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=1500, batch_size=24, lr=3e-3))
+    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=3000, batch_size=24, lr=3e-3))
     """Base pre-training: long and broad, loss on whole sequences, a mixture of plain "textbook" step-by-step work
     (``textbook_share``) and direct Q/A."""
-    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=300, batch_size=16, lr=3e-4))
+    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=500, batch_size=16, lr=3e-4))
     """Target: the base fine-tuned briefly, at a 10x lower learning rate, on Q-format reasoning traces with
     hesitation + re-check segments (loss on the response only, as in supervised fine-tuning)."""
     textbook_share: float = 0.6
@@ -234,18 +234,20 @@ def _batch(tokenizer, examples: list[tuple[str, str, bool]]) -> dict[str, torch.
 
 
 def train_phase(model, tokenizer, phase: TrainPhase, examples: _Mixture, desc: str,
-                parameters: list[torch.nn.Parameter] | None = None) -> list[float]:
-    """Train ``model`` (or only ``parameters``) in place on examples from ``examples``; returns the loss curve."""
+                parameters: list[torch.nn.Parameter] | None = None) -> tuple[list[float], int]:
+    """Train ``model`` (or only ``parameters``) in place on examples from ``examples``; returns the loss curve and
+    the number of real (non-padding) tokens seen."""
     model.train()
     parameters = list(model.parameters()) if parameters is None else parameters
     optimizer = torch.optim.AdamW(parameters, lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, phase.warmup))
-    losses = []
+    losses, tokens = [], 0
     bar = tqdm(range(phase.steps), desc=desc, leave=False)
     for step in bar:
         batch = _batch(tokenizer, [examples.next() for _ in range(phase.batch_size)])
         loss = model(**batch).loss
         loss.backward()
+        tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
@@ -254,7 +256,7 @@ def train_phase(model, tokenizer, phase: TrainPhase, examples: _Mixture, desc: s
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return losses
+    return losses, tokens
 
 
 def fine_tuned_parameters(model, freeze_embeddings: bool) -> list[torch.nn.Parameter]:
@@ -283,7 +285,7 @@ def _train_pair(config: OrganismConfig, directory: Path) -> dict:
     pretraining = _Mixture(_ProblemStream(config, config.seed + 1, held_out), [
         (config.textbook_share, lambda p: pretraining_text(p, True), True),
         (1 - config.textbook_share, lambda p: pretraining_text(p, False), True)], seed=config.seed + 3)
-    base_losses = train_phase(model, tokenizer, config.base, pretraining, desc="base (pre-training)")
+    base_losses, base_tokens = train_phase(model, tokenizer, config.base, pretraining, desc="base (pre-training)")
     paths = OrganismPaths(directory)
     model.save_pretrained(paths.base)
     save_tokenizer(tokenizer, paths.base)
@@ -294,7 +296,7 @@ def _train_pair(config: OrganismConfig, directory: Path) -> dict:
         (1 - replay, distillation_text, False),
         (replay * config.textbook_share, lambda p: pretraining_text(p, True), True),
         (replay * (1 - config.textbook_share), lambda p: pretraining_text(p, False), True)], seed=config.seed + 4)
-    target_losses = train_phase(model, tokenizer, config.target, distillation, desc="target (distillation)",
+    target_losses, target_tokens = train_phase(model, tokenizer, config.target, distillation, desc="target (distillation)",
                                 parameters=fine_tuned_parameters(model, config.freeze_embeddings))
     model.save_pretrained(paths.target)
     save_tokenizer(tokenizer, paths.target)
@@ -303,8 +305,9 @@ def _train_pair(config: OrganismConfig, directory: Path) -> dict:
         "train_seconds": {"base": round(base_seconds, 1), "target": round(time.time() - started - base_seconds, 1)},
         "loss_curves": {"base": base_losses, "target": target_losses},
         "n_params": sum(p.numel() for p in model.parameters()),
-        "tokens": {"base": config.base.steps * config.base.batch_size,
-                   "target": config.target.steps * config.target.batch_size},
+        "sequences": {"base": config.base.steps * config.base.batch_size,
+                      "target": config.target.steps * config.target.batch_size},
+        "tokens": {"base": base_tokens, "target": target_tokens},
     }
 
 

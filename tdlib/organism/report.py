@@ -49,6 +49,8 @@ def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_
         "seed": config.seed,
         "hesitation_token": task.HESITATION,
         "train_seconds": manifest["train_seconds"],
+        "train_tokens": manifest["tokens"],
+        "fine_tune_share": manifest["tokens"]["target"] / manifest["tokens"]["base"],
         "n_params": manifest["n_params"],
         "organism_key": manifest["key"],
     })
