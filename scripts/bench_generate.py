@@ -3,6 +3,7 @@
     python scripts/bench_generate.py                    # the organism: target vs its analysis adapter model
     python scripts/bench_generate.py --config smoke     # seconds
     python scripts/bench_generate.py --model adapter_l1_0.001 --batch-size 1
+    python scripts/bench_generate.py --config smollm2 --batch-size 8 --new-tokens 64 --threads 1
 
 Both models run plain ``model.generate`` (greedy, KV cache) on the same held-out prompts; the spliced model's
 MLPs are ordinary modules, so there is no per-step Python intervention. Every response is forced to exactly
@@ -16,6 +17,8 @@ import statistics
 import time
 
 import torch
+
+from bench_common import pair_or_exit, set_threads
 
 
 def tokens_per_second(model, batch, new_tokens: int, pad_token_id: int) -> float:
@@ -31,15 +34,14 @@ def tokens_per_second(model, batch, new_tokens: int, pad_token_id: int) -> float
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tdlib.bench import organism_items
+    from tdlib.bench import pair_benchmark
     from tdlib.models import load_tokenizer
-    from tdlib.pairs import resolve_pair
     from tdlib.results import read_results
     from tdlib.splice import get_mlp_choice
     from tdlib.sweep import load_named, trained_runs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="organism")
+    parser.add_argument("--config", default="organism", help="a built pair: organism, smoke, smollm2, a pair file")
     parser.add_argument("--model", default=None, help="adapter run to time (default: 01's analysis model, else "
                         "the first trained adapter run)")
     parser.add_argument("--results-dir", default="results")
@@ -48,10 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
-    pair = resolve_pair(args.config)
+    pair = pair_or_exit(args.config)
     name = args.model
     if name is None:
         try:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     target, adapted = load_named(pair, "target"), load_named(pair, name)
     if set(get_mlp_choice(adapted)) != {"adapter"}:
         raise SystemExit(f"{name} is not an all-adapter model (MLP choice {get_mlp_choice(adapted)})")
-    prompts = [item.question for item in organism_items(args.config, limit=args.batch_size)]
+    prompts = pair_benchmark(pair, limit=args.batch_size).prompts(tokenizer)  # as the notebooks render them
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(target.parameters()).device)
 
     speeds = {"target": [], name: []}
