@@ -8,8 +8,9 @@ Phases of one graph (each timed inside ``attribute`` by wrapping the functions i
 
 * forward: ``freeze``, the adapter model's forward pass on the prompt with every norm scale, attention pattern,
   error node and active feature captured;
-* selection: ``select_features_by_influence`` (only with ``--max-feature-nodes`` and more features active);
-* backward batches: the transposed passes of the frozen replay, ``--batch-size`` target nodes per batch;
+* selection: ``select_features_by_influence`` (only with ``--max-feature-nodes`` and more features active), its
+  own backward batches included;
+* backward batches: the graph's transposed passes of the frozen replay, ``--batch-size`` target nodes per batch;
 * other: the rest of ``attribute`` (adjacency assembly, biases, logits);
 * pruning: ``prune`` (node then edge thresholds); scores: ``graph_scores``.
 
@@ -92,14 +93,20 @@ def phase_timers(seconds: dict, calls: dict):
              "_fill_rows": "backward batches"}
     originals = {name: getattr(module, name) for name in names}
 
+    active = []  # a call inside a timed call (selection runs backward batches itself) counts to the outer one
+
     def timed(name, fn):
         def wrapper(*args, **kwargs):
+            if active:
+                return fn(*args, **kwargs)
+            active.append(name)
             started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 seconds[names[name]] += time.perf_counter() - started
                 calls[names[name]] += 1
+                active.pop()
         return wrapper
 
     for name, fn in originals.items():

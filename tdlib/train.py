@@ -522,15 +522,18 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        n_tokens = int(batch["attention_mask"].sum())
         mask = batch["attention_mask"].bool()
-        for layer, acts in result.features.items():
-            fired = (acts.detach()[mask] > 0).any(0).cpu()
-            since_fired[layer] = torch.where(fired, 0, since_fired[layer] + n_tokens)
+        # what the log and the dead-feature count need, copied to the host in one transfer (one device sync)
+        layers = list(result.features)
+        fired = [((acts.detach() > 0) & mask.unsqueeze(-1)).flatten(0, -2).any(0) for acts in result.features.values()]
+        terms = torch.stack([result.loss, result.kl, result.bridge_kl, result.nmse, result.l1]).detach().float()
+        host = torch.cat([terms, mask.sum().unsqueeze(0).float(), *(f.float() for f in fired)]).cpu()
+        (loss, kl, bridge_kl, hidden_nmse, l1), n_tokens = host[:5].tolist(), int(host[5])
+        for layer, layer_fired in zip(layers, host[6:].split([f.numel() for f in fired])):
+            since_fired[layer] = torch.where(layer_fired.bool(), 0, since_fired[layer] + n_tokens)
         tokens_seen = (log[-1].get("tokens", 0) if log else 0) + n_tokens
-        log.append({"step": step + 1, "tokens": tokens_seen, "loss": result.loss.item(), "kl": result.kl.item(),
-                    "bridge_kl": result.bridge_kl.item(), "nmse": result.nmse.item(), "l1": result.l1.item(),
-                    "l0": result.l0.mean().item(), "lr": scheduler.get_last_lr()[0],
+        log.append({"step": step + 1, "tokens": tokens_seen, "loss": loss, "kl": kl, "bridge_kl": bridge_kl,
+                    "nmse": hidden_nmse, "l1": l1, "l0": result.l0.mean().item(), "lr": scheduler.get_last_lr()[0],
                     **{f"l0_layer{i}": v for i, v in enumerate(result.l0.tolist())}})
         if wandb_run is not None:
             wandb_run.log(log[-1], step=step + 1)
