@@ -343,8 +343,9 @@ def ground_truth_figure(score: dict):
     palette = plt.get_cmap("viridis")(np.linspace(0.1, 0.9, max(len(layers), 1)))
     colors = [palette[layers.index(e["layer"])] for e in features]
     detect_axis.bar(range(len(features)), [e["auroc"] for e in features], color=colors, width=1.0)
-    for layer, color in zip(layers, palette):
-        detect_axis.bar([], [], color=color, label=f"feature in layer {layer}")
+    from matplotlib.patches import Patch
+
+    layer_handles = [Patch(color=color, label=f"feature in layer {layer}") for layer, color in zip(layers, palette)]
     detect_axis.axhline(score["set"]["auroc"], color="black", linestyle="-",
                         label=f"the set's summed activation ({score['set']['auroc']:.2f})")
     detect_axis.axhline(score["probe"]["auroc"], color="#C44E52", linestyle="--",
@@ -353,16 +354,17 @@ def ground_truth_figure(score: dict):
     detect_axis.set(xlabel="hesitation feature (sorted by AUROC)", ylabel="AUROC at step ends",
                     ylim=(0, 1.02), title=f"Detecting where the rule fires ({score['n_fires']} of "
                                           f"{score['n_decisions']} step ends)")
-    detect_axis.legend(fontsize=8, loc="lower left")
+    handles, _ = detect_axis.get_legend_handles_labels()
+    detect_axis.legend(handles=handles + layer_handles, fontsize=8, loc="lower left")
     ablation = score["ablation"]
-    labels = ["P(wait) where\nthe rule fires", "top-1 agreement\nelsewhere"]
-    before = [ablation["p_wait_where_rule_fires"]["before"], 1.0]
-    after = [ablation["p_wait_where_rule_fires"]["after"], ablation["top1_agreement_elsewhere"]]
+    labels = ["\"wait\" is the top-1\nwhere the rule fires", "top-1 unchanged\nelsewhere"]
+    before = [ablation["wait_top1_where_rule_fires"]["before"], 1.0]
+    after = [ablation["wait_top1_where_rule_fires"]["after"], ablation["top1_agreement_elsewhere"]]
     x = np.arange(len(labels))
     ablate_axis.bar(x - 0.2, before, width=0.4, label="adapter model", color=MODEL_COLORS["adapter"])
     ablate_axis.bar(x + 0.2, after, width=0.4, label="hesitation features ablated", color="#999999")
     ablate_axis.set_xticks(x, labels)
-    ablate_axis.set(ylabel="probability / share of positions", ylim=(0, 1.05),
+    ablate_axis.set(ylabel="share of positions", ylim=(0, 1.05),
                     title="Teacher-forced ablation on the target's traces")
     ablate_axis.legend(fontsize=8)
     fig.suptitle(f"Hesitation features against the organism's known rule ({score['n_problems']} held-out problems)")
