@@ -98,9 +98,10 @@ def test_training_with_both_memory_knobs_ends_with_the_same_weights(tmp_path, ki
     lean_config = dataclasses.replace(config, kl_chunk_tokens=5, gradient_checkpointing=True)
     lean_log = train(lean, RandomBatches(), lean_config, tmp_path / "lean", progress=False).log
     assert unwrap(lean).is_activation_checkpointing and not unwrap(plain).is_activation_checkpointing
-    # float32 sums in another order (chunks; thread count): the mlp_finetune loss is ~0.007, so agreement is
-    # ~1e-5 relative, and 3 AdamW steps of lr 1e-2 move weights by up to 3e-2, of which ~4e-5 differ (2 threads)
-    assert [row["loss"] for row in lean_log] == pytest.approx([row["loss"] for row in plain_log], rel=1e-4)
+    # float32 sums in another order (chunks; thread count): the mlp_finetune loss is ~0.008, and after one AdamW
+    # step of lr 1e-2 the two runs' losses were seen 8e-7 apart (1.0e-4 relative, 2 threads); weights move by up to
+    # 3e-2, of which ~4e-5 differ
+    assert [row["loss"] for row in lean_log] == pytest.approx([row["loss"] for row in plain_log], rel=5e-4)
     lean_parameters = dict(lean.named_parameters())
     for name, parameter in plain.named_parameters():
         assert torch.allclose(parameter, lean_parameters[name], atol=3e-4), name

@@ -2,8 +2,8 @@
 
 An organism sequence is ``prompt + reasoning_trace + <eos>``, e.g.::
 
-    Q: 2-6+9=? 2-6=-4; wait, check: -4+6=2, ok; -4+9=5; A: 5<eos>
-    |-prompt-| |step-| |-------- check --------| |step-| |ans|eos
+    Q: 2-6+9=? 2-6= -4; wait, check: -4+6=2, ok; -4+9=5; A: 5<eos>
+    |-prompt-| |-step-| |-------- check --------| |step-| |ans|eos
 
 Segments (``SEGMENTS``, in this order; ids are indices into it):
 
