@@ -26,7 +26,10 @@ from pathlib import Path
 
 from .results import REPO_ROOT
 
-ARTIFACTS = REPO_ROOT / "artifacts"
+ARTIFACTS = Path(os.environ.get("TDLIB_ARTIFACTS") or REPO_ROOT / "artifacts")
+"""Where pipeline stages write per-pair artifacts (trained runs, data copies, autointerp caches); the environment
+variable ``TDLIB_ARTIFACTS`` moves it (the slow notebook tests point it at a temporary folder, so a tiny run never
+replaces a real run of the same pair). Built pairs keep their own caches (``artifacts/organism``, ``artifacts/smollm2``)."""
 HUB_PREFIX = "hub:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 

