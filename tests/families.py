@@ -39,3 +39,20 @@ def family_model(family: str, seed: int = 0, **overrides):
             if "norm" in name and name.endswith("weight"):
                 parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
     return model
+
+
+def with_random_adapters(base, target, n_features: int = 24, seed: int = 0, meta: dict | None = None,
+                         dtype=torch.float64):
+    """``target`` spliced with ``base``'s MLPs and adapters whose decoders, encoder and decoder biases are random and
+    nonzero (a fresh adapter writes nothing), every layer on "adapter", in ``dtype``."""
+    from tdlib.adapter import AdapterSet
+    from tdlib.splice import set_mlp_choice, splice
+
+    adapters = AdapterSet.for_model(target, n_features=n_features, seed=seed, meta=meta or {})
+    generator = torch.Generator().manual_seed(seed)
+    for adapter in adapters.adapters.values():
+        for parameter in (adapter.W_dec, adapter.b_enc, adapter.b_dec):
+            torch.nn.init.normal_(parameter, std=0.3, generator=generator)
+    model = splice(target, base, adapters).to(dtype)
+    set_mlp_choice(model, "adapter")
+    return model.eval()

@@ -5,25 +5,18 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from families import with_random_adapters
 from tdlib import attribution as A
-from tdlib.adapter import AdapterSet
 from tdlib.graph_export import frontend_graph, plot_graph, plot_hesitation
-from tdlib.splice import set_mlp_choice, splice
+from tdlib.splice import set_mlp_choice
 
 TOKEN = 5
 
 
 def adapter_model(dtype=torch.float64, seed=0, n_features=24):
     """Tiny spliced Qwen2 with random, nonzero adapters (decoders, encoder and decoder biases), all layers on."""
-    base, target = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
-    adapters = AdapterSet.for_model(target, n_features=n_features, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    for adapter in adapters.adapters.values():
-        for parameter in (adapter.W_dec, adapter.b_enc, adapter.b_dec):
-            torch.nn.init.normal_(parameter, std=0.3, generator=generator)
-    model = splice(target, base, adapters).to(dtype)
-    set_mlp_choice(model, "adapter")
-    return model.eval()
+    return with_random_adapters(tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1), n_features, seed,
+                                dtype=dtype)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,10 @@ check, and what it cannot replay is refused up front with the feature named."""
 import pytest
 import torch
 
-from families import FAMILIES, REPLAYABLE, family_model
+from families import FAMILIES, REPLAYABLE, family_model, with_random_adapters
 from tdlib import attribution as A
-from tdlib.adapter import AdapterSet
 from tdlib.attribution.capture import NotReplayable
-from tdlib.splice import get_placement, set_mlp_choice, set_placement, splice
+from tdlib.splice import get_placement
 
 TOKEN = 5
 IDS = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(3))  # longer than the sliding window
@@ -15,16 +14,8 @@ IDS = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(3))  #
 
 def adapter_model(family: str, placement: str | None = None, dtype=torch.float64):
     """Spliced tiny model with random, nonzero adapters on every layer, MLP choice "adapter"."""
-    base, target = family_model(family, seed=0), family_model(family, seed=1)
     meta = {} if placement is None else {"placement": placement}
-    adapters = AdapterSet.for_model(target, n_features=24, seed=0, meta=meta)
-    generator = torch.Generator().manual_seed(0)
-    for adapter in adapters.adapters.values():
-        for parameter in (adapter.W_dec, adapter.b_enc, adapter.b_dec):
-            torch.nn.init.normal_(parameter, std=0.3, generator=generator)
-    model = splice(target, base, adapters).to(dtype)
-    set_mlp_choice(model, "adapter")
-    return model.eval()
+    return with_random_adapters(family_model(family, seed=0), family_model(family, seed=1), meta=meta, dtype=dtype)
 
 
 @pytest.mark.parametrize("family", REPLAYABLE)
