@@ -212,3 +212,15 @@ def test_max_feature_nodes_folds_the_rest_into_errors(model, ids, graph):
     direct = graph.adjacency[graph.logit_index, :graph.n_features].abs()
     top = {tuple(f) for f in graph.state.features[direct.topk(5).indices].tolist()}
     assert top <= {tuple(f) for f in capped.state.features.tolist()}
+
+
+def test_dot_at_positions_matches_the_gathered_product():
+    from tdlib.attribution.attribute import _dot_at_positions
+
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(5, 9, 11, dtype=torch.float64, generator=generator)
+    positions = torch.tensor([3, 0, 3, 8, 3, 0, 5])  # unsorted, repeated, positions 1, 2, 4, 6, 7 empty
+    vectors = torch.randn(7, 11, dtype=torch.float64, generator=generator)
+    expected = (grad[:, positions] * vectors).sum(-1)
+    assert torch.allclose(_dot_at_positions(grad, positions, vectors), expected, atol=1e-12)
+    assert _dot_at_positions(grad, positions[:0], vectors[:0]).shape == (5, 0)
