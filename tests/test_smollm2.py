@@ -156,7 +156,7 @@ def test_tiny_build_is_a_plain_float32_copy_of_the_gguf_and_fine_tunes(tmp_path)
 TINY_PLAN = {
     "*": {"n_problems": 6, "max_new_tokens": 64},
     "00": {"batch_size": 6},
-    "01": {"steps": 4, "l1_weights": [0.1], "n_features": 16},
+    "01": {"steps": 4, "l1_weights": [0.1], "n_features": 16, "n_validation_batches": 1},
     "02": {"n_rollouts": 3, "batch_size": 3, "subset_ks": [2], "n_bootstrap": 20},
     "03": {"batch_size": 6},
     "04": {"n_batches": 1, "batch_size": 4, "units_per_layer": 2, "min_fires": 2, "top_k": 3, "n_uniform": 2,
@@ -166,7 +166,7 @@ TINY_PLAN = {
 }
 """Notebook parameters over the pair's own plan (``smollm2.NOTEBOOKS``): every notebook on SmolLM2-135M with the
 least work that still exercises it (one adapter of 16 features per layer trained 4 steps, 6 problems, 64 new
-tokens, 3 rollouts, one attribution graph of at most 64 feature nodes)."""
+tokens, one held-out batch, 3 rollouts, one attribution graph of at most 64 feature nodes)."""
 
 
 @pytest.mark.slow
@@ -197,7 +197,8 @@ def test_every_notebook_runs_on_the_smollm2_pair_with_tiny_settings(tmp_path, mo
         assert not missing, f"{notebook.stem}.json lacks {sorted(missing)}"
     # the tiny plan reached the notebooks (the command line's parameters win over the pair's own plan)
     assert results["00_organism"]["n_problems"] == 6 and results["06_ablation"]["n_problems"] == 6
-    assert results["03_benchmarks"]["max_new_tokens"] == 64
+    assert results["00_organism"]["max_new_tokens"] == 64 and results["03_benchmarks"]["max_new_tokens"] == 64
+    assert results["01_train"]["plan"]["n_validation_batches"] == 1
     assert results["02_faithfulness"]["n_sequences"] == 3
     assert results["01_train"]["plan"]["l1_weights"] == [0.1]
     assert results["01_train"]["plan"]["train_config"]["steps"] == 4
