@@ -49,12 +49,27 @@ class Sources:
     """How the built markdown links the figures folder (relative to the output file)."""
 
 
+def read_results_folder(folder: Path) -> dict[str, dict]:
+    """``{stem: contents}`` of a folder's ``NN_name.json`` files (empty when the folder does not exist)."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))}
+
+
 def load_sources(results_dir: str | Path, paper_values: str | Path, figures_dir: str | Path,
-                 out: str | Path) -> Sources:
+                 out: str | Path, comparisons: dict[str, str | Path] | None = None) -> Sources:
+    """``comparisons``: other configurations' results folders by name; ``{{name/01_train/...}}`` reads them (a
+    missing folder renders as *not run yet*, like a missing file)."""
     results_dir, figures_dir, out = Path(results_dir), Path(figures_dir), Path(out)
-    results = {path.stem: json.loads(path.read_text()) for path in sorted(results_dir.glob("*.json"))}
-    if PAPER_STEM in results:
-        raise ValueError(f"{results_dir}/{PAPER_STEM}.json would shadow the paper's values; rename it")
+    results = read_results_folder(results_dir)
+    for name in [PAPER_STEM, *(comparisons or {})]:
+        if name in results:
+            raise ValueError(f"{results_dir}/{name}.json would shadow the {name!r} values; rename it")
+    for name, folder in (comparisons or {}).items():
+        if name in (PAPER_STEM, ".") or "/" in name:
+            raise ValueError(f"comparison name {name!r} is reserved or has a '/'; choose a plain name such as "
+                             "'smollm2'")
+        found = read_results_folder(folder)
+        if found:
+            results[name] = found
     results[PAPER_STEM] = json.loads(Path(paper_values).read_text())
     link = os.path.relpath(figures_dir.resolve(), out.resolve().parent)
     return Sources(results, figures_dir, link)
@@ -171,16 +186,27 @@ def render(template: str, sources: Sources) -> str:
     return PLACEHOLDER.sub(lambda m: _render_placeholder(m.group(1), sources), text)
 
 
+COMPARISONS = {"smollm2": "results/smollm2"}
+"""The configurations the write-up sets beside the organism: SmolLM2-135M, a real pretrained model
+(``make figures CONFIG=smollm2``; its results and figures are committed under ``results/smollm2``, ``figures/smollm2``)."""
+
+
+def _from_root(path: str | Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+
+
 def build(results_dir: str | Path = "results", out: str | Path = "paper/README.md",
           template: str | Path = "paper/template.md", paper_values: str | Path = "paper/paper_values.json",
-          figures_dir: str | Path = "figures") -> Path:
-    """Render ``template`` to ``out`` (atomically); relative paths are taken from the repository root."""
-    paths = [Path(p) if Path(p).is_absolute() else REPO_ROOT / p
-             for p in (results_dir, out, template, paper_values, figures_dir)]
-    results_dir, out, template, paper_values, figures_dir = paths
+          figures_dir: str | Path = "figures", comparisons: dict[str, str | Path] | None = None) -> Path:
+    """Render ``template`` to ``out`` (atomically); relative paths are taken from the repository root.
+    ``comparisons``: ``{name: results folder}`` read as ``{{name/...}}`` (None: ``COMPARISONS``; ``{}``: none)."""
+    results_dir, out, template, paper_values, figures_dir = map(
+        _from_root, (results_dir, out, template, paper_values, figures_dir))
     if not template.exists():
         raise FileNotFoundError(f"no template at {template}")
-    sources = load_sources(results_dir, paper_values, figures_dir, out)
+    comparisons = COMPARISONS if comparisons is None else comparisons
+    sources = load_sources(results_dir, paper_values, figures_dir, out,
+                           {name: _from_root(folder) for name, folder in comparisons.items()})
     atomic_write_text(out, render(template.read_text(), sources))
     return out
 

@@ -93,9 +93,34 @@ def test_make_paper_target_exists():
     assert "\npaper:" in makefile and "paper/build.py" in makefile
 
 
+def test_a_comparison_configuration_fills_its_own_column_and_section(tmp_path):
+    results, comparison, figures = tmp_path / "results", tmp_path / "results" / "smollm2", tmp_path / "figures"
+    comparison.mkdir(parents=True)
+    (figures / "smollm2").mkdir(parents=True)
+    for stem, values in FAKE.items():
+        (results / f"{stem}.json").write_text(json.dumps(values))
+    real = {**FAKE["01_train"], "config": "smollm2", "analysis_model": "adapter_l1_0.01"}
+    (comparison / "01_train.json").write_text(json.dumps(real))
+    (figures / "smollm2" / "02_subset_kl.png").write_bytes(b"png")
+    out = build(results, tmp_path / "paper" / "README.md", TEMPLATE, PAPER_VALUES, figures,
+                comparisons={"smollm2": comparison}).read_text()
+    column = out.split("## The evidence in three columns")[1].split("## ")[0]
+    assert "| 17.84 | 3.22 |" in column.split("analysis adapter: L0")[1].split("\n")[0]
+    section = out.split("## A real pretrained model: SmolLM2-135M")[1].split("## ")[0]
+    assert "| `adapter_l1_0.01` | 0.01 | 3.22 | 0.0912 |" in section and NOT_RUN in section  # 02-06 not run
+    assert "](../figures/smollm2/02_subset_kl.png)" in section
+    values = traceable_values() + numeric_values(real)
+    assert untraced_numbers(out, values, format_specs(TEMPLATE.read_text())) == []
+    without = build(results, tmp_path / "paper" / "plain.md", TEMPLATE, PAPER_VALUES, figures, comparisons={})
+    assert "| 17.84 | *not run yet* |" in without.read_text()
+    with pytest.raises(ValueError, match="shadow"):
+        build(results, tmp_path / "x.md", TEMPLATE, PAPER_VALUES, figures, comparisons={"01_train": comparison})
+
+
 def test_the_committed_results_build_with_every_number_traced(tmp_path):
     results = ROOT / "results"
     out = build(results, tmp_path / "README.md", TEMPLATE, PAPER_VALUES, ROOT / "figures")
-    values = [v for path in results.glob("*.json") for v in numeric_values(json.loads(path.read_text()))]
+    values = [v for path in [*results.glob("*.json"), *results.glob("smollm2/*.json")]
+              for v in numeric_values(json.loads(path.read_text()))]
     values += numeric_values(json.loads(PAPER_VALUES.read_text()))
     assert untraced_numbers(out.read_text(), values, format_specs(TEMPLATE.read_text())) == []
