@@ -595,7 +595,7 @@ def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: 
 
 
 def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool = True) -> tuple[dict, dict]:
-    """Notebook 00 for a hub pair: base, target and hybrid on ``evalset``, in the 00_organism.json layout.
+    """Notebook 00 for a hub pair: base, target and hybrid on ``evalset``, in the 00_pair.json layout.
 
     Loading the hybrid splices the base's MLPs into the target, which checks the pair is compatible (same
     architecture, layers and MLP shapes); the two tokenizers must also share their vocabulary."""

@@ -5,7 +5,7 @@ Template syntax (``paper/template.md``):
 
 * ``{{01_train/analysis_model}}`` -- a value by path: results file stem (or ``paper`` for the paper's values),
   then keys separated by ``/`` (keys may contain dots, e.g. ``adapter_l1_0.001``). A format spec may follow a
-  colon: ``{{00_organism/target/accuracy:.1%}}``. A key in brackets is looked up first:
+  colon: ``{{00_pair/target/accuracy:.1%}}``. A key in brackets is looked up first:
   ``{{02_faithfulness/models/[01_train/analysis_model]/kl:.3f}}``.
 * ``{{#rows 01_train/models kind=adapter}} ... {{/rows}}`` -- the block once per entry of a mapping (optionally
   only entries whose field equals a value); inside, ``{{.name}}`` is the entry's key and ``{{./l0:.2f}}`` a

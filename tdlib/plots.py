@@ -24,9 +24,9 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> Path:
     return path
 
 
-def organism_figure(results: dict, models=("base", "target", "hybrid")):
+def pair_figure(results: dict, models=("base", "target", "hybrid")):
     """Three panels: accuracy (by problem length on the organism), mean response length, share of responses
-    with "wait". Works for a hub pair's 00 results too (accuracy as bars with Wilson intervals)."""
+    with the hesitation word. Works for a hub pair's 00 results too (accuracy as bars with Wilson intervals)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     accuracy_axis, length_axis, wait_axis = axes
     colors = [MODEL_COLORS.get(m) for m in models]
@@ -53,7 +53,8 @@ def organism_figure(results: dict, models=("base", "target", "hybrid")):
     if organism:
         wait_axis.axhspan(15, 60, color="grey", alpha=0.15, zorder=0, label='design band for the target (15-60%)')
         wait_axis.legend(loc="upper right", fontsize=8)
-    wait_axis.set(ylabel='responses containing "wait" (%)', ylim=(0, 100), title="Hesitation")
+    word = results.get("hesitation_token", "wait").strip()
+    wait_axis.set(ylabel=f'responses containing "{word}" (%)', ylim=(0, 100), title="Hesitation")
     where = "Model organism" if organism else f"{results.get('target_model', 'target')} vs its base, " \
                                              f"{results.get('benchmark', '')}"
     fig.suptitle(f"{where}, {results['n_problems']} held-out problems, greedy decoding")

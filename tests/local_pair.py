@@ -87,7 +87,7 @@ GEMMA3_PHASES = {"base": dict(steps=60, batch_size=16, lr=3e-3), "target": dict(
 learns the format more slowly)."""
 GEMMA3_VERSION = 1
 GEMMA3_NOTEBOOKS = {
-    "00_organism": {"n_problems": 12},
+    "00_pair": {"n_problems": 12},
     "01_train": {"steps": 10},
     "02_faithfulness": {"n_rollouts": 8, "n_bootstrap": 50},
     "03_benchmarks": {"n_problems": 8},

@@ -13,7 +13,7 @@ TEMPLATE = ROOT / "paper" / "template.md"
 PAPER_VALUES = ROOT / "paper" / "paper_values.json"
 
 FAKE = {
-    "00_organism": {"config": "organism", "n_params": 1020160, "n_problems": 500,
+    "00_pair": {"config": "organism", "n_params": 1020160, "n_problems": 500,
                     "base": {"accuracy": 0.561, "mean_response_tokens": 4.43, "wait_rate": 0.0},
                     "target": {"accuracy": 0.964, "mean_response_tokens": 55.65, "wait_rate": 0.49},
                     "hybrid": {"accuracy": 0.012, "mean_response_tokens": 35.47, "wait_rate": 0.0}},
@@ -40,7 +40,7 @@ def built(tmp_path):
         (results / f"{stem}.json").write_text(json.dumps(values))
     figures = tmp_path / "figures"
     figures.mkdir()
-    (figures / "00_organism.png").write_bytes(b"png")
+    (figures / "00_pair.png").write_bytes(b"png")
     out = build(results, tmp_path / "paper" / "README.md", TEMPLATE, PAPER_VALUES, figures)
     return out.read_text()
 
@@ -70,7 +70,7 @@ def test_missing_results_render_as_not_run_yet(built):
     assert NOT_RUN in section and "figure 03_benchmarks not made yet" in section
     assert "| `adapter_l1_0.001` | `adapter` | 0.001 | 17.84 | 0.0217 | 0.0113 | 7.0% |" in built
     assert "| `first 2` | 0.0102 |" in built
-    assert "![The organism: base, target and hybrid](../figures/00_organism.png)" in built
+    assert "![The organism: base, target and hybrid](../figures/00_pair.png)" in built
     assert "{{" not in built and "}}" not in built
     attribution = built.split("(experiment five)")[1].split("## ")[0]
     assert "5,623" in attribution and NOT_RUN in attribution

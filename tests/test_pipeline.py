@@ -11,7 +11,7 @@ from tdlib.results import read_results, write_results
 def test_numbered_notebooks_are_found_in_order():
     names = [p.name for p in pipeline.numbered_notebooks()]
     assert names and names == sorted(names)
-    assert names[0] == "00_organism.ipynb"
+    assert names[0] == "00_pair.ipynb"
 
 
 def test_two_notebooks_with_one_number_are_refused(tmp_path):
@@ -36,27 +36,27 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
 
 
 def test_results_are_written_atomically_with_their_config(tmp_path):
-    path = write_results("00_organism", {"n_problems": 3}, config="smoke", results_dir=tmp_path)
+    path = write_results("00_pair", {"n_problems": 3}, config="smoke", results_dir=tmp_path)
     assert json.loads(path.read_text()) == {"config": "smoke", "n_problems": 3}
-    assert read_results("00_organism", tmp_path)["config"] == "smoke"
-    assert [p.name for p in tmp_path.iterdir()] == ["00_organism.json"]
+    assert read_results("00_pair", tmp_path)["config"] == "smoke"
+    assert [p.name for p in tmp_path.iterdir()] == ["00_pair.json"]
     path = write_results("05_attribution", {"share": float("nan"), "rows": [1.0, float("inf")]}, "smoke", tmp_path)
     assert json.loads(path.read_text(), parse_constant=pytest.fail) == {"config": "smoke", "share": None,
                                                                        "rows": [1.0, None]}
     with pytest.raises(ValueError, match="configuration name"):
-        write_results("00_organism", {}, config="", results_dir=tmp_path)
+        write_results("00_pair", {}, config="", results_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="make figures"):
         read_results("01_train", tmp_path)
 
 
 def test_results_never_record_an_absolute_path_of_this_machine(tmp_path):
     with pytest.raises(ValueError, match=r"absolute path of this machine at models.base_model"):
-        write_results("00_organism", {"models": {"base_model": str(tmp_path / "base")}}, "smoke", tmp_path)
+        write_results("00_pair", {"models": {"base_model": str(tmp_path / "base")}}, "smoke", tmp_path)
     with pytest.raises(ValueError, match=r"at text"):
         write_results("02_faithfulness", {"text": f"prompts ({tmp_path}/gsm8k.jsonl)"}, "smoke", tmp_path)
     assert not list(tmp_path.iterdir())  # nothing was written
     fine = {"base_model": "models/base", "target": "Qwen/Qwen2.5-Math-7B", "rate": "per 1/1000 tokens"}
-    assert json.loads(write_results("00_organism", fine, "smoke", tmp_path).read_text())["rate"] == fine["rate"]
+    assert json.loads(write_results("00_pair", fine, "smoke", tmp_path).read_text())["rate"] == fine["rate"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def smoke_run(tmp_path_factory):
 
 # The results contract (docs/method.md, section 8): keys each notebook must write.
 CONTRACT = {
-    "00_organism": {"base", "target", "hybrid", "n_problems", "seed"},
+    "00_pair": {"base", "target", "hybrid", "n_problems", "seed"},
     "01_train": {"models", "analysis_model", "lowest_penalty_model"},
     "02_faithfulness": {"models", "subset_kl", "all_layers_kl"},
     "03_benchmarks": {"models", "benchmark", "n_problems"},
@@ -93,7 +93,7 @@ def test_every_notebook_runs_on_the_smoke_pair_and_honours_the_results_contract(
 
 
 def test_smoke_models_carry_the_contract_metrics(smoke_run):
-    organism = json.loads((smoke_run / "results" / "00_organism.json").read_text())
+    organism = json.loads((smoke_run / "results" / "00_pair.json").read_text())
     for model in ("base", "target", "hybrid"):
         assert set(organism[model]) >= {"accuracy", "mean_response_tokens", "wait_rate"}
     train = json.loads((smoke_run / "results" / "01_train.json").read_text())
@@ -158,7 +158,7 @@ def test_every_notebook_runs_on_a_pair_file(local_pair_run):
         assert entry["config"] == name, stem
         missing = CONTRACT[stem] - set(entry) - {"seed"}  # a benchmark has no seed
         assert not missing, f"{stem}.json lacks {sorted(missing)}"
-    pair_check = results["00_organism"]
+    pair_check = results["00_pair"]
     assert pair_check["benchmark"] == "gsm8k" and pair_check["n_problems"] == 24
     assert set(pair_check["design_checks"]) == {"target is more accurate than base",
                                                 "target responses are longer than base's",
@@ -170,7 +170,7 @@ def test_every_notebook_runs_on_a_pair_file(local_pair_run):
     assert results["04_autointerp"]["adapter"]["categories"]["n_classified"] == 0
     assert results["05_attribution"]["hesitation_token"] == " wait" and results["05_attribution"]["n_prompts"] > 0
     assert results["06_ablation"]["benchmark"] == "gsm8k" and results["06_ablation"]["n_problems"] == 24
-    assert read_results("00_organism", "results")["config"] == "organism"  # the committed results are untouched
+    assert read_results("00_pair", "results")["config"] == "organism"  # the committed results are untouched
 
 
 # ------------------------------------------------------------------ notebook parameters from the command line and pair file
@@ -196,7 +196,7 @@ def test_overrides_apply_where_declared_and_the_command_line_wins():
     pair_block = {"*": {"n_problems": 50, "n_prompts": 5}, "06_ablation": {"n_problems": 7}, "01": {"steps": 9}}
     command_line = pipeline.parse_params(["n_prompts=10 baselines=false", "01.steps=50"])
     overrides = pipeline.notebook_overrides(notebooks, pair_block, command_line)
-    assert overrides["00_organism"] == {"n_problems": 50}  # "*" reaches every notebook that has the parameter
+    assert overrides["00_pair"] == {"n_problems": 50}  # "*" reaches every notebook that has the parameter
     assert overrides["06_ablation"] == {"n_problems": 7}  # a notebook's own entry beats "*"
     assert overrides["05_attribution"] == {"n_prompts": 10}  # the command line beats the pair file
     assert overrides["01_train"] == {"baselines": False, "steps": 50}
@@ -239,8 +239,8 @@ def test_the_pipeline_passes_pair_file_and_command_line_parameters_to_each_noteb
     pair_file = _pair_file(tmp_path, notebooks={"*": {"n_problems": 12, "n_prompts": 3}, "01_train": {"steps": 9}})
     pipeline.run_pipeline(str(pair_file), only=["00", "01", "05"], run_dir=tmp_path / "run",
                           output_dir=tmp_path / "out", params=pipeline.parse_params(["n_prompts=4 baselines=false"]))
-    assert sorted(calls) == ["00_organism", "01_train", "05_attribution"]
-    assert calls["00_organism"]["n_problems"] == 12 and calls["00_organism"]["config"] == str(pair_file)
+    assert sorted(calls) == ["00_pair", "01_train", "05_attribution"]
+    assert calls["00_pair"]["n_problems"] == 12 and calls["00_pair"]["config"] == str(pair_file)
     assert calls["01_train"]["steps"] == 9 and calls["01_train"]["baselines"] is False
     assert calls["05_attribution"]["n_prompts"] == 4  # the command line wins over the pair file
     assert calls["05_attribution"]["results_dir"] == str(tmp_path / "out" / "results")

@@ -100,7 +100,7 @@ def test_pair_config_and_notebook_plan(tmp_path):
     # the reduced plan names real parameters of the notebooks, with the defaults' types
     overrides = notebook_overrides(numbered_notebooks(), hub.notebooks)
     assert overrides["01_train"]["baselines"] is False
-    assert overrides["00_organism"]["n_problems"] == 50
+    assert overrides["00_pair"]["n_problems"] == 50
     assert overrides["05_attribution"]["n_prompts"] <= 8
 
 
@@ -196,8 +196,8 @@ def test_every_notebook_runs_on_the_smollm2_pair_with_tiny_settings(tmp_path, mo
         missing = CONTRACT[notebook.stem] - set(entry) - {"seed"}  # a benchmark has no seed
         assert not missing, f"{notebook.stem}.json lacks {sorted(missing)}"
     # the tiny plan reached the notebooks (the command line's parameters win over the pair's own plan)
-    assert results["00_organism"]["n_problems"] == 6 and results["06_ablation"]["n_problems"] == 6
-    assert results["00_organism"]["max_new_tokens"] == 64 and results["03_benchmarks"]["max_new_tokens"] == 64
+    assert results["00_pair"]["n_problems"] == 6 and results["06_ablation"]["n_problems"] == 6
+    assert results["00_pair"]["max_new_tokens"] == 64 and results["03_benchmarks"]["max_new_tokens"] == 64
     assert results["01_train"]["plan"]["n_validation_batches"] == 1
     assert results["02_faithfulness"]["n_sequences"] == 3
     assert results["01_train"]["plan"]["l1_weights"] == [0.1]

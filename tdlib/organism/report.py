@@ -32,7 +32,7 @@ def load_organism_models(paths: OrganismPaths):
 
 
 def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_size: int = 100) -> tuple[dict, dict]:
-    """Results in the 00_organism.json schema, and the generations per model (for inspection)."""
+    """Results in the 00_pair.json schema, and the generations per model (for inspection)."""
     from .evaluate import evaluate
 
     config = get_config(config)
