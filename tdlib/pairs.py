@@ -57,9 +57,12 @@ class TrainingDefaults:
     kl_chunk_tokens: int | None = 1024
     """Head and KL 1024 tokens at a time (``TrainConfig.kl_chunk_tokens``); with checkpointing, what makes a
     10k-token 7B step fit 80 GB (docs/memory_plan.md). Memory only: the trained weights are the same."""
+    checkpoint_every: int = 200
+    """Steps between resumable checkpoints (``TrainConfig.checkpoint_every``); a short CPU run sets fewer so an
+    interrupted run loses minutes, not the run. Does not change the trained weights."""
 
     def __post_init__(self):
-        for name in ("n_features", "batch_size", "max_tokens", "steps"):
+        for name in ("n_features", "batch_size", "max_tokens", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainingDefaults.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
@@ -73,7 +76,8 @@ class TrainingDefaults:
 
         values = {"n_features": self.n_features, "lr": self.lr, "batch_size": self.batch_size,
                   "steps": self.steps, "warmup": self.warmup, "l1_weight": self.l1_weights[0],
-                  "gradient_checkpointing": self.gradient_checkpointing, "kl_chunk_tokens": self.kl_chunk_tokens}
+                  "gradient_checkpointing": self.gradient_checkpointing, "kl_chunk_tokens": self.kl_chunk_tokens,
+                  "checkpoint_every": self.checkpoint_every}
         return TrainConfig(**{**values, **overrides})
 
 
@@ -419,7 +423,7 @@ def training_defaults(pair: Pair) -> dict:
     return {"n_features": training.n_features, "lr": training.lr, "batch_size": training.batch_size,
             "max_tokens": training.max_tokens, "steps": training.steps, "warmup": training.warmup,
             "l1_weights": list(training.l1_weights), "gradient_checkpointing": training.gradient_checkpointing,
-            "kl_chunk_tokens": training.kl_chunk_tokens}
+            "kl_chunk_tokens": training.kl_chunk_tokens, "checkpoint_every": training.checkpoint_every}
 
 
 def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None = None, seed: int = 0):

@@ -372,11 +372,13 @@ def load_manifest(paths: SmolLM2Paths) -> dict:
 # ------------------------------------------------------------------------------------------------ the pair config
 
 TRAINING = {"n_features": 256, "lr": 8e-4, "batch_size": 4, "max_tokens": 256, "steps": 100, "warmup": 0.05,
-            "l1_weights": (0.3, 0.1, 0.03), "gradient_checkpointing": False, "kl_chunk_tokens": None}
+            "l1_weights": (0.3, 0.1, 0.03), "gradient_checkpointing": False, "kl_chunk_tokens": None,
+            "checkpoint_every": 20}
 """Adapter training sized for two CPU cores (docs/real_models.md, "SmolLM2"): a step of 4 traces (~460 tokens)
 took 13-16 s on one busy core. The L1 weights come from two calibration runs (60-step schedule, stopped at step
 22): training L0 was 2.3 at 0.3 and 4.5 at 0.1 (10 steps at 0.01 had left it at 107 of 256), so 0.03 is the
-third point, expected near the top of the paper's L0 range of 1-10."""
+third point, expected near the top of the paper's L0 range of 1-10. A checkpoint every 20 steps (~2 min): an
+interrupted run resumes from there."""
 
 NOTEBOOKS = {
     "*": {"n_problems": 50, "batch_size": 25},

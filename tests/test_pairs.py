@@ -126,7 +126,8 @@ def _pair_file(tmp_path, **changes) -> Path:
     values = {"name": "mine", "base": "me/base", "target": "me/target", "train_data": "data/traces.jsonl",
               "benchmarks": ["GSM8K", "math500"], "benchmark_files": {"GSM8K": "data/gsm8k.jsonl"},
               "max_new_tokens": 64, "hesitation_word": " wait", "n_validation": 1,
-              "training": {"n_features": 32, "l1_weights": [0.1, 0.01], "max_tokens": 40}}
+              "training": {"n_features": 32, "l1_weights": [0.1, 0.01], "max_tokens": 40,
+                           "checkpoint_every": 5}}
     path = tmp_path / "pair.json"
     path.write_text(json.dumps({**values, **changes}))
     return path
@@ -140,6 +141,7 @@ def test_a_pair_file_is_a_configuration_with_paths_relative_to_it(tmp_path):
     assert pair.hub.benchmarks == ("GSM8K", "math500")
     assert pair.hub.training.l1_weights == (0.1, 0.01) and pair.hub.training.n_features == 32
     assert default_plan(pair).l1_weights == (0.1, 0.01)
+    assert default_plan(pair).base.checkpoint_every == 5  # a short CPU run checkpoints often
 
 
 @pytest.mark.parametrize("changes, message", [
