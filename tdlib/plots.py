@@ -24,7 +24,7 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> Path:
     return path
 
 
-def pair_figure(results: dict, models=("base", "target", "hybrid")):
+def pair_figure(results: dict, models=("base", "target", "hybrid"), pair_name: str | None = None):
     """Three panels: accuracy (by problem length on the organism), mean response length, share of responses
     with the hesitation word. Works for a hub pair's 00 results too (accuracy as bars with Wilson intervals)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -55,8 +55,8 @@ def pair_figure(results: dict, models=("base", "target", "hybrid")):
         wait_axis.legend(loc="upper right", fontsize=8)
     word = results.get("hesitation_token", "wait").strip()
     wait_axis.set(ylabel=f'responses containing "{word}" (%)', ylim=(0, 100), title="Hesitation")
-    where = "Model organism" if organism else f"{results.get('target_model', 'target')} vs its base, " \
-                                             f"{results.get('benchmark', '')}"
+    where = "Model organism" if organism else f"{pair_name or results.get('target_model', 'target')}: target " \
+                                             f"vs base, {results.get('benchmark', '')}"
     fig.suptitle(f"{where}, {results['n_problems']} held-out problems, greedy decoding")
     fig.tight_layout()
     return fig
