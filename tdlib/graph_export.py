@@ -151,9 +151,9 @@ def plot_graph(graph: AttributionGraph, pruned: PrunedGraph, tokenizer, ax=None,
     return ax
 
 
-def plot_hesitation(study: dict, paper_share: float = 0.0245):
-    """Left: cumulative share of the "wait" influence vs the number of features (the selection cut and the
-    paper's 2.45% share marked). Right: selected features by group and layer."""
+def plot_hesitation(study: dict, paper_share: float = 0.0245, word: str = "wait"):
+    """Left: cumulative share of the hesitation word's influence vs the number of features (the selection cut and
+    the paper's 2.45% share marked). Right: selected features by group and layer (stacked)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     cumulative = study["cumulative_influence"]
     left.plot(range(1, len(cumulative) + 1), [100 * c for c in cumulative], color="#55A868")
@@ -164,18 +164,19 @@ def plot_hesitation(study: dict, paper_share: float = 0.0245):
     left.axvline(paper_share * study["n_features_total"], color="#C44E52", linestyle="-.",
                  label=f"paper's share ({100 * paper_share:.2f}%) of this model's features")
     left.set(xscale="log", xlabel="features, by influence (count, log scale)",
-             ylabel='cumulative share of "wait" influence (%)', title=f"{study['n_prompts']} hesitation prompts")
+             ylabel=f'cumulative share of "{word.strip()}" influence (%)', title=f"{study['n_prompts']} hesitation prompts")
     left.legend(fontsize=8)
     groups = study["groups"]
     layers = sorted({int(l) for g in groups.values() for l in g["layers"]})
-    width = 0.27
     colors = {"output": "#C44E52", "template": "#4C72B0", "suppressor": "#8C8C8C"}
-    for offset, name in enumerate(groups):
+    stacked = [0] * len(layers)  # stacked, so 30 layers stay readable
+    for name in groups:
         counts = [groups[name]["layers"].get(str(l), 0) for l in layers]
-        right.bar([l + (offset - 1) * width for l in layers], counts, width=width, color=colors.get(name),
+        right.bar(layers, counts, width=0.8, bottom=stacked, color=colors.get(name),
                   label=f"{name} ({groups[name]['count']}, {100 * groups[name]['influence_share']:.0f}% of influence)")
+        stacked = [a + b for a, b in zip(stacked, counts)]
     right.set(xlabel="layer", ylabel="selected features (count)", title="Hesitation features by group")
-    right.set_xticks(layers)
+    right.set_xticks(layers[::max(1, -(-len(layers) // 16))])
     right.legend(fontsize=8)
     fig.tight_layout()
     return fig
