@@ -291,8 +291,8 @@ def _paper_notes(paper: dict) -> dict[str, str | None]:
             "steered_shorter": "paper: shorter" if paper else None}
 
 
-def ablation_figure(results: dict):
-    """Notebook 06's figure: bars of "wait" per 1k response tokens and mean response length for every condition
+def ablation_figure(results: dict, word: str = "wait"):
+    """Notebook 06's figure: bars of the hesitation ``word`` per 1k response tokens and mean response length for every condition
     (random control: mean over draws with a 1-std error bar); the paper's numbers (``results["paper"]``, written
     by ``tdlib.steer.run_ablation_study``) as annotations where they correspond."""
     steered = results["steered"]
@@ -312,7 +312,7 @@ def ablation_figure(results: dict):
         bars.append((f"target\nsteered {steered[key]['scale']:+g}", steered[key], "#E8A3A5",
                      notes["steered_shorter"] if steered[key]["scale"] == -0.5 else None, None))
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.05 * len(bars)), 7.5))
-    for axis, key, ylabel, note_index in ((axes[0], "wait_per_1k_tokens", '"wait" per 1,000 response tokens', 3),
+    for axis, key, ylabel, note_index in ((axes[0], "wait_per_1k_tokens", f'"{word.strip()}" per 1,000 response tokens', 3),
                                           (axes[1], "mean_response_tokens", "mean response length (tokens)", 4)):
         x = range(len(bars))
         heights = [b[1][key] for b in bars]
@@ -326,11 +326,12 @@ def ablation_figure(results: dict):
                 axis.annotate(bar[note_index], (i, heights[i]), xytext=(0, 3), textcoords="offset points",
                               ha="center", va="bottom", fontsize=7, color="#444444")
         axis.set_ylim(0, top * 1.35)
-    axes[0].set_title("Hesitation (paper annotations: 7B model, wait/1k)")
+    axes[0].set_title('Hesitation (paper annotations: 7B model, "Wait" per 1k tokens)')
     axes[1].set_title("Response length (paper annotations: 7B model, tokens)")
     n_draws = results["random_control"]["n_draws"]
     fig.suptitle(f"Ablating / adding {results['n_features_chosen']} hesitation features "
-                 f"({results['n_problems']} held-out problems, greedy; random control: {n_draws} draws, ±1 std)")
+                 f"({results['n_problems']} held-out problems, greedy; random control: {n_draws} "
+                 f"draw{'s' if n_draws != 1 else ''}, ±1 std)")
     fig.tight_layout()
     return fig
 

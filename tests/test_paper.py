@@ -41,7 +41,7 @@ def built(tmp_path):
     figures = tmp_path / "figures"
     figures.mkdir()
     (figures / "00_pair.png").write_bytes(b"png")
-    out = build(results, tmp_path / "paper" / "README.md", TEMPLATE, PAPER_VALUES, figures)
+    out = build(results, tmp_path / "paper" / "README.md", TEMPLATE, PAPER_VALUES, figures, comparisons={})
     return out.read_text()
 
 
