@@ -101,7 +101,10 @@ def test_pair_config_and_notebook_plan(tmp_path):
     overrides = notebook_overrides(numbered_notebooks(), hub.notebooks)
     assert overrides["01_train"]["baselines"] is False
     assert overrides["00_pair"]["n_problems"] == 50
-    assert overrides["05_attribution"]["n_prompts"] <= 8
+    assert overrides["06_ablation"]["n_problems"] == 50  # "*" reaches every notebook that has the parameter
+    # sized for two cores: 12 graphs (~15 s each at <= 512 feature nodes) and checkpoints an interrupted run resumes
+    assert overrides["05_attribution"]["n_prompts"] <= 16 and overrides["05_attribution"]["max_feature_nodes"] <= 512
+    assert hub.training.checkpoint_every < hub.training.steps
 
 
 def test_supervised_batch_labels_the_assistant_turn_only():
