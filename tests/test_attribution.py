@@ -224,3 +224,13 @@ def test_dot_at_positions_matches_the_gathered_product():
     expected = (grad[:, positions] * vectors).sum(-1)
     assert torch.allclose(_dot_at_positions(grad, positions, vectors), expected, atol=1e-12)
     assert _dot_at_positions(grad, positions[:0], vectors[:0]).shape == (5, 0)
+
+
+def test_a_capped_graph_reuses_the_selection_rows_exactly(model, ids):
+    """The capped graph is assembled from the rows feature selection computed (dropped features' edges summed into
+    their error nodes); autograd on the folded prompt computes every edge again, independently."""
+    reused = A.attribute(model, ids, TOKEN, batch_size=8, max_feature_nodes=20)
+    recomputed = A.attribute(model, ids, TOKEN, batch_size=8, max_feature_nodes=20, method="autograd")
+    assert torch.equal(reused.state.features, recomputed.state.features)
+    assert torch.allclose(reused.adjacency, recomputed.adjacency, atol=1e-12)
+    assert torch.allclose(reused.bias, recomputed.bias, atol=1e-12)

@@ -1,6 +1,8 @@
 """``attribute()``: the direct-effect graph of one logit, by batched transposed passes of the frozen replay."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from tqdm.auto import tqdm
 
@@ -26,16 +28,24 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
         raise ValueError(f"method must be 'transpose' or 'autograd', got {method!r}")
     state = freeze(model, input_ids)
     n_active = state.features.shape[0]
+    selection = None
     if max_feature_nodes is not None and n_active > max_feature_nodes:
-        keep = select_features_by_influence(Replay(model, state, target_token, demean), max_feature_nodes,
-                                            batch_size)
-        state = fold_into_errors(model, state, keep)
+        selection = select_features_by_influence(Replay(model, state, target_token, demean), max_feature_nodes,
+                                                 batch_size)
+        unfolded, state = state, fold_into_errors(model, state, selection.keep)
     replay = Replay(model, state, target_token, demean)
     n_features, n_layers, n_pos = state.features.shape[0], state.n_layers, state.n_pos
     n_nodes = n_features + n_layers * n_pos + n_pos + 1
     adjacency = torch.zeros(n_nodes, n_nodes, dtype=state.embeddings.dtype)
     bias = torch.zeros(n_nodes, dtype=state.embeddings.dtype)
     offsets = _feature_offsets(state)
+    if selection is not None and method == "transpose":  # every row is known already: no second set of passes
+        rows = _capped_rows(selection, unfolded).to(adjacency.dtype)
+        adjacency[:n_features, :rows.shape[1]] = rows[:n_features]
+        adjacency[n_nodes - 1, :rows.shape[1]] = rows[-1]
+        bias[:n_features] += selection.bias[:n_features].to(bias.dtype)
+        bias[n_nodes - 1] += selection.bias[-1].to(bias.dtype)
+        return _finish(replay, state, adjacency, bias, target_token, demean, n_active)
     # targets: every active feature (its pre-activation, read before its layer's MLP), then the logit (read from
     # the final residual, "layer" n_layers); sorted by (layer, position), so a chunk needs few layers and positions
     logit_target = torch.tensor([[n_layers, n_pos - 1, -1]], device=state.features.device)
@@ -65,6 +75,12 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
                 leaves = replay.leaves(1, n_layers, n_pos)
                 _, final = replay.run(*leaves)
                 _fill_rows(adjacency, bias, rows[-1:], replay.logit(final), leaves, state, offsets, n_pos)
+    return _finish(replay, state, adjacency, bias, target_token, demean, n_active)
+
+
+def _finish(replay, state, adjacency, bias, target_token: int, demean: bool, n_active: int) -> AttributionGraph:
+    """Add the features' encoder biases and wrap the graph with the logit's value and probability."""
+    n_features = state.features.shape[0]
     if n_features:
         encoder_bias = torch.stack([replay.adapters[l].b_enc[f] for l, _, f in state.features.tolist()])
         bias[:n_features] += encoder_bias.detach().cpu().to(bias.dtype)
@@ -75,33 +91,71 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
                             n_active)
 
 
+class Selection(NamedTuple):
+    """What ``select_features_by_influence`` keeps: the chosen features and the edges it already computed."""
+
+    keep: torch.Tensor
+    """Sorted indices (into the prompt's active features) of the features kept as nodes."""
+    rows: torch.Tensor
+    """[len(keep) + 1, columns]: edges into each kept feature (in ``keep`` order), then into the logit, in the
+    unfolded prompt's column layout (every active feature, then errors, then tokens)."""
+    bias: torch.Tensor
+    """[len(keep) + 1]: the attention-bias share of each of those rows (encoder biases not included)."""
+
+
 @torch.no_grad()
-def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int) -> torch.Tensor:
-    """Indices of at most ``max_nodes`` active features, explored greedily: compute the rows of the unexplored
-    features with the largest estimated influence on the logit (from the rows known so far), repeat."""
+def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int) -> Selection:
+    """At most ``max_nodes`` active features, explored greedily: compute the rows of the unexplored features with
+    the largest estimated influence on the logit (from the rows known so far), repeat. The rows are kept, so the
+    capped graph is assembled from them (``_capped_rows``) instead of being computed a second time."""
     state = replay.state
     n = state.features.shape[0]
     offsets = _feature_offsets(state)
     logit_target = torch.tensor([[state.n_layers, state.n_pos - 1, -1]], device=state.features.device)
-    logit_row, _ = _transpose_rows(replay, logit_target, offsets)
-    direct = normalize_rows(logit_row.float().cpu())[0, :n]
+    logit_row, logit_bias = _transpose_rows(replay, logit_target, offsets)
+    logit_row, logit_bias = logit_row.cpu(), logit_bias.cpu()
+    direct = normalize_rows(logit_row.float())[0, :n]
     explored: list[int] = []
-    rows = torch.zeros(max_nodes, n, dtype=torch.float32)  # normalised rows of the explored features
+    raw = torch.zeros(max_nodes, logit_row.shape[1], dtype=logit_row.dtype)  # edges into the explored features
+    raw_bias = torch.zeros(max_nodes, dtype=logit_bias.dtype)
+    scale = torch.zeros(max_nodes)  # 1 / sum |row|: the influence estimate uses rows normalised to sum 1
     while len(explored) < max_nodes:
+        k = len(explored)
+        normalized = raw[:k, :n].abs().float() * scale[:k, None]
         influence, current = direct.clone(), direct.clone()
         for _ in range(state.n_layers):
-            current = current[explored] @ rows[:len(explored)] if explored else torch.zeros_like(direct)
+            current = current[explored] @ normalized if explored else torch.zeros_like(direct)
             influence += current
         influence[explored] = -1.0
-        count = min(batch_size, max_nodes - len(explored))
+        count = min(batch_size, max_nodes - k)
         chosen = influence.topk(count).indices
         chosen = chosen[influence[chosen] > 0].tolist()
         if not chosen:
             break
-        out, _ = _transpose_rows(replay, state.features[chosen], offsets)
-        rows[len(explored):len(explored) + len(chosen)] = normalize_rows(out.float().cpu())[:, :n]
+        out, row_bias = _transpose_rows(replay, state.features[chosen], offsets)
+        raw[k:k + len(chosen)] = out.cpu()
+        raw_bias[k:k + len(chosen)] = row_bias.cpu()
+        scale[k:k + len(chosen)] = 1 / out.abs().float().sum(1).clamp(min=1e-10).cpu()
         explored.extend(chosen)
-    return torch.tensor(sorted(explored), dtype=torch.long)
+    order = torch.tensor(explored, dtype=torch.long).argsort()
+    keep = torch.tensor(explored, dtype=torch.long)[order]
+    return Selection(keep, torch.cat([raw[:len(explored)][order], logit_row]),
+                     torch.cat([raw_bias[:len(explored)][order], logit_bias]))
+
+
+def _capped_rows(selection: Selection, state: FrozenPrompt) -> torch.Tensor:
+    """The selection's rows in the capped graph's column layout: kept features, then errors, then tokens. A dropped
+    feature's edge joins the error node of its (layer, position), as ``fold_into_errors`` moves its write there
+    (the replay is linear, so the error node's edge is the old one plus the dropped features')."""
+    n_old = state.features.shape[0]
+    rows = selection.rows
+    n_errors = state.n_layers * state.n_pos
+    dropped = torch.ones(n_old, dtype=torch.bool)
+    dropped[selection.keep] = False
+    layers, positions, _ = state.features.cpu().unbind(1)
+    errors = rows[:, n_old:n_old + n_errors].clone()
+    errors.index_add_(1, (layers * state.n_pos + positions)[dropped], rows[:, :n_old][:, dropped])
+    return torch.cat([rows[:, selection.keep], errors, rows[:, n_old + n_errors:]], dim=1)
 
 
 @torch.no_grad()
