@@ -10,7 +10,8 @@ Phases of one graph (each timed inside ``attribute`` by wrapping the functions i
   error node and active feature captured;
 * selection: ``select_features_by_influence`` (only with ``--max-feature-nodes`` and more features active), its
   own backward batches included;
-* backward batches: the graph's transposed passes of the frozen replay, ``--batch-size`` target nodes per batch;
+* backward batches: the graph's transposed passes of the frozen replay, ``--batch-size`` target nodes per batch
+  (none for a capped graph: it is assembled from the rows selection computed);
 * other: the rest of ``attribute`` (adjacency assembly, biases, logits);
 * pruning: ``prune`` (node then edge thresholds); scores: ``graph_scores``.
 
