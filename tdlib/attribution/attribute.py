@@ -138,7 +138,8 @@ def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int
         chosen = chosen[influence[chosen] > 0].tolist()
         if not chosen:
             break
-        chosen.sort(key=lambda i: tuple(state.features[i, :2].tolist()))
+        positions = state.features[chosen, :2].tolist()  # (layer, position), one device-to-host copy
+        chosen = [i for _, i in sorted(zip(positions, chosen))]
         for start in range(0, len(chosen), SELECTION_GROUP):
             group = chosen[start:start + SELECTION_GROUP]
             out, row_bias = _transpose_rows(replay, state.features[group], offsets)
