@@ -19,6 +19,7 @@ endif
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
+	@echo "               CONFIG=smollm2: SmolLM2-135M and its fine-tune (make smollm2), into results/smollm2, figures/smollm2"
 	@echo "               CONFIG=paper-7b, paper-1.5b, hub:BASE->TARGET or path/to/pair.json: a real pair, into runs/<config>/"
 	@echo "               PARAMS=\"n_prompts=10 baselines=false 01.steps=50\": notebook parameters (docs/real_models.md)"
 	@echo "               ONLY=\"02 05\": run only these notebooks"

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import REPO_ROOT, atomic_write_text
+from .results import COMMITTED_OUTPUTS, REPO_ROOT, atomic_write_text
 
 NOT_RUN = "*not run yet*"
 NOT_APPLICABLE = "–"  # the results file has the key, with no value (e.g. the L0 of a model without features)
@@ -186,7 +186,7 @@ def render(template: str, sources: Sources) -> str:
     return PLACEHOLDER.sub(lambda m: _render_placeholder(m.group(1), sources), text)
 
 
-COMPARISONS = {"smollm2": "results/smollm2"}
+COMPARISONS = {"smollm2": COMMITTED_OUTPUTS["smollm2"][0]}
 """The configurations the write-up sets beside the organism: SmolLM2-135M, a real pretrained model
 (``make figures CONFIG=smollm2``; its results and figures are committed under ``results/smollm2``, ``figures/smollm2``)."""
 

@@ -2,7 +2,9 @@
 
 Each notebook ``notebooks/NN_name.ipynb`` is executed with the parameters ``config``, ``results_dir`` and
 ``figures_dir``; executed copies go to ``runs/<run>/`` (git-ignored). The organism's results and figures are the
-committed ``results/`` and ``figures/``; any other pair writes to ``runs/<config>/results`` and ``.../figures``. A failing notebook stops the run with
+committed ``results/`` and ``figures/``, SmolLM2's (config ``smollm2``) the committed ``results/smollm2/`` and
+``figures/smollm2/`` (``COMMITTED_OUTPUTS``); any other pair writes to ``runs/<config>/results`` and
+``.../figures``. A failing notebook stops the run with
 its name and the path of its executed copy, where the traceback is.
 
 Any other parameter of a notebook's parameters cell can be set too, from the pair file's ``notebooks`` block and
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
-from .results import REPO_ROOT
+from .results import COMMITTED_OUTPUTS, REPO_ROOT
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -59,10 +61,10 @@ def _pair_file_name(config: str) -> str:
 
 
 def default_output_dir(config: str) -> Path | None:
-    """Where a configuration's results and figures go: the committed ``results/`` and ``figures/`` for the
-    organism; ``runs/<config>/`` for any other pair, so a real pair never overwrites the organism's numbers and a
-    later ``--only NN`` finds the earlier notebooks' results."""
-    return None if config == "organism" else REPO_ROOT / "runs" / config_label(config)
+    """Where a configuration's results and figures go: None for the committed ones (``COMMITTED_OUTPUTS``, so
+    ``make figures`` regenerates what the repository shows); ``runs/<config>/`` for any other pair, so a real pair
+    never overwrites those numbers and a later ``--only NN`` finds the earlier notebooks' results."""
+    return None if config in COMMITTED_OUTPUTS else REPO_ROOT / "runs" / config_label(config)
 
 
 def run_parameters(config: str, smoke: bool, run_dir: Path, output_dir: Path | None = None) -> dict:
@@ -73,7 +75,8 @@ def run_parameters(config: str, smoke: bool, run_dir: Path, output_dir: Path | N
     if output_dir is not None:
         return {"config": config, "results_dir": str(Path(output_dir) / "results"),
                 "figures_dir": str(Path(output_dir) / "figures")}
-    return {"config": config, "results_dir": "results", "figures_dir": "figures"}
+    results_dir, figures_dir = COMMITTED_OUTPUTS.get(config, COMMITTED_OUTPUTS["organism"])
+    return {"config": config, "results_dir": results_dir, "figures_dir": figures_dir}
 
 
 class QuietShutdownKernelManager(AsyncKernelManager):
@@ -275,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", type=int, default=0, help="1: tiny organism, outputs under runs/ only")
     parser.add_argument("--only", nargs="*", help="run only these notebooks (numbers like 00 or stems)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="folder for results/ and figures/ (default: the repository's for the organism, "
-                             "runs/<config>/ for any other pair)")
+                        help="folder for results/ and figures/ (default: the committed ones for the organism and "
+                             "smollm2, runs/<config>/ for any other pair)")
     parser.add_argument("--params", nargs="*", default=[],
                         help="notebook parameters, name=value (every notebook that has it) or NN.name=value (one "
                              "notebook); values are Python/JSON literals or true/false/none; they win over the "

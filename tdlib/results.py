@@ -16,6 +16,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+COMMITTED_OUTPUTS = {"organism": ("results", "figures"), "smollm2": ("results/smollm2", "figures/smollm2")}
+"""The configurations whose results and figures the repository commits (``make figures CONFIG=...`` rewrites
+them, ``make paper`` reads them), and their folders, relative to the repository root."""
+
 
 def resolve(path: str | Path) -> Path:
     """Relative paths are taken from the repository root, so notebooks run from any working directory."""

@@ -125,6 +125,9 @@ def test_every_parameter_line_is_understood_by_papermill():
 
 def test_real_pairs_write_beside_not_over_the_organism_results(tmp_path):
     assert pipeline.default_output_dir("organism") is None
+    assert pipeline.default_output_dir("smollm2") is None  # committed beside the organism's, in its own folders
+    assert pipeline.run_parameters("smollm2", False, tmp_path / "run") == {
+        "config": "smollm2", "results_dir": "results/smollm2", "figures_dir": "figures/smollm2"}
     assert pipeline.default_output_dir("paper-7b").name == "paper-7b"
     assert pipeline.default_output_dir("configs/my pair.json").name == "my_pair"  # no such file: its stem
     for folder, name in (("a", "first pair"), ("b", "second->pair")):  # two files both called pair.json
