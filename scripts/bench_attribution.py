@@ -1,4 +1,5 @@
-"""Seconds per attribution graph (``tdlib.attribution.attribute``), broken down by phase, beside a plain forward.
+"""Seconds per attribution graph (``tdlib.attribution.attribute``) in each base-MLP mode (frozen, relp, target),
+broken down by phase, beside a plain forward.
 
     python scripts/bench_attribution.py --config smoke                      # a built pair and its trained adapters
     python scripts/bench_attribution.py --shape organism --threads 1        # the organism's shape, random weights
@@ -16,7 +17,8 @@ Phases of one graph (each timed inside ``attribute`` by wrapping the functions i
 * pruning: ``prune`` (node then edge thresholds); scores: ``graph_scores``.
 
 The plain reference is one ``torch.no_grad`` forward of the same adapter model on the same prompt. Each graph is
-timed ``--repeats`` times after a warm-up, alternating with the reference; medians are reported.
+timed ``--repeats`` times after a warm-up, alternating with the reference; medians are reported, and each mode's
+total beside the ``frozen`` one (relp and target pass every backward batch through the linearised base MLPs).
 """
 from __future__ import annotations
 
@@ -119,13 +121,14 @@ def phase_timers(seconds: dict, calls: dict):
             setattr(module, name, fn)
 
 
-def one_graph(model, ids, token: int, args) -> dict:
+def one_graph(model, ids, token: int, args, mode: str) -> dict:
     from tdlib.attribution import attribute, graph_scores, prune
 
     seconds, calls = defaultdict(float), defaultdict(int)
     started = time.perf_counter()
     with phase_timers(seconds, calls):
-        graph = attribute(model, ids, token, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
+        graph = attribute(model, ids, token, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes,
+                          mode=mode)
     seconds["attribute"] = time.perf_counter() - started
     seconds["other"] = seconds["attribute"] - sum(seconds[p] for p in ("forward", "selection", "backward batches"))
     started = time.perf_counter()
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-feature-nodes", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--modes", nargs="+", default=["frozen", "relp", "target"], help="base-MLP modes to time")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
 
@@ -176,23 +180,32 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             model(input_ids=ids[None])
 
-    timer, graphs = Timer(), []
-    one_graph(model, ids, token, args), forward()  # warm-up
-    for _ in range(args.repeats):
-        graphs.append(one_graph(model, ids, token, args))
-        timer.run("forward", forward)
-    seconds = {phase: statistics.median(g["seconds"].get(phase, 0.0) for g in graphs) for phase in PHASES}
-    result = {"what": what, "threads": threads, "prompt_tokens": int(ids.shape[0]), "seconds": seconds,
-              "plain_forward": timer.median("forward"), "batches": graphs[0]["batches"],
-              "n_active": graphs[0]["n_active"], "n_nodes": graphs[0]["n_nodes"]}
-    print(f"{what}; prompt {result['prompt_tokens']} tokens, {result['n_active']} active features "
-          f"({result['n_nodes']} graph nodes), {result['batches']} backward batches of <= {args.batch_size}, "
-          f"max_feature_nodes {args.max_feature_nodes}, torch threads {threads}, median of {args.repeats}")
+    timer, results = Timer(), {}
+    forward()
+    for mode in args.modes:
+        graphs = []
+        one_graph(model, ids, token, args, mode)  # warm-up
+        for _ in range(args.repeats):
+            graphs.append(one_graph(model, ids, token, args, mode))
+            timer.run("forward", forward)
+        results[mode] = {"seconds": {phase: statistics.median(g["seconds"].get(phase, 0.0) for g in graphs)
+                                     for phase in PHASES},
+                         "batches": graphs[0]["batches"], "n_active": graphs[0]["n_active"],
+                         "n_nodes": graphs[0]["n_nodes"]}
+    plain = timer.median("forward")
+    first = results[args.modes[0]]
+    print(f"{what}; prompt {int(ids.shape[0])} tokens, {first['n_active']} active features, "
+          f"batches of <= {args.batch_size}, max_feature_nodes {args.max_feature_nodes}, torch threads {threads}, "
+          f"median of {args.repeats}")
+    print("  " + " " * 17 + "".join(f"{mode:>12s}" for mode in args.modes))
     for phase in PHASES:
-        share = seconds[phase] / seconds["total"] if seconds["total"] else 0.0
-        print(f"  {phase:17s} {seconds[phase]:9.3f} s  {share:6.1%}")
-    print(f"  plain forward of the adapter model on the prompt: {result['plain_forward'] * 1e3:.1f} ms; a graph "
-          f"costs {seconds['total'] / result['plain_forward']:.0f} of them")
+        print(f"  {phase:17s}" + "".join(f"{results[m]['seconds'][phase]:10.3f} s" for m in args.modes))
+    reference = results.get("frozen", first)["seconds"]["total"]
+    print("  vs frozen        " + "".join(f"{results[m]['seconds']['total'] / reference:11.2f}x" for m in args.modes))
+    print(f"  plain forward of the adapter model on the prompt: {plain * 1e3:.1f} ms; a graph costs "
+          + ", ".join(f"{m} {results[m]['seconds']['total'] / plain:.0f}" for m in args.modes) + " of them")
+    result = {"what": what, "threads": threads, "prompt_tokens": int(ids.shape[0]), "plain_forward": plain,
+              "modes": results}
     return result
 
 

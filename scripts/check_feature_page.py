@@ -1,6 +1,8 @@
-"""Render the autointerp feature page in a real headless browser and check that its content loaded.
+"""Render the autointerp feature page (or an attribution graph page) in a real headless browser and check that its
+content loaded.
 
     python scripts/check_feature_page.py [PAGE.html] [--png OUT.png]
+    python scripts/check_feature_page.py figures/05_wait_graph.html
 
 Without a page, builds a small one from the smoke pair's trained adapter (artifacts/train/smoke-*/) in a
 temporary folder. Runs chromium (``chromium``, ``chromium-browser`` or ``google-chrome`` on PATH; on Debian:
@@ -60,6 +62,30 @@ def check_page(page: Path, png: Path) -> dict:
     return {"cards": cards, "png": str(png), "png_bytes": png.stat().st_size}
 
 
+def check_graph_page(page: Path, png: Path) -> dict:
+    """The attribution graph page (``tdlib.attribution.graph_page``): after its script ran, the DOM must record
+    drawn nodes and edges on <body> (``data-drawn-nodes`` / ``data-drawn-edges``, set only by the drawing code) and
+    hold that many SVG node shapes and edge lines; a screenshot must come out."""
+    browser = find_browser()
+    dom = run_browser(browser, "--dump-dom", page.resolve().as_uri())
+    if dom.returncode != 0:
+        raise AssertionError(f"{browser} --dump-dom failed ({dom.returncode}): {dom.stderr[-500:]}")
+    nodes = re.search(r'data-drawn-nodes="(\d+)"', dom.stdout)
+    edges = re.search(r'data-drawn-edges="(\d+)"', dom.stdout)
+    if not nodes or not edges:
+        raise AssertionError("the page's script did not draw the graph (no data-drawn-nodes / -edges on <body>)")
+    shapes = len(re.findall(r'class="node"', dom.stdout))
+    lines = len(re.findall(r'class="edge"', dom.stdout))
+    if shapes != int(nodes.group(1)) or lines != int(edges.group(1)) or shapes == 0 or lines == 0:
+        raise AssertionError(f"the page reports {nodes.group(1)} nodes and {edges.group(1)} edges but the DOM holds "
+                             f"{shapes} node shapes and {lines} edge lines")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    shot = run_browser(browser, f"--screenshot={png.resolve()}", "--window-size=1400,900", page.resolve().as_uri())
+    if shot.returncode != 0 or not png.exists() or png.stat().st_size < 5000:
+        raise AssertionError(f"{browser} --screenshot wrote no usable PNG: {shot.stderr[-500:]}")
+    return {"nodes": shapes, "edges": lines, "png": str(png), "png_bytes": png.stat().st_size}
+
+
 def smoke_page(directory: Path) -> Path:
     """A feature page for the smoke pair's adapter_l1_0.001 (trains the smoke runs when missing)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,7 +113,13 @@ def main(argv=None) -> None:
     page = Path(args.page) if args.page else smoke_page(Path(tempfile.mkdtemp(prefix="feature-page-")))
     if not page.exists():
         raise SystemExit(f"no page at {page}; run notebooks/04_autointerp.ipynb (make figures) first")
-    result = check_page(page, Path(args.png) if args.png else page.with_suffix(".png"))
+    png = Path(args.png) if args.png else page.with_suffix(".png")
+    if "graph-data" in page.read_text():
+        result = check_graph_page(page, png)
+        print(f"[check_feature_page] {page}: {result['nodes']} nodes and {result['edges']} edges drawn; "
+              f"screenshot {result['png']}")
+        return
+    result = check_page(page, png)
     print(f"[check_feature_page] {page}: {result['cards']} feature cards rendered; screenshot {result['png']}")
 
 

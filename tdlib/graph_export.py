@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
 from .attribution import AttributionGraph, PrunedGraph
+from .attribution.graph_page import ERROR_MEANING
 from .results import atomic_write_text, resolve
 
 
@@ -39,7 +40,7 @@ def node_records(graph: AttributionGraph, pruned: PrunedGraph, tokenizer) -> dic
             records[index] = dict(
                 node_id=f"{layer}_-1_{pos}", feature=-1, layer=str(layer), ctx_idx=pos,
                 feature_type="mlp reconstruction error", jsNodeId=f"{layer}_-1-{pos}", influence=influence,
-                clerp=f"error L{layer}: base MLP + b_dec")
+                clerp=f"error L{layer}: {ERROR_MEANING[graph.state.mode]}")
         elif index < graph.logit_index:
             pos = index - graph.token_start
             records[index] = dict(
@@ -142,7 +143,7 @@ def plot_graph(graph: AttributionGraph, pruned: PrunedGraph, tokenizer, ax=None,
     ax.set_yticklabels(["token", *[f"layer {i}" for i in range(graph.n_layers)], "logit"])
     ax.set_xlabel("prompt position (token)")
     ax.set_ylabel("layer")
-    labels = {"cross layer transcoder": "adapter feature", "mlp reconstruction error": "error: base MLP + b_dec",
+    labels = {"cross layer transcoder": "adapter feature", "mlp reconstruction error": f"error node ({graph.state.mode})",
               "embedding": "token", "logit": "target logit"}
     handles = [Line2D([], [], marker=m, color=c, linestyle="", label=labels[k]) for k, (m, c) in NODE_STYLE.items()]
     handles += [Line2D([], [], color="#4C72B0", label="edge > 0"), Line2D([], [], color="#C44E52", label="edge < 0")]

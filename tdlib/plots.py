@@ -284,26 +284,41 @@ def _paper_notes(paper: dict) -> dict[str, str | None]:
 
     return {"adapter_wait": note("paper {}", "adapter_wait_per_1k"),
             "adapter_tokens": note("paper {}", "adapter_response_tokens"),
-            "ablated_wait": note("paper {} (output)\n{} (both)", "ablated_output_wait_per_1k",
-                                 "ablated_both_wait_per_1k"),
+            "ablated_output_wait": note("paper {}", "ablated_output_wait_per_1k"),
+            "ablated_wait": note("paper {}", "ablated_both_wait_per_1k"),
             "ablated_tokens": note("paper {}", "ablated_response_tokens"),
-            "hybrid_plus_wait": note("paper {} (both)", "hybrid_plus_both_wait_per_1k"),
+            "hybrid_plus_template_wait": note("paper {}", "hybrid_plus_template_wait_per_1k"),
+            "hybrid_plus_output_wait": note("paper {}", "hybrid_plus_output_wait_per_1k"),
+            "hybrid_plus_wait": note("paper {}", "hybrid_plus_both_wait_per_1k"),
             "steered_shorter": "paper: shorter" if paper else None}
 
 
+def _error_bar(entry: dict, key: str) -> tuple[float, float]:
+    """(below, above) the value: the 95% bootstrap interval where recorded, else +-1 std (random draws)."""
+    interval = entry.get(f"{key}_ci")
+    if interval and None not in interval:
+        return max(0.0, entry[key] - interval[0]), max(0.0, interval[1] - entry[key])
+    spread = entry.get(f"{key}_std", 0.0)
+    return spread, spread
+
+
 def ablation_figure(results: dict, word: str = "wait"):
-    """Notebook 06's figure: bars of the hesitation ``word`` per 1k response tokens and mean response length for every condition
-    (random control: mean over draws with a 1-std error bar); the paper's numbers (``results["paper"]``, written
-    by ``tdlib.steer.run_ablation_study``) as annotations where they correspond."""
+    """Notebook 06's figure: the hesitation ``word`` per 1k response tokens and mean response length for every
+    condition, with 95% bootstrap intervals over responses (random control: mean over draws, +-1 std across draws);
+    the paper's numbers (``results["paper"]``) as annotations where they correspond."""
     steered = results["steered"]
     notes = _paper_notes(results.get("paper", {}))
-    bars = [("adapter", results["adapter"], MODEL_COLORS["adapter"], notes["adapter_wait"], notes["adapter_tokens"]),
-            ("adapter\nablated", results["ablated"], "#2E6B3A", notes["ablated_wait"], notes["ablated_tokens"]),
-            ("random\ncontrol", results["random_control"], "#AAAAAA", None, None)]
+    bars = [("adapter", results["adapter"], MODEL_COLORS["adapter"], notes["adapter_wait"], notes["adapter_tokens"])]
+    if "ablated_output" in results:
+        bars.append(("ablated:\noutput", results["ablated_output"], "#6FAF7F", notes["ablated_output_wait"], None))
+    bars += [("ablated:\nboth groups", results["ablated"], "#2E6B3A", notes["ablated_wait"], notes["ablated_tokens"]),
+             ("random\ncontrol", results["random_control"], "#AAAAAA", None, None)]
     optional = [("adapter_clamped", "adapter\n+clamp", "#8FD19E", None),
                 ("hybrid", "hybrid", MODEL_COLORS["hybrid"], None),
-                ("hybrid_plus_features", "hybrid\n+features", "#B3A6D9", notes["hybrid_plus_wait"]),
-                ("hybrid_plus_features_clamped", "hybrid\n+clamp", "#D3CBEA", None),
+                ("hybrid_plus_template", "hybrid\n+template", "#D3CBEA", notes["hybrid_plus_template_wait"]),
+                ("hybrid_plus_output", "hybrid\n+output", "#C5B8E4", notes["hybrid_plus_output_wait"]),
+                ("hybrid_plus_features", "hybrid\n+both", "#B3A6D9", notes["hybrid_plus_wait"]),
+                ("hybrid_plus_features_clamped", "hybrid\n+both clamped", "#E3DDF2", None),
                 ("target", "target", MODEL_COLORS["target"], None)]
     for key, label, color, note in optional:
         if key in steered:
@@ -316,22 +331,22 @@ def ablation_figure(results: dict, word: str = "wait"):
                                           (axes[1], "mean_response_tokens", "mean response length (tokens)", 4)):
         x = range(len(bars))
         heights = [b[1][key] for b in bars]
-        errors = [b[1].get(f"{key}_std", 0.0) for b in bars]
+        errors = np.array([_error_bar(b[1], key) for b in bars]).T
         axis.bar(x, heights, yerr=errors, capsize=4, color=[b[2] for b in bars])
         axis.set_xticks(list(x), [b[0] for b in bars], fontsize=8)
         axis.set_ylabel(ylabel)
-        top = max([h + e for h, e in zip(heights, errors)] + [1.0])
+        top = max([h + e for h, e in zip(heights, errors[1])] + [1.0])
         for i, bar in enumerate(bars):
             if bar[note_index]:
-                axis.annotate(bar[note_index], (i, heights[i]), xytext=(0, 3), textcoords="offset points",
-                              ha="center", va="bottom", fontsize=7, color="#444444")
+                axis.annotate(bar[note_index], (i, heights[i] + errors[1][i]), xytext=(0, 3),
+                              textcoords="offset points", ha="center", va="bottom", fontsize=7, color="#444444")
         axis.set_ylim(0, top * 1.35)
     axes[0].set_title('Hesitation (paper annotations: 7B model, "Wait" per 1k tokens)')
     axes[1].set_title("Response length (paper annotations: 7B model, tokens)")
     n_draws = results["random_control"]["n_draws"]
     fig.suptitle(f"Ablating / adding {results['n_features_chosen']} hesitation features "
-                 f"({results['n_problems']} held-out problems, greedy; random control: {n_draws} "
-                 f"draw{'s' if n_draws != 1 else ''}, ±1 std)")
+                 f"({results['n_problems']} held-out problems, greedy; bars: 95% bootstrap intervals; random "
+                 f"control: {n_draws} draw{'s' if n_draws != 1 else ''}, ±1 std)")
     fig.tight_layout()
     return fig
 
@@ -370,5 +385,34 @@ def ground_truth_figure(score: dict):
                     title="Teacher-forced ablation on the target's traces")
     ablate_axis.legend(fontsize=8)
     fig.suptitle(f"Hesitation features against the organism's known rule ({score['n_problems']} held-out problems)")
+    fig.tight_layout()
+    return fig
+
+
+def intervention_figure(checks: dict[str, dict], word: str = "wait"):
+    """Per attribution mode: each checked feature's logit change predicted by the graph (minus its total effect)
+    against the change when it is removed in the real model, the diagonal drawn; the title gives Spearman's rank
+    correlation and the median relative error."""
+    modes = list(checks)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        records = checks[mode]["records"]
+        summary = checks[mode]["total_effect"]
+        predicted = [r["predicted_total"] for r in records]
+        actual = [r["actual"] for r in records]
+        ax.scatter(actual, predicted, s=9, alpha=0.6, color="#4C72B0")
+        values = predicted + actual
+        if values:
+            low, high = min(values), max(values)
+            ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="predicted = actual")
+        ax.axhline(0, color="#ccc", linewidth=0.5)
+        ax.axvline(0, color="#ccc", linewidth=0.5)
+        ax.set(xlabel=f'actual change of the "{word.strip()}" logit (real model, feature removed)',
+               ylabel="predicted by the graph (- total effect)",
+               title=f"{mode}: Spearman {summary['rank_correlation']:.2f}, "
+                     f"median rel. error {summary['median_relative_error']:.2f}\n({summary['n']} removals)")
+        ax.title.set_fontsize(10)
+        ax.xaxis.label.set_fontsize(8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from .bench import EvalSet, count_hesitations, evaluate_items
@@ -334,21 +335,27 @@ def random_features(chosen: FeatureSet, n_features: int, seed: int,
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def wait_metrics(generation: Generation) -> dict:
-    """Hesitation counts beside the accuracy metrics: "wait" (as a word, any case) per 1,000 response tokens (the
-    paper's metric) and the total count."""
-    n_wait = sum(count_hesitations(r, task.HESITATION) for r in generation.responses)
-    n_tokens = sum(generation.response_tokens)
-    return {"wait_per_1k_tokens": 1000 * n_wait / max(n_tokens, 1), "n_wait": n_wait}
+def wait_metrics(generation: Generation, word: str = task.HESITATION, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Hesitation counts beside the accuracy metrics: the pair's hesitation ``word`` (as a word, any case) per 1,000
+    response tokens (the paper's metric) and the total count, with 95% intervals on the rate and on the mean
+    response length from a bootstrap over responses."""
+    from .faithfulness import bootstrap_ratio
+
+    waits = np.array([count_hesitations(r, word) for r in generation.responses], dtype=float)
+    tokens = np.array(generation.response_tokens, dtype=float)
+    rate = bootstrap_ratio(1000 * waits, tokens, n_bootstrap, seed)
+    length = bootstrap_ratio(tokens, np.ones_like(tokens), n_bootstrap, seed)
+    return {"wait_per_1k_tokens": float(1000 * waits.sum() / max(tokens.sum(), 1)), "wait_per_1k_tokens_ci": list(rate),
+            "mean_response_tokens_ci": list(length), "n_wait": int(waits.sum())}
 
 
-def run_condition(model, tokenizer, evalset: EvalSet, batch_size: int = 100,
-                  desc: str = "generate") -> tuple[dict, Generation]:
+def run_condition(model, tokenizer, evalset: EvalSet, batch_size: int = 100, desc: str = "generate",
+                  word: str = task.HESITATION) -> tuple[dict, Generation]:
     """Greedy generation on ``evalset`` under whatever hooks/choice are active; accuracy, length and hesitation."""
     metrics, generation, _ = evaluate_items(model, tokenizer, evalset.items, benchmark=evalset.benchmark,
                                             max_new_tokens=evalset.max_new_tokens, batch_size=batch_size, desc=desc,
                                             prompt_format=evalset.prompt_format)
-    return {**metrics, **wait_metrics(generation)}, generation
+    return {**metrics, **wait_metrics(generation, word)}, generation
 
 
 METRIC_KEYS = ("accuracy", "mean_response_tokens", "wait_rate", "wait_per_1k_tokens")
@@ -389,14 +396,21 @@ def ablation_checks(results: dict) -> dict:
 class AblationConfig:
     """Settings of notebook 06's experiment."""
 
-    n_random_draws: int = 3
-    """Random-control draws (each as many features per layer as the chosen set, disjoint from it)."""
+    n_random_draws: int = 5
+    """Random-control draws (each as many features per layer as the ablated set, disjoint from it)."""
     random_seed: int = 0
     """Seed of the first draw; draw i uses random_seed + i."""
     transfer_scales: tuple[float, ...] = (-0.5,)
     """Scales of the transfer steering in the target (the paper: negated decoder x 0.5, i.e. -0.5)."""
     batch_size: int = 100
     """Prompts per generate call."""
+    word: str = task.HESITATION
+    """The pair's hesitation word, counted per 1,000 response tokens."""
+    groups: bool = True
+    """Also the per-group conditions: ablating the output group alone, adding template / output alone to the hybrid."""
+    clamped: bool = False
+    """Also the clamped variants (features that are off set to their mean active value) of the adapter model and of
+    the hybrid with the features added."""
 
     def __post_init__(self):
         if self.n_random_draws < 1:
@@ -406,19 +420,39 @@ class AblationConfig:
         self.transfer_scales = tuple(float(s) for s in self.transfer_scales)
 
 
+def union(*sets: FeatureSet) -> FeatureSet:
+    """The features of every set, by layer."""
+    return features_by_layer((layer, f) for features in sets for layer, fs in features.items() for f in fs)
+
+
+def study_sets(feature_sets: dict[str, FeatureSet]) -> dict[str, FeatureSet]:
+    """The sets notebook 06 works with, from 05's groups: "output", "template" and "both" (their union: the
+    paper's two groups; suppressors, which lower the word, are left out). Without groups (the fallback selector)
+    "both" is every chosen feature."""
+    output, template = feature_sets.get("output", {}), feature_sets.get("template", {})
+    both = union(output, template) if n_chosen(output) + n_chosen(template) else feature_sets["all"]
+    return {"output": output, "template": template, "both": both}
+
+
 def run_ablation_study(model, tokenizer, evalset: EvalSet, feature_sets: dict[str, FeatureSet], stats: FeatureStats,
                        config: AblationConfig) -> tuple[dict, dict[str, Generation]]:
     """Every condition of experiment 6 on one spliced adapter model (``model``: a trained adapter run from
     ``tdlib.sweep.load_named``, whose MLP choice selects adapter model / hybrid / target), generating on
     ``evalset`` (``tdlib.bench.pair_benchmark``: its items and generation budget).
 
-    ``feature_sets``: {"all": the hesitation features, optional <group>: a subset}. Returns the results (the
-    06_ablation.json layout, without "config") and the generations by condition name.
+    ``feature_sets``: {"all": the hesitation features, optional "output" / "template" / "suppressor": 05's groups}.
+    Conditions (the paper's design): the adapter model; ablated: the output group alone ("ablated_output") and both
+    groups ("ablated"); random sets of the same size per layer as both groups (``n_random_draws`` seeded draws); the
+    hybrid, and the hybrid with the template group, the output group and both added; the target, and the target
+    steered by both groups' decoder directions at each transfer scale. Every hesitation rate and mean length
+    carries a 95% bootstrap interval over responses. Returns the results (the 06_ablation.json layout, without
+    "config") and the generations by condition name.
     """
-    chosen = feature_sets["all"]
+    sets = study_sets(feature_sets)
+    chosen = sets["both"]
     if n_chosen(chosen) == 0:
         raise ValueError("the hesitation feature set is empty; nothing to ablate")
-    groups = {k: v for k, v in feature_sets.items() if k != "all"}
+    per_group = config.groups and n_chosen(sets["output"]) > 0 and n_chosen(sets["template"]) > 0
     values = stats.clamp_values(chosen)
     n_features = next(iter(_check_features(model, chosen).values())).config.n_features
     generations: dict[str, Generation] = {}
@@ -430,14 +464,14 @@ def run_ablation_study(model, tokenizer, evalset: EvalSet, feature_sets: dict[st
             stack.enter_context(mlp_choice(model, choice))
             for context in contexts:
                 stack.enter_context(context)
-            metrics, generations[name] = run_condition(model, tokenizer, evalset, config.batch_size, desc=name)
+            metrics, generations[name] = run_condition(model, tokenizer, evalset, config.batch_size, desc=name,
+                                                       word=config.word)
         return metrics
 
-    results = {"adapter": measure("adapter", "adapter"),
-               "ablated": measure("ablated", "adapter", ablate_features(model, chosen))}
-    if len(groups) > 1:
-        results["ablated_by_group"] = {g: measure(f"ablated_{g}", "adapter", ablate_features(model, fs))
-                                       for g, fs in groups.items()}
+    results = {"adapter": measure("adapter", "adapter")}
+    if per_group:
+        results["ablated_output"] = measure("ablated_output", "adapter", ablate_features(model, sets["output"]))
+    results["ablated"] = measure("ablated", "adapter", ablate_features(model, chosen))
     draws, seeds = [], []
     for i in range(config.n_random_draws):
         seed = config.random_seed + i
@@ -445,40 +479,42 @@ def run_ablation_study(model, tokenizer, evalset: EvalSet, feature_sets: dict[st
         draws.append({**measure(f"random_{seed}", "adapter", ablate_features(model, control)), "seed": seed})
         seeds.append(seed)
     results["random_control"] = {**summarize_draws(draws), "seeds": seeds, "pool": "features alive on held-out text"}
-    steered = {
-        "adapter_clamped": measure("adapter_clamped", "adapter", clamp_features(model, chosen, values)),
-        "hybrid": measure("hybrid", "base"),
-        "hybrid_plus_features": measure("hybrid_plus_features", "base", add_feature_directions(model, chosen)),
-        "hybrid_plus_features_clamped": measure("hybrid_plus_features_clamped", "base",
-                                                add_feature_directions(model, chosen, values=values)),
-    }
-    if len(groups) > 1:
-        for group, features in groups.items():
+    steered = {"hybrid": measure("hybrid", "base")}
+    if per_group:
+        for group in ("template", "output"):
             steered[f"hybrid_plus_{group}"] = measure(f"hybrid_plus_{group}", "base",
-                                                      add_feature_directions(model, features))
+                                                      add_feature_directions(model, sets[group]))
+    steered["hybrid_plus_features"] = measure("hybrid_plus_features", "base", add_feature_directions(model, chosen))
+    if config.clamped:
+        steered["adapter_clamped"] = measure("adapter_clamped", "adapter", clamp_features(model, chosen, values))
+        steered["hybrid_plus_features_clamped"] = measure("hybrid_plus_features_clamped", "base",
+                                                          add_feature_directions(model, chosen, values=values))
     steered["target"] = measure("target", "target")
     for scale in config.transfer_scales:
         name = f"target_steered_{scale:g}"
         steered[name] = {**measure(name, "target", add_feature_directions(model, chosen, scale=scale)),
                          "scale": scale}
     steered["notes"] = {
+        "hybrid_plus_features": "hybrid (base MLPs) + both groups' decoder contribution, activations from the adapter "
+                                "encoder on the hybrid's own MLP inputs (no b_dec); hybrid_plus_<group>: one group",
         "adapter_clamped": "adapter model; chosen features set to their mean nonzero held-out activation on every "
                            "token where they are off",
-        "hybrid_plus_features": "hybrid (base MLPs) + the chosen features' decoder contribution, activations from "
-                                "the adapter encoder on the hybrid's own MLP inputs (no b_dec)",
         "hybrid_plus_features_clamped": "as hybrid_plus_features, features that are off clamped as in "
                                         "adapter_clamped",
-        "target_steered": "target + scale x the chosen features' decoder contribution, activations from the "
-                          "adapter encoder on the target's MLP inputs (the paper's transfer: scale -0.5)",
+        "target_steered": "target + scale x both groups' decoder contribution, activations from the adapter encoder "
+                          "on the target's MLP inputs (the paper's transfer: scale -0.5)",
     }
     results["steered"] = steered
     results.update({
         "benchmark": evalset.benchmark, "n_problems": len(evalset.items), "n_features_chosen": n_chosen(chosen),
+        "set_sizes": {name: n_chosen(fs) for name, fs in {**sets, "suppressor": feature_sets.get("suppressor", {}),
+                                                          "all": feature_sets["all"]}.items()},
         "n_features_total": n_features * len(find_layers(model)),
         "features_by_layer": {str(k): len(v) for k, v in chosen.items()},
         "clamp_values_mean": float(torch.tensor([v for row in values.values() for v in row]).mean()),
         "n_chosen_never_fired": int(sum((stats.fire_count[l][fs] == 0).sum() for l, fs in chosen.items())),
-        "max_new_tokens": evalset.max_new_tokens, "paper": PAPER,
+        "max_new_tokens": evalset.max_new_tokens, "hesitation_word": config.word, "paper": PAPER,
+        "intervals": "95% bootstrap over responses (1,000 resamples) on every rate and mean length",
     })
     results["checks"] = ablation_checks(results)
     return results, generations

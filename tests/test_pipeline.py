@@ -207,7 +207,7 @@ def test_overrides_apply_where_declared_and_the_command_line_wins():
 
 
 @pytest.mark.parametrize("words, message", [
-    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: n_prompts, max_per_problem"),
+    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: mode, compare_modes, n_check_features"),
     (["01.n_prompts=3"], r"unknown notebook parameter 'n_prompts' for '01'.*01_train: l1_weights, steps"),
     (["baselines=0"], r"baselines=0 \(int\) where the default is True"),
     (["n_prompts=many"], r"n_prompts='many' \(str\) where the default is 60"),

@@ -225,31 +225,59 @@ def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     traces = OrganismTraces(tokenizer, "smoke", batch_size=8, seed=0, split="validation")
     stats = collect_feature_stats(model, [traces.batch(0)], hesitation_token(tokenizer))
     chosen = select_hesitation_features(stats, 4)
-    sets = {"all": chosen, "a": {k: v[:1] for k, v in chosen.items()}, "b": {k: v[1:] for k, v in chosen.items()}}
+    output, template = {k: v[:1] for k, v in chosen.items()}, {k: v[1:] for k, v in chosen.items()}
+    sets = {"all": chosen, "output": output, "template": template}
     evalset = pair_benchmark(pair, limit=4, max_new_tokens=8)
     results, generations = run_ablation_study(
         model, tokenizer, evalset, sets, stats,
         AblationConfig(n_random_draws=2, transfer_scales=(-0.5, 0.0), batch_size=4))
-    for key in ("adapter", "ablated"):
-        assert set(results[key]) >= {"wait_rate", "wait_per_1k_tokens", "mean_response_tokens", "accuracy"}
+    for key in ("adapter", "ablated", "ablated_output"):
+        assert set(results[key]) >= {"wait_rate", "wait_per_1k_tokens", "mean_response_tokens", "accuracy",
+                                     "wait_per_1k_tokens_ci", "mean_response_tokens_ci"}
+        low, high = results[key]["mean_response_tokens_ci"]
+        assert low <= results[key]["mean_response_tokens"] <= high
     control = results["random_control"]
     assert control["n_draws"] == 2 and control["seeds"] == [0, 1] and "wait_per_1k_tokens_std" in control
-    assert set(results["ablated_by_group"]) == {"a", "b"}
-    assert {"hybrid", "hybrid_plus_features", "target", "target_steered_-0.5", "hybrid_plus_a"} <= set(
-        results["steered"])
+    assert {"hybrid", "hybrid_plus_template", "hybrid_plus_output", "hybrid_plus_features", "target",
+            "target_steered_-0.5"} <= set(results["steered"])
+    assert "adapter_clamped" not in results["steered"]  # clamped variants only when asked for
+    assert results["set_sizes"]["both"] == n_chosen(chosen) == results["n_features_chosen"]
     # steering with scale 0 reproduces the target's generations exactly
     assert generations["target_steered_0"].responses == generations["target"].responses
+    # ablating nothing more than the output group is a different condition from ablating both groups
+    assert set(generations) >= {"ablated_output", "ablated", "random_0", "random_1"}
     assert all(isinstance(v, bool) for v in results["checks"].values())
-    assert results["n_features_chosen"] == n_chosen(chosen)
     assert (results["benchmark"], results["n_problems"], results["max_new_tokens"]) == ("organism", 4, 8)
-
 
     from tdlib.plots import ablation_figure
     fig = ablation_figure(results)
     wait_axis = fig.axes[0]
-    shown = {"adapter_clamped", "hybrid", "hybrid_plus_features", "hybrid_plus_features_clamped", "target"}
-    n_bars = 3 + sum(k in shown or k.startswith("target_steered") for k in results["steered"])
+    shown = {"adapter_clamped", "hybrid", "hybrid_plus_template", "hybrid_plus_output", "hybrid_plus_features",
+             "hybrid_plus_features_clamped", "target"}
+    n_bars = 4 + sum(k in shown or k.startswith("target_steered") for k in results["steered"])
     assert len(wait_axis.patches) == len(wait_axis.get_xticklabels()) == n_bars
     assert "paper 5.5" in [t.get_text() for t in wait_axis.texts]  # the paper's numbers recorded in the results
     without_paper = ablation_figure({k: v for k, v in results.items() if k != "paper"})
     assert not without_paper.axes[0].texts
+
+
+def test_no_groups_means_one_set_and_no_group_conditions(pair, model, tokenizer):
+    from tdlib.steer import study_sets, union
+
+    assert union({0: [1, 3]}, {0: [2], 2: [5]}) == {0: [1, 2, 3], 2: [5]}
+    sets = study_sets({"all": {0: [4]}, "suppressor": {0: [4]}})
+    assert sets["both"] == {0: [4]} and sets["output"] == {}
+    sets = study_sets({"all": {0: [1, 2, 4]}, "output": {0: [1]}, "template": {0: [2]}, "suppressor": {0: [4]}})
+    assert sets["both"] == {0: [1, 2]}, "suppressors lower the word: they are not part of 'both groups'"
+
+
+def test_wait_metrics_count_the_pairs_word_with_intervals():
+    from tdlib.generate import Generation
+    from tdlib.steer import wait_metrics
+
+    generation = Generation(["q"] * 3, ["Hmm, 2. hmm", "4", "Hmm wait"], [10, 10, 20])
+    metrics = wait_metrics(generation, word="Hmm")
+    assert metrics["n_wait"] == 3 and metrics["wait_per_1k_tokens"] == pytest.approx(75.0)
+    low, high = metrics["wait_per_1k_tokens_ci"]
+    assert low <= 75.0 <= high and high > low
+    assert wait_metrics(generation, word="wait")["n_wait"] == 1

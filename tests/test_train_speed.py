@@ -93,15 +93,18 @@ def test_cut_sets_are_spread_evenly_with_the_uniform_mean():
     assert len(cuts) == 6 and cuts[0] == 1 and cuts[-1] == 30 and abs(sum(cuts) / 6 - 15.5) < 0.5
 
 
-def test_bench_attribution_breaks_a_graph_into_phases(capsys):
+def test_bench_attribution_breaks_a_graph_into_phases_per_mode(capsys):
     import bench_attribution
 
     result = bench_attribution.main(["--shape", "tiny", "--n-features", "16", "--l0", "3", "--prompt-tokens", "10",
                                      "--repeats", "1", "--threads", "1"])
-    seconds = result["seconds"]
-    assert result["n_active"] > 0 and result["batches"] >= 1
-    parts = sum(seconds[p] for p in ("forward", "selection", "backward batches", "other", "pruning", "scores"))
-    assert abs(parts - seconds["total"]) < 1e-6 and seconds["forward"] > 0 and seconds["backward batches"] > 0
+    assert set(result["modes"]) == {"frozen", "relp", "target"}
+    for mode, entry in result["modes"].items():
+        seconds = entry["seconds"]
+        assert entry["n_active"] > 0 and entry["batches"] >= 1, mode
+        parts = sum(seconds[p] for p in ("forward", "selection", "backward batches", "other", "pruning", "scores"))
+        assert abs(parts - seconds["total"]) < 1e-6 and seconds["forward"] > 0 and seconds["backward batches"] > 0
+    assert "vs frozen" in capsys.readouterr().out
 
 
 def test_an_unbuilt_smollm2_pair_is_named_with_the_command_that_builds_it(tmp_path, monkeypatch):

@@ -12,8 +12,12 @@ from .replay import FrozenPrompt, Replay, _attend_transposed, _feature_offsets, 
 
 def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean: bool = True,
               progress: bool = False, method: str = "transpose",
-              max_feature_nodes: int | None = None) -> AttributionGraph:
+              max_feature_nodes: int | None = None, mode: str = "frozen") -> AttributionGraph:
     """The attribution graph of ``target_token``'s logit at the last position of ``input_ids``.
+
+    ``mode`` (``tdlib.attribution.MODES``): how the base MLPs enter the graph: "frozen" (a constant error node
+    each), "relp" (passed through linearly by the paper's rules, the adapter model's graph) or "target" (the
+    target's own graph: base MLP passed through, adapter features, and error nodes holding what the adapter misses).
 
     ``method="transpose"`` (default) runs the replay's transposed linear map by hand, batched over target nodes
     (no forward pass needed: the replay is linear); ``method="autograd"`` gets the same edges from autograd on
@@ -26,8 +30,9 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if method not in ("transpose", "autograd"):
         raise ValueError(f"method must be 'transpose' or 'autograd', got {method!r}")
-    state = freeze(model, input_ids)
+    state = freeze(model, input_ids, mode)
     n_active = state.features.shape[0]
+    active = (state.features, state.activations)
     selection = None
     if max_feature_nodes is not None and n_active > max_feature_nodes:
         selection = select_features_by_influence(Replay(model, state, target_token, demean), max_feature_nodes,
@@ -45,7 +50,7 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
         adjacency[n_nodes - 1, :rows.shape[1]] = rows[-1]
         bias[:n_features] += selection.bias[:n_features].to(bias.dtype)
         bias[n_nodes - 1] += selection.bias[-1].to(bias.dtype)
-        return _finish(replay, state, adjacency, bias, target_token, demean, n_active)
+        return _finish(replay, state, adjacency, bias, target_token, demean, active)
     # targets: every active feature (its pre-activation, read before its layer's MLP), then the logit (read from
     # the final residual, "layer" n_layers); sorted by (layer, position), so a chunk needs few layers and positions
     logit_target = torch.tensor([[n_layers, n_pos - 1, -1]], device=state.features.device)
@@ -75,10 +80,10 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
                 leaves = replay.leaves(1, n_layers, n_pos)
                 _, final = replay.run(*leaves)
                 _fill_rows(adjacency, bias, rows[-1:], replay.logit(final), leaves, state, offsets, n_pos)
-    return _finish(replay, state, adjacency, bias, target_token, demean, n_active)
+    return _finish(replay, state, adjacency, bias, target_token, demean, active)
 
 
-def _finish(replay, state, adjacency, bias, target_token: int, demean: bool, n_active: int) -> AttributionGraph:
+def _finish(replay, state, adjacency, bias, target_token: int, demean: bool, active) -> AttributionGraph:
     """Add the features' encoder biases and wrap the graph with the logit's value and probability."""
     n_features = state.features.shape[0]
     if n_features:
@@ -88,7 +93,7 @@ def _finish(replay, state, adjacency, bias, target_token: int, demean: bool, n_a
     logit_value = float(state.logits[target_token] - (state.logits.mean() if demean else 0))
     probability = float(logits.softmax(-1)[target_token])
     return AttributionGraph(state, adjacency, bias, int(target_token), demean, logit_value, probability,
-                            n_active)
+                            active[0].shape[0], active[0].cpu(), active[1].cpu())
 
 
 SELECTION_GROUP = 8
@@ -224,6 +229,10 @@ def _transpose_rows(replay: Replay, targets: torch.Tensor, offsets):
             values = replay.layer_activations(layer, n_pos)
             start = offsets[layer]
             out[:, start:start + len(feature_ids)] = _dot_at_positions(grad, feature_positions, decoder) * values
+            row_bias += (grad * state.mlp_bias[layer, :n_pos]).sum((1, 2))
+            if state.passes_base_mlp:  # relp / target: influence runs on through the linearised base MLP
+                live = (layers > layer)[:, None] & (torch.arange(n_pos, device=grad.device)[None] <= positions[:, None])
+                grad = grad + replay.base_mlp_transposed(layer, grad, live)
         here = layers == layer
         if here.any():
             grad[batch[here], positions[here]] += readout[here]
@@ -260,7 +269,8 @@ def _dot_at_positions(grad: torch.Tensor, positions: torch.Tensor, vectors: torc
 
 def _fill_rows(adjacency, bias, rows, values, leaves, state, offsets, n_pos) -> None:
     """Backward from ``values`` [B] (one target per batch copy) and write edges = grad * value into ``rows``."""
-    embeddings, errors, activations, biases = leaves
+    embeddings, errors, activations, biases, mlp_biases = leaves
+    biases = [*biases, *mlp_biases]
     flat = [embeddings, *errors, *activations, *biases]
     grads = torch.autograd.grad(values.sum(), flat, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, flat)]

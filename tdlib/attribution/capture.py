@@ -64,14 +64,22 @@ def final_norm_weight(model) -> torch.Tensor:
     return norms[-1](torch.ones(reference.shape[1], dtype=reference.dtype, device=reference.device))
 
 
-def check_replayable(model) -> None:
-    """Refuse, before any work, a model whose adapter model the frozen replay cannot reproduce."""
+def check_replayable(model, mode: str = "frozen") -> None:
+    """Refuse, before any work, a model whose adapter model (or, in mode "target", whose target with its adapters)
+    the frozen replay cannot reproduce."""
+    from .replay import gated_weights
+
     inner = unwrap(model)
     for i, block in enumerate(find_layers(inner)):
         mlp = get_mlp(inner, i)
-        if not isinstance(mlp, SplicedMLP) or mlp.choice != "adapter" or mlp.adapter is None:
-            raise ValueError(f"layer {i} does not run base MLP + adapter; attribution needs the adapter model "
-                             "(load_named(pair, 'adapter_l1_...') or set_mlp_choice(model, 'adapter'))")
+        if not isinstance(mlp, SplicedMLP) or mlp.adapter is None:
+            raise ValueError(f"layer {i} has no adapter; attribution needs a spliced adapter run "
+                             "(load_named(pair, 'adapter_l1_...'))")
+        if mode != "target" and mlp.choice != "adapter":
+            raise ValueError(f"layer {i} does not run base MLP + adapter; attribution in mode {mode!r} needs the "
+                             "adapter model (set_mlp_choice(model, 'adapter')); mode 'target' attributes the target")
+        if mode != "frozen":
+            gated_weights(mlp.base_mlp, f"layer {i}'s base MLP")
         attention = attention_of(block)
         if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("v_proj", "o_proj")):
             raise NotReplayable(

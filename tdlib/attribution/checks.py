@@ -16,9 +16,10 @@ def replay_logit(model, graph: AttributionGraph, zero: list[int] = (), recompute
     so removing a node also moves every feature downstream of it."""
     state = graph.state
     replay = Replay(model, state, graph.target_token, graph.demean)
-    embeddings, errors, activations, biases = replay.leaves(1, state.n_layers, state.n_pos)
+    embeddings, errors, activations, biases, mlp_biases = replay.leaves(1, state.n_layers, state.n_pos)
     embeddings = embeddings.detach()
-    errors, activations, biases = ([t.detach() for t in group] for group in (errors, activations, biases))
+    errors, activations, biases, mlp_biases = ([t.detach() for t in group]
+                                               for group in (errors, activations, biases, mlp_biases))
     offsets = _feature_offsets(state)
     clamp: dict[int, set[int]] = {}
     for node in zero:
@@ -36,7 +37,7 @@ def replay_logit(model, graph: AttributionGraph, zero: list[int] = (), recompute
             raise ValueError("the logit node cannot be removed")
     if recompute and clamp:
         replay = _ClampedReplay(replay, clamp)
-    _, final = replay.run(embeddings, errors, activations, biases, recompute=recompute)
+    _, final = replay.run(embeddings, errors, activations, biases, mlp_biases, recompute=recompute)
     return float(replay.logit(final)[0])
 
 

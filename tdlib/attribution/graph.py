@@ -26,6 +26,9 @@ class AttributionGraph:
     """Softmax probability of the target token in the real model."""
     n_active_features: int = -1
     """Features active on the prompt (more than ``n_features`` when max_feature_nodes folded some into errors)."""
+    active_features: torch.Tensor | None = None
+    """[n_active, 3] every active feature (layer, position, id), nodes or not; ``active_activations`` their values."""
+    active_activations: torch.Tensor | None = None
 
     @property
     def n_features(self) -> int:

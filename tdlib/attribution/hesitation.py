@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..autointerp.backends import MECHANISMS, Context, MechanismJob
 from ..models import find_layers, get_mlp, unwrap
 from .attribute import attribute
 from .capture import final_norm_weight
@@ -98,11 +99,18 @@ GROUPS = ("output", "template", "suppressor")
 """output: mostly a direct edge to the logit, promoting "wait"; suppressor: mostly direct, lowering it;
 template: most influence goes through other features (reads the context that triggers hesitation)."""
 
+# The released code's mechanism labels for reasoning features: output (acts on the output: promotes the word);
+# input_simple (fires on specific tokens whatever the context); input_abstract (its firing depends on broader
+# context). Offline (``mechanism_label``) from the graph and activation statistics over the study's prompts; from an
+# LLM judge with ``judge_mechanisms``.
+
 
 @dataclass
 class StudyConfig:
     """The hesitation study's knobs."""
 
+    mode: str = "frozen"
+    """Base-MLP mode of every graph (``tdlib.attribution.MODES``): "frozen", "relp" or "target"."""
     influence_mass: float = 0.8
     """Select the fewest features carrying this share of the total feature influence on the "wait" logit."""
     output_direct_share: float = 0.5
@@ -115,62 +123,147 @@ class StudyConfig:
     """Attribute the demeaned logit (logit minus the mean logit over the vocabulary)."""
     max_feature_nodes: int | None = 2048
     """At most this many feature nodes per graph (chosen by influence; the rest join the error nodes)."""
+    exclude_shared_prefix: bool = True
+    """Leave out of the selection the features at positions every prompt shares (the first token, a chat
+    template's system prompt): attention-sink artefacts whose influence says nothing about hesitation. Their share
+    of the influence is reported (``shared_prefix_influence_share``)."""
+    n_check_features: int = 20
+    """Per prompt, remove this many top-influence features in the real model and compare the logit's change with
+    the graph's prediction (``tdlib.attribution.interventions``); 0 skips the check."""
+    simple_token_share: float = 0.8
+    """``input_simple``: at least this share of a feature's activation mass lies on its top 3 tokens ..."""
+    simple_token_reliability: float = 0.8
+    """... and it fires on at least this share of those tokens' occurrences (else ``input_abstract``)."""
 
     def __post_init__(self):
+        from .replay import check_mode
+
+        check_mode(self.mode)
         if not 0 < self.influence_mass <= 1 or not 0 <= self.output_direct_share <= 1:
             raise ValueError("influence_mass must be in (0, 1] and output_direct_share in [0, 1]")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.n_check_features < 0:
+            raise ValueError(f"n_check_features must be >= 0, got {self.n_check_features}")
 
 
 @dataclass
-class FeatureStats:
+class FeatureEvidence:
+    """What the study gathers about one (layer, feature) over all prompts."""
+
     influence: float = 0.0
     direct: float = 0.0
     signed_direct: float = 0.0
     activation: float = 0.0
     fires: int = 0
+    node_count: int = 0
+    """Prompts on which it was a graph node (influence and edges are summed over those)."""
     at_last: float = 0.0
     where_rule_fires: float = 0.0
     prompts: set = field(default_factory=set)
     tokens: dict = field(default_factory=dict)
+    """Activation mass per token id (every active position outside the shared prefix, node or not)."""
+    token_fires: dict = field(default_factory=dict)
+    """Positions per token id where the feature fired."""
+    contexts: list = field(default_factory=list)
+    """Its strongest activations as (activation, prompt number, position), at most ``TOP_CONTEXTS``."""
+
+
+TOP_CONTEXTS = 5
+
+
+def shared_prefix_length(prompts: list[HesitationPrompt]) -> int:
+    """How many leading tokens every prompt shares, within the problem prompt (a chat template's header and system
+    prompt, a BOS token); at least 1 (position 0, the attention sink), at most the shortest problem prompt."""
+    first = prompts[0].input_ids
+    length = min(min(p.prompt_tokens for p in prompts), *(len(p.input_ids) for p in prompts))
+    for prompt in prompts[1:]:
+        length = next((i for i, (a, b) in enumerate(zip(first[:length], prompt.input_ids[:length])) if a != b), length)
+    return max(1, length)
 
 
 def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: int,
                      config: StudyConfig = StudyConfig(), progress: bool = True) -> dict:
-    """Attribute the "wait" logit on every prompt; aggregate influence per feature (layer, id); select and group
-    the features carrying ``config.influence_mass`` of it. Returns a JSON-ready dict."""
+    """Attribute the "wait" logit on every prompt in ``config.mode``; aggregate influence per feature (layer, id);
+    select and group the features carrying ``config.influence_mass`` of it; check the graphs' top features against
+    removals in the real model. Returns a JSON-ready dict."""
+    from .interventions import agreement, intervention_records
+
     if not prompts:
         raise ValueError("no hesitation prompts: the target never said the hesitation word in its rollouts")
-    stats: dict[tuple[int, int], FeatureStats] = {}
-    per_prompt = []
-    for number, prompt in enumerate(tqdm(prompts, desc="attribution graphs", disable=not progress)):
+    prefix = shared_prefix_length(prompts) if config.exclude_shared_prefix and len(prompts) > 1 else 0
+    stats: dict[tuple[int, int], FeatureEvidence] = {}
+    token_counts: dict[int, int] = {}
+    per_prompt, checks = [], []
+    prefix_influence = feature_influence = 0.0
+    for number, prompt in enumerate(tqdm(prompts, desc=f"attribution graphs ({config.mode})", disable=not progress)):
         graph = attribute(model, prompt.input_ids, token, config.batch_size, config.demean,
-                          max_feature_nodes=config.max_feature_nodes)
+                          max_feature_nodes=config.max_feature_nodes, mode=config.mode)
         influence = node_influence(graph)
         scores = graph_scores(graph, influence)
         direct = normalize_rows(graph.adjacency)[graph.logit_index]
         rule_fires = rule_positions(tokenizer, prompt.input_ids, prompt.prompt_tokens)
         last = graph.n_pos - 1
         for i, (layer, pos, feature) in enumerate(graph.state.features.tolist()):
-            entry = stats.setdefault((layer, feature), FeatureStats())
-            activation = float(graph.state.activations[i])
+            feature_influence += float(influence[i])
+            if pos < prefix:
+                prefix_influence += float(influence[i])
+                continue
+            entry = stats.setdefault((layer, feature), FeatureEvidence())
             entry.influence += float(influence[i])
             entry.direct += float(direct[i])
             entry.signed_direct += float(graph.adjacency[graph.logit_index, i])
+            entry.node_count += 1
+            entry.prompts.add(number)
+        for position in range(prefix, graph.n_pos):
+            word = prompt.input_ids[position]
+            token_counts[word] = token_counts.get(word, 0) + 1
+        for (layer, pos, feature), activation in zip(graph.active_features.tolist(),
+                                                     graph.active_activations.tolist()):
+            if pos < prefix:
+                continue
+            entry = stats.setdefault((layer, feature), FeatureEvidence())
+            word = prompt.input_ids[pos]
             entry.activation += activation
             entry.fires += 1
             entry.at_last += activation * (pos == last)
             entry.where_rule_fires += activation * rule_fires[pos]
-            entry.prompts.add(number)
-            word = tokenizer.decode([prompt.input_ids[pos]])
             entry.tokens[word] = entry.tokens.get(word, 0.0) + activation
+            entry.token_fires[word] = entry.token_fires.get(word, 0) + 1
+            entry.contexts = sorted(entry.contexts + [(activation, number, pos)], reverse=True)[:TOP_CONTEXTS]
+        if config.n_check_features:
+            records = intervention_records(model, graph, config.n_check_features, min_position=prefix,
+                                           influence=influence)
+            checks.extend({"prompt": number, **r} for r in records)
         per_prompt.append({**scores, "n_tokens": graph.n_pos, "n_feature_nodes": graph.n_features,
                            "n_active_features": graph.n_active_features,
                            "p_wait": graph.probability,
                            "wait_is_top1": bool(graph.state.logits.argmax() == token)})
         del graph, influence
-    return summarise(stats, per_prompt, config, len(find_layers(unwrap(model))), _width(model), model, token)
+    study = summarise(stats, per_prompt, config, len(find_layers(unwrap(model))), _width(model), model, token,
+                      token_counts, tokenizer)
+    study["mode"] = config.mode
+    study["shared_prefix_tokens"] = prefix
+    study["shared_prefix_text"] = tokenizer.decode(prompts[0].input_ids[:prefix]) if prefix else ""
+    study["shared_prefix_influence_share"] = prefix_influence / feature_influence if feature_influence else 0.0
+    study["intervention_check"] = {"records": checks, "total_effect": agreement(checks, "predicted_total"),
+                                   "direct_effect": agreement(checks, "predicted_direct"),
+                                   "features_per_prompt": config.n_check_features}
+    study["contexts"] = {f"{f['layer']}/{f['feature']}": _contexts(stats[(f["layer"], f["feature"])], prompts,
+                                                                   tokenizer)
+                         for f in study["features"]}
+    return study
+
+
+def _contexts(entry: FeatureEvidence, prompts: list[HesitationPrompt], tokenizer, before: int = 12,
+              after: int = 3) -> list[dict]:
+    """The feature's strongest activations as short text windows (the activating token marked)."""
+    windows = []
+    for activation, number, pos in entry.contexts:
+        ids = prompts[number].input_ids
+        windows.append({"activation": activation, "before": tokenizer.decode(ids[max(0, pos - before):pos]),
+                        "token": tokenizer.decode([ids[pos]]), "after": tokenizer.decode(ids[pos + 1:pos + 1 + after])})
+    return windows
 
 
 def _width(model) -> int:
@@ -199,7 +292,36 @@ def decoder_logit_effect(model, layer: int, feature: int, token: int, demean: bo
     return float(get_mlp(inner, layer).adapter.W_dec[:, feature] @ direction)
 
 
-def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int, model, token: int) -> dict:
+@torch.no_grad()
+def decoder_top_tokens(model, layer: int, feature: int, k: int = 5) -> list[int]:
+    """The tokens a feature's decoder direction promotes most (through the final norm's weight, logits demeaned)."""
+    inner = unwrap(model)
+    unembed = inner.get_output_embeddings().weight
+    scores = unembed @ (get_mlp(inner, layer).adapter.W_dec[:, feature] * final_norm_weight(inner))
+    return (scores - scores.mean()).topk(k).indices.tolist()
+
+
+def token_profile(entry: FeatureEvidence, token_counts: dict[int, int], top: int = 3) -> tuple[float, float]:
+    """(share of the activation mass on the feature's ``top`` tokens, share of those tokens' occurrences where it
+    fires): both high means it fires on specific tokens whatever the context."""
+    if not entry.tokens:
+        return 0.0, 0.0
+    ranked = sorted(entry.tokens, key=lambda t: -entry.tokens[t])[:top]
+    mass = sum(entry.tokens[t] for t in ranked) / sum(entry.tokens.values())
+    occurrences = sum(token_counts.get(t, 0) for t in ranked)
+    return mass, sum(entry.token_fires.get(t, 0) for t in ranked) / max(occurrences, 1)
+
+
+def mechanism_label(group: str, token_share: float, reliability: float, config: StudyConfig) -> str:
+    """The offline mechanism label (``MECHANISMS``) of a selected feature."""
+    if group == "output":
+        return "output"
+    simple = token_share >= config.simple_token_share and reliability >= config.simple_token_reliability
+    return "input_simple" if simple else "input_abstract"
+
+
+def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int, model, token: int,
+              token_counts: dict[int, int], tokenizer) -> dict:
     selected = select_features(stats, config.influence_mass)
     total_influence = sum(s.influence for s in stats.values())
     features, groups = [], {}
@@ -210,32 +332,28 @@ def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int,
             group = "template"
         else:
             group = "output" if entry.signed_direct > 0 else "suppressor"
+        token_share, reliability = token_profile(entry, token_counts)
         top_tokens = sorted(entry.tokens.items(), key=lambda kv: -kv[1])[:3]
+        activation = max(entry.activation, 1e-30)
         features.append({
-            "layer": layer, "feature": feature, "group": group, "influence": entry.influence / len(per_prompt),
+            "layer": layer, "feature": feature, "group": group,
+            "mechanism": mechanism_label(group, token_share, reliability, config),
+            "influence": entry.influence / len(per_prompt),
             "influence_share": entry.influence / total_influence, "direct_share": direct_share,
-            "mean_direct_edge": entry.signed_direct / entry.fires,
+            "mean_direct_edge": entry.signed_direct / max(entry.node_count, 1),
             "decoder_wait_effect": decoder_logit_effect(model, layer, feature, token, config.demean),
+            "decoder_top_tokens": [tokenizer.decode([t]) for t in decoder_top_tokens(model, layer, feature)],
             "prompts_active": len(entry.prompts) / len(per_prompt),
-            "share_at_last_position": entry.at_last / entry.activation,
-            "share_where_rule_fires": entry.where_rule_fires / entry.activation,
-            "top_tokens": [word for word, _ in top_tokens],
+            "share_at_last_position": entry.at_last / activation,
+            "share_where_rule_fires": entry.where_rule_fires / activation,
+            "top_token_share": token_share, "top_token_reliability": reliability,
+            "top_tokens": [tokenizer.decode([word]) for word, _ in top_tokens],
         })
     for name in GROUPS:
         members = [f for f in features if f["group"] == name]
-        weights = [f["influence_share"] for f in members]
-        mass = sum(weights)
-
-        def weighted(key):
-            return sum(f[key] * f["influence_share"] for f in members) / mass if mass else float("nan")
-
-        groups[name] = {
-            "count": len(members), "influence_share": mass,
-            "direct_share": weighted("direct_share"), "share_at_last_position": weighted("share_at_last_position"),
-            "share_where_rule_fires": weighted("share_where_rule_fires"),
-            "layers": {str(l): sum(1 for f in members if f["layer"] == l) for l in range(n_layers)},
-            "decoder_promotes_wait": sum(1 for f in members if f["decoder_wait_effect"] > 0),
-        }
+        groups[name] = _group_summary(members, n_layers)
+    mechanisms = {name: _group_summary([f for f in features if f["mechanism"] == name], n_layers)
+                  for name in MECHANISMS}
     scores = {key: float(sum(p[key] for p in per_prompt) / len(per_prompt))
               for key in ("replacement_score", "completeness", "error_share_abs_direct", "feature_share_abs_direct",
                           "p_wait", "n_active_features", "n_feature_nodes", "n_tokens")}
@@ -244,21 +362,71 @@ def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int,
         "hesitation_features": len(selected),
         "hesitation_share": len(selected) / (n_layers * width),
         "n_features_total": n_layers * width,
-        "n_features_with_influence": len(stats),
+        "n_features_with_influence": sum(1 for s in stats.values() if s.influence > 0),
         "influence_mass": config.influence_mass,
         "completeness": scores["completeness"],
         "replacement_score": scores["replacement_score"],
         "mean_scores": scores,
         "wait_top1_share": sum(p["wait_is_top1"] for p in per_prompt) / len(per_prompt),
         "groups": groups,
+        "mechanisms": mechanisms,
         "features": features,
         "per_prompt": per_prompt,
         "cumulative_influence": _cumulative(stats),
     }
 
 
+def _group_summary(members: list[dict], n_layers: int) -> dict:
+    mass = sum(f["influence_share"] for f in members)
+
+    def weighted(key):
+        return sum(f[key] * f["influence_share"] for f in members) / mass if mass else float("nan")
+
+    return {
+        "count": len(members), "influence_share": mass,
+        "direct_share": weighted("direct_share"), "share_at_last_position": weighted("share_at_last_position"),
+        "share_where_rule_fires": weighted("share_where_rule_fires"),
+        "layers": {str(l): sum(1 for f in members if f["layer"] == l) for l in range(n_layers)},
+        "decoder_promotes_wait": sum(1 for f in members if f["decoder_wait_effect"] > 0),
+    }
+
+
+def judge_mechanisms(study: dict, backend) -> dict:
+    """Ask an LLM judge (``tdlib.autointerp.LLMBackend``) for each selected feature's mechanism from its strongest
+    contexts, the tokens its decoder promotes and its direct share; writes ``mechanism_llm`` into each feature and
+    returns the label counts (``None``: no usable reply) and the agreement with the offline label."""
+    jobs = []
+    for feature in study["features"]:
+        contexts = [Context([c["before"], c["token"], c["after"]], 1, [0.0, c["activation"], 0.0])
+                    for c in study["contexts"].get(f"{feature['layer']}/{feature['feature']}", [])]
+        jobs.append(MechanismJob(f"L{feature['layer']}/{feature['feature']}", contexts,
+                                 feature.get("decoder_top_tokens", []), feature["direct_share"]))
+    labels = backend.mechanism(jobs)
+    for feature, label in zip(study["features"], labels):
+        feature["mechanism_llm"] = label
+    counts = {name: sum(1 for label in labels if label == name) for name in (*MECHANISMS, None)}
+    answered = [(f["mechanism"], l) for f, l in zip(study["features"], labels) if l is not None]
+    return {"counts": {str(k): v for k, v in counts.items()},
+            "agreement_with_offline": sum(a == b for a, b in answered) / len(answered) if answered else float("nan"),
+            "backend": getattr(backend, "name", type(backend).__name__)}
+
+
+def set_overlap(features: list[dict], other: list[dict]) -> dict:
+    """How two selected sets (``features`` lists of two studies) overlap: sizes, shared count, Jaccard index, and
+    the share of each set's influence that lies on shared features."""
+    keys = {(f["layer"], f["feature"]) for f in features}
+    other_keys = {(f["layer"], f["feature"]) for f in other}
+    shared = keys & other_keys
+    union = keys | other_keys
+    return {"size": len(keys), "other_size": len(other_keys), "shared": len(shared),
+            "jaccard": len(shared) / len(union) if union else float("nan"),
+            "influence_on_shared": sum(f["influence_share"] for f in features
+                                       if (f["layer"], f["feature"]) in shared)
+            / max(sum(f["influence_share"] for f in features), 1e-30)}
+
+
 def _cumulative(stats) -> list[float]:
-    values = sorted((s.influence for s in stats.values()), reverse=True)
+    values = sorted((s.influence for s in stats.values() if s.influence > 0), reverse=True)
     total = sum(values) or 1.0
     running, out = 0.0, []
     for value in values:

@@ -1,15 +1,25 @@
-"""The frozen replay: the adapter model made linear on one prompt (see ``tdlib.attribution``).
+"""The frozen replay: the spliced model made linear on one prompt (see ``tdlib.attribution``).
 
 Built from what ``capture`` records of the model's own modules, so it holds for any pre-norm decoder whose
 norms scale each position (Qwen2, Llama, Gemma, Gemma 2, Gemma 3, ...): per layer
 
-    h += attn_out_norm( attend_frozen( attn_norm(h) ) )           attn_out_norm: Gemma 2/3, else identity
-    h += error + sum_f act_f * decoder_f(position)                the MLP branch's residual contribution
+    h += attn_out_norm( attend_frozen( attn_norm(h) ) ) + attn_bias      attn_out_norm: Gemma 2/3, else identity
+    h += base_frame( base_lin(mlp_norm(h)) ) + error + mlp_bias + sum_f act_f * decoder_f(position)
 
-where every norm is frozen at its prompt scale, ``error`` is the non-feature part of the MLP branch's residual
-contribution (the base MLP's output and ``b_dec``, through a frozen post-MLP norm where the block has one), and a
-feature's decoder is its residual write: ``W_dec[:, f]`` for adapters placed on the residual stream, or
-``W_dec[:, f]`` through the frozen post-MLP norm for adapters placed before it.
+where every norm is frozen at its prompt scale and a feature's decoder is its residual write (``W_dec[:, f]``,
+through the frozen post-MLP norm for adapters placed before it). What ``base_lin``, ``error`` and ``mlp_bias`` are
+depends on the base-MLP ``mode`` (``MODES``):
+
+* ``"frozen"``: no ``base_lin``; the base MLP's output (and ``b_dec``) is a constant error node, so no path of
+  influence runs through a base MLP;
+* ``"relp"`` (the paper's rules, on the adapter model): ``base_lin`` is the base MLP with its activation's factor
+  frozen (``silu(g) = g * sigmoid(g)``, the sigmoid detached; GELU alike) and the half rule on ``act(gate) * up``
+  (``0.5 a u0 + 0.5 a0 u``): linear, and equal to the MLP at the prompt, so the error nodes are zero and
+  ``mlp_bias`` holds ``b_dec`` (and any MLP biases);
+* ``"target"``: the local replacement model of the *target*: patterns and norms frozen on the target's own forward,
+  each target MLP written as ``base_lin`` + the adapter's features (read on the target's MLP inputs) + ``b_dec`` +
+  an error node = what the adapter misses there, ``target_mlp(x) - base_mlp(x) - adapter(x)`` at the adapter's
+  placement.
 """
 from __future__ import annotations
 
@@ -18,8 +28,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import find_layers, get_mlp, unwrap
-from .capture import FrozenNorm, NotReplayable, attention_of, capture, check_replayable, tolerance
+from ..models import POST_MLP_NORM_NAMES, find_layers, get_mlp, unwrap
+from ..splice import PostMLPNorm, mlp_choice
+from .capture import FrozenNorm, NotReplayable, attention_of, capture, check_replayable, fit_norm, tolerance
+
+MODES = ("frozen", "relp", "target")
+"""How the replay treats each base MLP (module docstring): a constant error node, passed through linearly by the
+paper's rules, or passed through inside a graph of the target itself."""
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown attribution mode {mode!r}; use one of {MODES} (docs/method.md, attribution)")
+    return mode
 
 
 @dataclass
@@ -49,7 +70,8 @@ class FrozenPrompt:
     patterns: torch.Tensor
     """[L, H, P, P] attention patterns (rows sum to 1)."""
     errors: torch.Tensor
-    """[L, P, d] error nodes' values: the MLP branch's residual contribution minus the features' writes."""
+    """[L, P, d] error nodes' values: what the MLP branch adds that neither a feature, ``base_lin`` nor ``mlp_bias``
+    accounts for (``frozen``: the base MLP and ``b_dec``; ``relp``: zero; ``target``: what the adapter misses)."""
     attn_bias: torch.Tensor
     """[L, P, d] what attention adds at each position whatever its input (value and output biases)."""
     features: torch.Tensor
@@ -60,10 +82,29 @@ class FrozenPrompt:
     """[V] the unembedding's output at the last position, before any final soft-capping (the replay's logits)."""
     softcap: float | None = None
     """The model's final logit soft-capping (Gemma 2): probabilities use ``softcap * tanh(logits / softcap)``."""
+    mode: str = "frozen"
+    """The base-MLP mode (``MODES``) the prompt was frozen in."""
+    mlp_bias: torch.Tensor | None = None
+    """[L, P, d] constants the MLP branch adds (``b_dec``, MLP biases; zero in ``frozen`` mode, where the error
+    node holds them): reported in each row's ``bias``, like ``attn_bias``."""
+    gate_coef: torch.Tensor | None = None
+    """[L, P, d_ff] ``relp``/``target``: the linearised base MLP's factor on ``gate_proj(x)`` (0.5 * up * act/gate at
+    the prompt); None in ``frozen`` mode."""
+    up_coef: torch.Tensor | None = None
+    """[L, P, d_ff] its factor on ``up_proj(x)`` (0.5 * act(gate) at the prompt)."""
+    base_scale: torch.Tensor | None = None
+    """[L, P] the frozen post-MLP norm the base MLP's output passes through (ones where there is none;
+    ``base_weight`` [L, d])."""
+    base_weight: torch.Tensor | None = None
 
     @property
     def n_layers(self) -> int:
         return self.errors.shape[0]
+
+    @property
+    def passes_base_mlp(self) -> bool:
+        """Whether influence runs through the base MLPs (``relp``, ``target``)."""
+        return self.gate_coef is not None
 
     @property
     def n_pos(self) -> int:
@@ -77,38 +118,40 @@ class FrozenPrompt:
         return dataclasses.replace(self, **changes)
 
 
-def _check_supported(model) -> None:
-    check_replayable(model)
-
-
 def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+    return float(((a - b).norm() / b.norm().clamp(min=1e-30)).detach())
 
 
 @torch.no_grad()
-def freeze(model, input_ids) -> FrozenPrompt:
-    """Run the adapter model on one prompt (a list or 1-D tensor of ids) and keep what the replay freezes.
+def freeze(model, input_ids, mode: str = "frozen") -> FrozenPrompt:
+    """Run the spliced model on one prompt (a list or 1-D tensor of ids) and keep what the replay freezes: the
+    adapter model for ``mode`` "frozen" and "relp", the target (every layer's own MLP) for "target" (``MODES``).
     Refuses (``NotReplayable``, naming the feature) a model the replay cannot reproduce, before running it, and
     checks that the replay reproduces every block's output and the logits."""
-    check_replayable(model)
+    check_mode(mode)
+    check_replayable(model, mode)
     inner = unwrap(model)
     ids = torch.as_tensor(input_ids, device=next(inner.parameters()).device).reshape(-1)
-    captured = capture(inner, ids)
+    with mlp_choice(inner, "target" if mode == "target" else "adapter"):
+        captured = capture(inner, ids)
     tol = tolerance(captured.logits.dtype)
     h = captured.blocks[0].h_in.clone()
-    embeddings, n_pos, d = h.clone(), h.shape[0], h.shape[1]
-    rows: dict[str, list] = {key: [] for key in ("attn", "attn_out", "mlp", "decoder", "errors", "bias",
-                                                 "features", "activations", "patterns")}
+    embeddings = h.clone()
+    rows: dict[str, list] = {key: [] for key in ("attn", "attn_out", "mlp", "decoder", "base", "errors", "bias",
+                                                 "mlp_bias", "gate", "up", "features", "activations", "patterns")}
     for index, (block, frozen) in enumerate(zip(find_layers(inner), captured.blocks)):
-        h = _freeze_layer(index, block, get_mlp(inner, index), frozen, h, rows, tol)
+        h = _freeze_layer(index, block, get_mlp(inner, index), frozen, h, rows, tol, mode)
     final = captured.final
     logits = inner.get_output_embeddings()(final.apply(h))[-1]
     softcap = getattr(inner.config, "final_logit_softcapping", None)
+    linear = mode != "frozen"
     state = FrozenPrompt(
         ids, embeddings, *_stack(rows["attn"]), *_stack(rows["attn_out"]), *_stack(rows["mlp"]),
         *_stack(rows["decoder"]), final.scale, final.weight, torch.stack(rows["patterns"]),
         torch.stack(rows["errors"]), torch.stack(rows["bias"]), torch.cat(rows["features"]),
-        torch.cat(rows["activations"]), logits, softcap)
+        torch.cat(rows["activations"]), logits, softcap, mode, torch.stack(rows["mlp_bias"]),
+        torch.stack(rows["gate"]) if linear else None, torch.stack(rows["up"]) if linear else None,
+        *_stack(rows["base"]))
     gap = _relative_gap(state.model_logits(), captured.logits)
     if gap > tol:
         raise NotReplayable(f"the replay's logits differ from the model's by {gap:.2g} (relative): the model "
@@ -120,7 +163,53 @@ def _stack(norms: list[FrozenNorm]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([n.scale for n in norms]), torch.stack([n.weight for n in norms])
 
 
-def _freeze_layer(index, block, mlp, frozen, h, rows, tol):
+class LinearisedMLP:
+    """A gated MLP ``down(act(gate(x)) * up(x))`` made linear at ``x0`` by the paper's (RelP) rules: the
+    activation as ``g * f(g)`` with ``f = act(g) / g`` frozen (SiLU: the sigmoid; GELU: Phi), and the half rule on
+    the product, ``0.5 * act * up0 + 0.5 * act0 * up``. Exact at ``x0``; biases become a constant."""
+
+    def __init__(self, mlp, x0: torch.Tensor, name: str, tol: float):
+        self.weights = gated_weights(mlp, name)
+        gate0, up0 = mlp.gate_proj(x0), mlp.up_proj(x0)
+        act0 = mlp.act_fn(gate0)
+        tiny = torch.finfo(x0.dtype).tiny ** 0.5
+        factor = torch.where(gate0.abs() > tiny, act0 / torch.where(gate0.abs() > tiny, gate0, 1.0),
+                             torch.full_like(gate0, 0.5))
+        self.gate_coef, self.up_coef = 0.5 * up0 * factor, 0.5 * act0
+        output = mlp(x0)
+        if _relative_gap(mlp.down_proj(act0 * up0), output) > tol:
+            raise NotReplayable(f"{name} does not compute down_proj(act_fn(gate_proj(x)) * up_proj(x)): the paper's "
+                                "rules for passing through a base MLP need a gated MLP; use mode='frozen'")
+        self.constant = output - self.apply(x0)  # MLP biases; zero for a bias-free MLP
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return linearised_mlp(x, self.weights, self.gate_coef, self.up_coef)
+
+
+def gated_weights(mlp, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_gate, W_up, W_down) of a gated MLP; refuse any other MLP by name."""
+    parts = [getattr(mlp, part, None) for part in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, torch.nn.Linear) for p in parts) or not callable(getattr(mlp, "act_fn", None)):
+        raise NotReplayable(f"{name} ({type(mlp).__name__}) is not a gated MLP with gate_proj, up_proj, down_proj "
+                            "and act_fn: modes 'relp' and 'target' pass influence through gated MLPs only; use "
+                            "mode='frozen'")
+    return parts[0].weight, parts[1].weight, parts[2].weight
+
+
+def linearised_mlp(x, weights, gate_coef, up_coef):
+    """The linearised gated MLP on ``x`` [..., P, d] with per-position factors [P, d_ff] (no constant)."""
+    w_gate, w_up, w_down = weights
+    n_pos = x.shape[-2]
+    return ((x @ w_gate.T) * gate_coef[:n_pos] + (x @ w_up.T) * up_coef[:n_pos]) @ w_down.T
+
+
+def _post_norm_module(block):
+    """The block's post-MLP norm module itself (unwrapped from ``PostMLPNorm``)."""
+    norm = next(getattr(block, name) for name in POST_MLP_NORM_NAMES if hasattr(block, name))
+    return norm.norm if isinstance(norm, PostMLPNorm) else norm
+
+
+def _freeze_layer(index, block, mlp, frozen, h, rows, tol, mode):
     n_pos, d = h.shape
     identity = FrozenNorm.identity(n_pos, d, h)
     attention = attention_of(block)
@@ -133,21 +222,44 @@ def _freeze_layer(index, block, mlp, frozen, h, rows, tol):
                             "(a block wiring the replay does not know, e.g. parallel attention and MLP)")
     adapter = mlp.adapter
     acts = adapter.encode(x)
-    post = frozen.mlp_out or identity
-    if mlp.placement == "residual":
-        error, decoder = post.apply(mlp.base_mlp(x)) + adapter.b_dec, identity
+    writes = acts @ adapter.W_dec.T
+    post = frozen.mlp_out or identity  # fitted on what the post-MLP norm received in this forward
+    residual = mlp.placement == "residual"
+    decoder = identity if residual else post
+    zero = torch.zeros_like(h)
+    if mode == "frozen":
+        base_frame, base_out, mlp_bias = identity, zero, zero
+        error = post.apply(mlp.base_mlp(x)) + adapter.b_dec if residual else post.apply(mlp.base_mlp(x) + adapter.b_dec)
+        linear = None
     else:
-        error, decoder = post.apply(mlp.base_mlp(x) + adapter.b_dec), post
-    h = h + error + decoder.apply(acts @ adapter.W_dec.T)
+        linear = LinearisedMLP(mlp.base_mlp, x, f"layer {index}'s base MLP", tol)
+        base_frame = post
+        if mode == "target" and residual:  # the norm's scale on the base MLP's own output, not the target MLP's
+            norm = _post_norm_module(block)
+            base_output = mlp.base_mlp(x)
+            base_frame = fit_norm(f"layer {index}'s post-MLP norm", norm, base_output, norm(base_output), tol)
+        base_out = base_frame.apply(linear.apply(x))
+        constant = base_frame.apply(linear.constant)
+        mlp_bias = constant + (adapter.b_dec if residual else post.apply(adapter.b_dec.expand(n_pos, -1)))
+        if mode == "relp":
+            error = zero
+        else:  # the target's MLP branch minus everything the replacement accounts for
+            target_branch = frozen.h_out - h
+            error = target_branch - base_out - mlp_bias - decoder.apply(writes)
+    h = h + base_out + error + mlp_bias + decoder.apply(writes)
     if _relative_gap(h, frozen.h_out) > tol:
         raise NotReplayable(f"layer {index}: the replay does not reproduce the block's output (relative gap "
                             f"{_relative_gap(h, frozen.h_out):.2g}); the block computes something it does not know")
     positions, ids_active = (acts > 0).nonzero(as_tuple=True)
     for key, value in (("attn", frozen.attn_in), ("attn_out", attn_out), ("mlp", frozen.mlp_norm),
-                       ("decoder", decoder), ("errors", error), ("bias", bias), ("patterns", frozen.pattern),
+                       ("decoder", decoder), ("base", base_frame), ("errors", error), ("bias", bias),
+                       ("mlp_bias", mlp_bias),
                        ("features", torch.stack([torch.full_like(positions, index), positions, ids_active], 1)),
-                       ("activations", acts[positions, ids_active])):
+                       ("activations", acts[positions, ids_active]), ("patterns", frozen.pattern)):
         rows[key].append(value)
+    if linear is not None:
+        rows["gate"].append(linear.gate_coef)
+        rows["up"].append(linear.up_coef)
     return h
 
 
@@ -186,13 +298,16 @@ class Replay:
         self.target_token = int(target_token)
         self.demean = demean
         self.encoders = torch.stack([a.W_enc * weight for a, weight in zip(self.adapters, state.mlp_weight)])
+        self.base_weights = ([gated_weights(get_mlp(inner, i).base_mlp, f"layer {i}'s base MLP")
+                              for i in range(len(self.attentions))] if state.passes_base_mlp else None)
 
-    def run(self, embeddings, errors, activations, biases, n_layers=None, n_pos=None, recompute=False):
+    def run(self, embeddings, errors, activations, biases, mlp_biases, n_layers=None, n_pos=None,
+            recompute=False):
         """Residual stream of the replay. Shapes carry a batch dimension B: embeddings [B, P, d];
         errors[l] [B, P, d]; activations[l] [B, n_l] (values of layer l's active features, in the order of
-        ``state.features``); biases[l] [B, P, d]. ``recompute``: active features take their pre-activation
-        (linear on the active set) instead of the given values. Returns (mids, final): mids[l] [B, P, d] is the
-        residual before layer l's MLP."""
+        ``state.features``); biases[l] and mlp_biases[l] [B, P, d] (the attention's and the MLP branch's constants).
+        ``recompute``: active features take their pre-activation (linear on the active set) instead of the given
+        values. Returns (mids, final): mids[l] [B, P, d] is the residual before layer l's MLP."""
         state = self.state
         n_layers = state.n_layers if n_layers is None else n_layers
         n_pos = state.n_pos if n_pos is None else n_pos
@@ -212,8 +327,40 @@ class Replay:
             values.append(acts)
             writes = torch.zeros_like(h)
             writes = writes.index_add(1, positions, acts[..., None] * self.decoder(index, positions, ids))
-            h = h + errors[index] + writes
+            h = h + errors[index] + writes + mlp_biases[index] + self.base_mlp(index, h)
         return mids, h
+
+    def base_mlp(self, layer: int, mid: torch.Tensor):
+        """The base MLP's linearised residual contribution from the residual ``mid`` [B, P, d] (0 when frozen)."""
+        state = self.state
+        if not state.passes_base_mlp:
+            return 0.0
+        n_pos = mid.shape[-2]
+        x = mid * (state.mlp_scale[layer, :n_pos, None] * state.mlp_weight[layer])
+        out = linearised_mlp(x, self.base_weights[layer], state.gate_coef[layer], state.up_coef[layer])
+        return out * (state.base_scale[layer, :n_pos, None] * state.base_weight[layer])
+
+    def base_mlp_transposed(self, layer: int, grad: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Transpose of ``base_mlp``: the gradient at the MLP branch's output [B, P, d] -> at the residual ``mid``.
+        ``live`` [B, P] (optional) marks the (row, position) pairs whose gradient can be nonzero; the MLP is
+        position-wise, so only those are computed (a pass's rows reach different layers and positions)."""
+        state = self.state
+        n_pos = grad.shape[1]
+        w_gate, w_up, w_down = self.base_weights[layer]
+        base_frame = state.base_scale[layer, :n_pos, None] * state.base_weight[layer]
+        mlp_frame = state.mlp_scale[layer, :n_pos, None] * state.mlp_weight[layer]
+        gate_coef, up_coef = state.gate_coef[layer, :n_pos], state.up_coef[layer, :n_pos]
+        if live is not None and not bool(live.all()):
+            rows, positions = live.nonzero(as_tuple=True)
+            hidden = (grad[rows, positions] * base_frame[positions]) @ w_down
+            back = (hidden * gate_coef[positions]) @ w_gate + (hidden * up_coef[positions]) @ w_up
+            out = torch.zeros_like(grad)
+            out[rows, positions] = back * mlp_frame[positions]
+            return out
+        hidden = (grad * base_frame) @ w_down
+        # two matmuls, not one on [gate | up] concatenated: the copy costs more than it saves (12 vs 19 ms a layer
+        # for 8 targets x 100 positions on the 135M shape)
+        return ((hidden * gate_coef) @ w_gate + (hidden * up_coef) @ w_up) * mlp_frame
 
     def layer_features(self, layer: int, n_pos: int | None = None):
         features = self.state.features
@@ -248,7 +395,8 @@ class Replay:
         return final[:, -1] @ self.logit_direction * self.state.final_scale[-1]
 
     def leaves(self, batch: int, n_layers: int, n_pos: int):
-        """Per-batch copies of the node values (requiring grad) for layers < n_layers (bias up to n_layers)."""
+        """Per-batch copies of the node values (requiring grad) for layers < n_layers (bias up to n_layers):
+        (embeddings, errors, activations, attention biases, MLP biases), ``run``'s arguments."""
         state = self.state
 
         def copy(t):
@@ -258,7 +406,8 @@ class Replay:
         errors = [copy(state.errors[i, :n_pos]) for i in range(n_layers)]
         activations = [copy(self.layer_activations(i, n_pos)) for i in range(n_layers)]
         biases = [copy(state.attn_bias[i, :n_pos]) for i in range(min(n_layers + 1, state.n_layers))]
-        return embeddings, errors, activations, biases
+        mlp_biases = [copy(state.mlp_bias[i, :n_pos]) for i in range(n_layers)]
+        return embeddings, errors, activations, biases, mlp_biases
 
     def layer_activations(self, layer: int, n_pos: int | None = None) -> torch.Tensor:
         features = self.state.features

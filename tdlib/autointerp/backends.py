@@ -75,6 +75,20 @@ class ClassifyJob:
     """Share of the unit's activation mass per organism trace segment (None off the organism)."""
 
 
+@dataclass
+class MechanismJob:
+    """A reasoning feature to label by mechanism (``MECHANISMS``): its strongest contexts (activating token
+    marked), the tokens its decoder promotes most, and how much of its influence on the studied logit is direct."""
+
+    unit: str
+    contexts: list[Context]
+    promoted_tokens: list[str]
+    direct_share: float
+
+
+MECHANISMS = ("output", "input_simple", "input_abstract")
+
+
 # ----------------------------------------------------------------------------------------------- offline
 
 
@@ -257,6 +271,15 @@ CLASSIFY_SYSTEM = ("You classify units of a language model that was fine-tuned t
                    "pattern). Reply with exactly one word: language, domain, reasoning or uninterpretable.")
 
 
+MECHANISM_SYSTEM = (
+    "You label how a reasoning-related feature of a fine-tuned language model works. Labels: output (the feature "
+    "acts on what the model says next: its decoder directly promotes specific output tokens, e.g. a hesitation "
+    "word), input_simple (it fires on specific input tokens whatever the context), input_abstract (whether it fires "
+    "depends on broader context, not on the token itself). A feature that merely co-occurs with a word is not an "
+    "output feature: look at the tokens its decoder promotes. Reply with exactly one label: output, input_simple "
+    "or input_abstract.")
+
+
 def _query(context: Context) -> str:
     """The context with its marked token wrapped in [[ ]]."""
     return "".join(f"[[{t}]]" if i == context.center else t for i, t in enumerate(context.tokens))
@@ -282,6 +305,13 @@ def parse_detection(content: str | None, n: int) -> list[bool] | None:
         if isinstance(values, list) and len(values) == n and all(v in (0, 1, True, False) for v in values):
             return [bool(v) for v in values]
     return None
+
+
+def parse_mechanism(content: str | None) -> str | None:
+    if not content:
+        return None
+    found = re.findall(r"input_simple|input_abstract|output", content.lower())
+    return found[0] if found else None
 
 
 def parse_category(content: str | None) -> str | None:
@@ -395,6 +425,20 @@ class LLMBackend:
                                                               f"Detection score: {job.detection:.2f}\n"
                                                               f"Examples:\n{examples}"}])
         return [parse_category(reply) for reply in self.chat_many(conversations)]
+
+
+    def mechanism(self, jobs: list[MechanismJob]) -> list[str | None]:
+        """One mechanism label per job (``MECHANISMS``), None where the reply has none."""
+        conversations = []
+        for job in jobs:
+            examples = "\n".join(f"- {_mark(c)}" for c in job.contexts)
+            promoted = ", ".join(json.dumps(t) for t in job.promoted_tokens)
+            conversations.append([{"role": "system", "content": MECHANISM_SYSTEM},
+                                  {"role": "user", "content": f"Contexts (active tokens in << >>):\n{examples}\n"
+                                                              f"Tokens its decoder promotes most: {promoted}\n"
+                                                              f"Share of its influence on the studied word that is "
+                                                              f"a direct effect: {job.direct_share:.2f}"}])
+        return [parse_mechanism(reply) for reply in self.chat_many(conversations)]
 
 
 def make_backend(name: str, **options):
