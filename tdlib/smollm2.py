@@ -389,7 +389,7 @@ NOTEBOOKS = {
     "04": {"n_batches": 4, "batch_size": 16, "units_per_layer": 8, "min_fires": 5, "top_k": 10, "n_uniform": 5},
     "05": {"n_prompts": 12, "search_problems": 40, "max_feature_nodes": 512, "n_linearity_nodes": 10,
            "batch_size": 64},
-    "06": {"n_random_draws": 1, "stats_batches": 4, "stats_batch_size": 16},
+    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16},
 }
 """The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins)."""
 

@@ -283,21 +283,26 @@ def select_features(stats: dict, influence_mass: float) -> list[tuple[int, int]]
 
 
 @torch.no_grad()
-def decoder_logit_effect(model, layer: int, feature: int, token: int, demean: bool = True) -> float:
+def decoder_logit_effect(model, layer: int, feature: int, token: int, demean: bool = True,
+                         final_weight: torch.Tensor | None = None) -> float:
     """Virtual weight of a feature's decoder direction onto the (demeaned) token logit through the final norm's
-    weight (the norm's 1/rms scale excluded): > 0 means the feature writes in the "wait" direction."""
+    weight (the norm's 1/rms scale excluded): > 0 means the feature writes in the "wait" direction.
+    ``final_weight``: the final norm's weight when already known (``final_norm_weight``)."""
     inner = unwrap(model)
     unembed = inner.get_output_embeddings().weight
-    direction = (unembed[token] - (unembed.mean(0) if demean else 0)) * final_norm_weight(inner)
+    weight = final_norm_weight(inner) if final_weight is None else final_weight
+    direction = (unembed[token] - (unembed.mean(0) if demean else 0)) * weight
     return float(get_mlp(inner, layer).adapter.W_dec[:, feature] @ direction)
 
 
 @torch.no_grad()
-def decoder_top_tokens(model, layer: int, feature: int, k: int = 5) -> list[int]:
+def decoder_top_tokens(model, layer: int, feature: int, k: int = 5,
+                       final_weight: torch.Tensor | None = None) -> list[int]:
     """The tokens a feature's decoder direction promotes most (through the final norm's weight, logits demeaned)."""
     inner = unwrap(model)
     unembed = inner.get_output_embeddings().weight
-    scores = unembed @ (get_mlp(inner, layer).adapter.W_dec[:, feature] * final_norm_weight(inner))
+    weight = final_norm_weight(inner) if final_weight is None else final_weight
+    scores = unembed @ (get_mlp(inner, layer).adapter.W_dec[:, feature] * weight)
     return (scores - scores.mean()).topk(k).indices.tolist()
 
 
@@ -324,6 +329,7 @@ def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int,
               token_counts: dict[int, int], tokenizer) -> dict:
     selected = select_features(stats, config.influence_mass)
     total_influence = sum(s.influence for s in stats.values())
+    final_weight = final_norm_weight(unwrap(model))
     features, groups = [], {}
     for layer, feature in selected:
         entry = stats[(layer, feature)]
@@ -341,8 +347,9 @@ def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int,
             "influence": entry.influence / len(per_prompt),
             "influence_share": entry.influence / total_influence, "direct_share": direct_share,
             "mean_direct_edge": entry.signed_direct / max(entry.node_count, 1),
-            "decoder_wait_effect": decoder_logit_effect(model, layer, feature, token, config.demean),
-            "decoder_top_tokens": [tokenizer.decode([t]) for t in decoder_top_tokens(model, layer, feature)],
+            "decoder_wait_effect": decoder_logit_effect(model, layer, feature, token, config.demean, final_weight),
+            "decoder_top_tokens": [tokenizer.decode([t])
+                                   for t in decoder_top_tokens(model, layer, feature, final_weight=final_weight)],
             "prompts_active": len(entry.prompts) / len(per_prompt),
             "share_at_last_position": entry.at_last / activation,
             "share_where_rule_fires": entry.where_rule_fires / activation,
