@@ -68,5 +68,8 @@ def test_every_notebook_runs_on_a_gemma3_pair_file(gemma3_pair_file, tmp_path):
     check_attribution(results["05_attribution"], name)
     ablation = results["06_ablation"]
     assert ablation["feature_source"] == "05_attribution" and ablation["n_problems"] == 8
-    assert ablation["n_features_chosen"] == results["05_attribution"]["hesitation_features"]
+    groups = results["05_attribution"]["groups"]
+    both = groups["output"]["count"] + groups["template"]["count"]  # both groups: suppressors are left out
+    assert ablation["n_features_chosen"] == (both or results["05_attribution"]["hesitation_features"])
+    assert ablation["set_sizes"]["all"] == results["05_attribution"]["hesitation_features"]
     assert {"adapter", "ablated", "random_control", "steered"} <= set(ablation)
