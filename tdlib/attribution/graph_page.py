@@ -2,8 +2,8 @@
 
 ``write_graph_page`` writes a single file: the graph's data as JSON and a small script of our own (no library, no
 CDN, nothing fetched), drawn as SVG. Nodes sit by prompt position (x) and layer (y: tokens at the bottom, the
-logit on top); a slider keeps the nodes that carry a chosen cumulative share of the influence on the logit (the
-pruning threshold), hovering a node shows what it is (a feature's strongest contexts and the tokens its decoder
+logit on top); a slider keeps the features and error nodes that carry a chosen cumulative share of their influence on
+the logit (the pruning threshold), hovering a node shows what it is (a feature's strongest contexts and the tokens its decoder
 promotes; an error node's meaning in the graph's mode), clicking it lists and highlights its edges. Error nodes,
 tokens, the logit and each feature group have their own shape and colour.
 
@@ -39,8 +39,11 @@ def graph_page_data(graph: AttributionGraph, tokenizer, features: dict | None = 
     normalized = normalize_rows(graph.adjacency)
     weights = logit_weights(graph)
     influence = propagate(normalized, weights)
-    ordered, order = influence.sort(descending=True)
-    cumulative = torch.empty_like(influence)
+    # the slider's rank: cumulative share among features and error nodes (tokens and the logit are always shown, and
+    # in a graph without error nodes tokens carry most of the influence, which would hide every feature)
+    inner_influence = influence[:graph.token_start]
+    ordered, order = inner_influence.sort(descending=True)
+    cumulative = torch.ones_like(influence)
     cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp(min=1e-12)
     inner = torch.arange(graph.token_start)
     inner = inner[influence[inner] > 0]
@@ -123,8 +126,9 @@ table{border-collapse:collapse}td{padding:1px 6px;border-bottom:1px solid #eee}
 <span id="counts"></span>
 <span class="legend" id="legend"></span></header>
 <div id="wrap"><div id="canvas"><svg id="svg" xmlns="http://www.w3.org/2000/svg"></svg></div>
-<div id="side"><p>Hover a node for what it is; click it for its edges. The slider keeps the nodes that carry that
-cumulative share of the influence on the logit (the logit and the tokens feeding what is shown always stay);
+<div id="side"><p>Hover a node for what it is; click it for its edges. The slider keeps the features and error nodes
+that carry that cumulative share of their influence on the logit (the logit and the tokens feeding what is shown
+always stay);
 columns are the prompt positions that hold a shown node.</p><div id="detail"></div></div></div>
 <div id="tip"></div>
 <script id="graph-data" type="application/json">__DATA__</script>
@@ -149,22 +153,29 @@ function visibleNodes(threshold) {
   return G.nodes.filter(n => ids.has(n.id) || (n.kind === "token" && fed.has(n.id)));
 }
 function layout(nodes) {
+  // a column per prompt position that holds a shown node, wide enough for its most crowded (layer, kind) cell
   const used = [...new Set(nodes.map(n => n.pos))].sort((a, b) => a - b);
-  const column = new Map(used.map((p, i) => [p, i]));
-  const cells = new Map(), pos = new Map();
+  const rows = G.n_layers + 2, top = 30;
+  const rowHeight = Math.max(22, Math.min(40, 640 / rows)), perColumn = Math.max(1, Math.floor((rowHeight - 8) / 6));
+  const cellOf = n => n.pos + ":" + n.layer + ":" + (n.kind === "error" ? 1 : 0);
+  const crowd = new Map();
+  for (const n of nodes) crowd.set(cellOf(n), (crowd.get(cellOf(n)) || 0) + 1);
+  const slots = new Map(used.map(p => [p, 1]));
+  for (const [key, count] of crowd) { const p = +key.split(":")[0]; slots.set(p, Math.max(slots.get(p), Math.ceil(count / perColumn))); }
   const room = (document.getElementById("canvas").clientWidth || 1000) - 90;
-  const width = Math.max(16, Math.min(46, room / Math.max(1, used.length))), top = 30, rows = G.n_layers + 2;
-  const rowHeight = Math.max(22, Math.min(40, 640 / rows));
+  const totalSlots = used.reduce((a, p) => a + slots.get(p), 0) + used.length;
+  const unit = Math.max(6, Math.min(16, room / Math.max(1, totalSlots)));
+  const start = new Map(); let x0 = 40;
+  for (const p of used) { start.set(p, x0); x0 += (slots.get(p) + 1) * unit + 6; }
+  const placed = new Map(), pos = new Map();
   for (const n of nodes) {
-    const key = n.pos + ":" + n.layer + ":" + (n.kind === "error" ? 1 : 0);
-    const k = cells.get(key) || 0; cells.set(key, k + 1);
+    const key = cellOf(n), k = placed.get(key) || 0; placed.set(key, k + 1);
     const row = rows - 1 - (n.layer + 1);
-    const x = 40 + column.get(n.pos) * width + (n.kind === "error" ? 0.7 * width : 4 + (k % 3) * width / 5);
-    const y = top + row * rowHeight + 6 + (5 * Math.floor(k / 3)) % Math.max(6, rowHeight - 10);
+    const x = start.get(n.pos) + (n.kind === "error" ? slots.get(n.pos) * unit : Math.floor(k / perColumn) * unit) + 4;
+    const y = top + row * rowHeight + 6 + 6 * (k % perColumn);
     pos.set(n.id, [x, y]);
   }
-  return {pos, used, column, colWidth: width, width: 80 + used.length * width, height: top + rows * rowHeight + 90,
-          rowHeight, top, rows};
+  return {pos, used, start, width: x0 + 40, height: top + rows * rowHeight + 90, rowHeight, top, rows};
 }
 function shape(n, x, y) {
   const [color, kind] = STYLE[n.kind] || STYLE.feature;
@@ -176,7 +187,7 @@ function shape(n, x, y) {
   else if (kind === "star") { el = document.createElementNS(NS, "polygon");
     el.setAttribute("points", [0,1,2,3,4,5,6,7,8,9].map(i => { const r = i % 2 ? 3 : 8, a = Math.PI * i / 5 - Math.PI / 2;
       return `${x + r * Math.cos(a)},${y + r * Math.sin(a)}`; }).join(" ")); }
-  else { el = document.createElementNS(NS, "circle"); el.setAttribute("cx", x); el.setAttribute("cy", y); el.setAttribute("r", 4.5); }
+  else { el = document.createElementNS(NS, "circle"); el.setAttribute("cx", x); el.setAttribute("cy", y); el.setAttribute("r", 3); }
   el.setAttribute("fill", color); el.setAttribute("class", "node"); el.dataset.id = n.id;
   return el;
 }
@@ -203,7 +214,7 @@ function draw() {
     t.setAttribute("font-size", "10"); t.setAttribute("fill", "#888"); svg.appendChild(t);
   }
   for (const p of L.used) {
-    const t = document.createElementNS(NS, "text"), x = 40 + L.column.get(p) * L.colWidth + 4, y = L.top + L.rows * L.rowHeight + 6;
+    const t = document.createElementNS(NS, "text"), x = L.start.get(p) + 4, y = L.top + L.rows * L.rowHeight + 6;
     t.setAttribute("transform", `translate(${x},${y}) rotate(60)`); t.setAttribute("font-size", "10");
     t.textContent = G.tokens[p].replace(/\n/g, "\\n").slice(0, 14); svg.appendChild(t);
   }
