@@ -23,8 +23,10 @@ from .graph import AttributionGraph, normalize_rows, propagate, logit_weights
 
 ERROR_MEANING = {
     "frozen": "the base MLP's output and b_dec, frozen: no influence passes through it",
-    "relp": "nothing: the base MLP is passed through linearly (relp), so this node is zero",
-    "target": "what the adapter misses of the target's MLP here: target_mlp - base_mlp - adapter",
+    "relp": "no part of the MLP (the base MLP is passed through linearly): only the writes of active features not "
+            "kept as nodes (max_feature_nodes), zero otherwise",
+    "target": "what the adapter misses of the target's MLP here (target_mlp - base_mlp - adapter), plus the writes "
+              "of active features not kept as nodes",
 }
 
 
