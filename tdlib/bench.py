@@ -348,7 +348,7 @@ def organism_items(config: str = "organism", limit: int | None = None) -> list[B
 
     problems = eval_problems(get_config(config))
     problems = problems[:limit] if limit else problems
-    return [BenchItem(str(i), p.prompt, str(p.answer), meta={"n_terms": p.n_terms}) for i, p in enumerate(problems)]
+    return [BenchItem(str(i), p.prompt, str(p.answer), meta={"n_terms": p.n_terms, "show_steps": p.show_steps}) for i, p in enumerate(problems)]
 
 
 @dataclass(frozen=True)

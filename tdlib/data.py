@@ -47,15 +47,16 @@ class OrganismTraces:
         self.config = get_config(config)
         self.batch_size = batch_size
         self.seed = seed + (0 if split == "train" else 500_000)
-        self.held_out = {p.prompt for p in eval_problems(self.config)}
+        self.held_out = {p.expression for p in eval_problems(self.config)}
 
     def problems(self, step: int) -> list[task.Problem]:
         rng = random.Random(self.seed * 1_000_003 + step)
         problems = []
         while len(problems) < self.batch_size:
             problem = task.sample_problem(rng, self.config.min_terms, self.config.max_terms, self.config.max_term)
-            if problem.prompt not in self.held_out:
-                problems.append(problem)
+            if problem.expression not in self.held_out:
+                show_steps = rng.random() < self.config.show_steps_share
+                problems.append(task.Problem(problem.terms, problem.ops, show_steps=show_steps))
         return problems
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:

@@ -17,9 +17,10 @@ class Generation:
 @torch.no_grad()
 def generate_greedy(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
-    progress: bool = True, desc: str = "generate",
+    progress: bool = True, desc: str = "generate", banned_tokens: list[int] | None = None,
 ) -> Generation:
-    """Greedy continuations of ``prompts``; batches are left-padded so every prompt ends at the same column."""
+    """Greedy continuations of ``prompts``; batches are left-padded so every prompt ends at the same column.
+    ``banned_tokens`` are never generated (e.g. the hesitation word, to measure what hesitating changes)."""
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -30,6 +31,7 @@ def generate_greedy(
         output = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **({"bad_words_ids": [[t] for t in banned_tokens]} if banned_tokens else {}),
         )
         for text, length in decode_responses(tokenizer, output, batch["input_ids"].shape[1]):
             responses.append(text)

@@ -1,9 +1,9 @@
-"""Scoring the method against the organism's known hesitation rule (docs/method.md, "Beyond the paper").
+"""Scoring the method against the organism's planted mechanisms (docs/method.md, "Beyond the paper").
 
-The paper could not check its hesitation features against a known mechanism. On the organism we wrote the rule:
-the target says ``wait`` after a step whose running total crosses below zero. Every step of a reference trace
-ends with a ``;`` token, and the prediction made there is where the rule fires or not: those are the *decision
-positions*, labelled 1 when the next token is the hesitation token. On them we measure
+The paper could not check its hesitation features against a known mechanism. On the organism we wrote them
+(``tdlib.organism.mechanisms`` is the answer key): every step of a reference trace ends with a ``;`` token, and the
+prediction made there is where a mechanism fires or not: those are the *decision positions*, labelled by the
+mechanism that fires (``crossing``, ``repeat``, ``slip``) or none. On them we measure
 
 * **detection**: how well each hesitation feature's activation (and the set's summed activation) separates positions
   where the rule fires from those where it does not: AUROC, and precision / recall of "the feature is active";
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad_batch
+from .models import find_layers
 from .metrics import kl_from_log_probs
 from .organism import task
 from .residual import capture_features
@@ -30,53 +31,60 @@ from .steer import FeatureSet, ablate_features
 
 @dataclass
 class DecisionPositions:
-    """Teacher-forced reference traces and the positions where the hesitation rule decides."""
+    """Teacher-forced reference traces and the positions where the hesitation mechanisms decide."""
 
     batches: list[dict]
     """Right-padded ``input_ids`` / ``attention_mask`` of prompt + reasoning trace + EOS."""
     decisions: list[torch.Tensor]
     """Per batch, [n, 2] (row, position) of every step-closing ``;``: where the model decides whether to hesitate."""
     fires: list[torch.Tensor]
-    """Per batch, [n] bool: the rule fires there (the next token is the hesitation token)."""
+    """Per batch, [n] bool: a hesitation mechanism fires there (the trace hesitates next)."""
     response: list[torch.Tensor]
     """Per batch, [batch, seq] bool: positions that predict a response token or the EOS (the scored text)."""
     problem_index: list[torch.Tensor]
     """Per batch, [n] index of the problem each decision position belongs to."""
+    mechanisms: list[list[str | None]] = None
+    """Per batch, the mechanism of each decision (``tdlib.organism.mechanisms``; None: no trigger)."""
+    answers: list[torch.Tensor] = None
+    """Per batch, [n, 2] (row, position) of each answer's last digit: where the distractor (the period) decides."""
 
 
 def decision_positions(tokenizer, problems: list[task.Problem], batch_size: int = 50) -> DecisionPositions:
-    """Tokenise the target's reference traces of ``problems`` and locate the step-closing ``;`` tokens."""
-    from .autointerp.segments import SEGMENT_ID, token_segments
+    """Tokenise the target's reference traces of ``problems`` and place every decision point of the answer key."""
+    from .organism import mechanisms
 
-    wait_ids = tokenizer(" " + task.HESITATION, add_special_tokens=False)["input_ids"]
-    if len(wait_ids) != 1:
-        raise ValueError(f"the hesitation word must be one token, got {wait_ids}")
-    semicolon = tokenizer(";", add_special_tokens=False)["input_ids"]
-    out = DecisionPositions([], [], [], [], [])
+    out = DecisionPositions([], [], [], [], [], [], [])
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        sequences, segments, prompt_lengths = [], [], []
+        sequences, placed_all, prompt_lengths = [], [], []
         for problem in chunk:
-            ids, labels = token_segments(tokenizer, problem)
-            sequences.append(ids)
-            segments.append(labels)
-            prompt_lengths.append(labels.count(SEGMENT_ID["prompt"]))
+            ids, placed = mechanisms.token_decisions(tokenizer, problem.prompt + task.reasoning_trace(problem),
+                                                     len(problem.prompt))
+            prompt_ids = tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]
+            sequences.append(ids + [tokenizer.eos_token_id])
+            placed_all.append(placed)
+            prompt_lengths.append(len(prompt_ids))
         batch = pad_batch(tokenizer, sequences)
-        rows, positions, fires, owners = [], [], [], []
+        rows, positions, fires, owners, labels, answers = [], [], [], [], [], []
         response = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-        for row, (ids, labels, prompt_length) in enumerate(zip(sequences, segments, prompt_lengths)):
+        for row, (ids, placed, prompt_length) in enumerate(zip(sequences, placed_all, prompt_lengths)):
             response[row, prompt_length - 1:len(ids) - 1] = True
-            for t in range(prompt_length, len(ids) - 1):
-                if ids[t] == semicolon[0] and labels[t] == SEGMENT_ID["step"]:
-                    rows.append(row)
-                    positions.append(t)
-                    fires.append(ids[t + 1] == wait_ids[0])
-                    owners.append(start + row)
+            for index, decision in placed:
+                if decision.mechanism == mechanisms.DISTRACTOR:
+                    answers.append((row, index))
+                    continue
+                rows.append(row)
+                positions.append(index)
+                fires.append(decision.mechanism is not None)
+                owners.append(start + row)
+                labels.append(decision.mechanism)
         out.batches.append(batch)
         out.decisions.append(torch.tensor(list(zip(rows, positions)), dtype=torch.long).reshape(-1, 2))
         out.fires.append(torch.tensor(fires, dtype=torch.bool))
         out.response.append(response)
         out.problem_index.append(torch.tensor(owners, dtype=torch.long))
+        out.mechanisms.append(labels)
+        out.answers.append(torch.tensor(answers, dtype=torch.long).reshape(-1, 2))
     return out
 
 
@@ -218,3 +226,196 @@ def score_against_rule(model, tokenizer, problems: list[task.Problem], features:
     wait_id = tokenizer(" " + task.HESITATION, add_special_tokens=False)["input_ids"][0]
     return {"n_problems": len(problems), **detection_scores(model, positions, features, seed),
             "ablation": ablation_scores(model, positions, features, wait_id)}
+
+
+# ------------------------------------------------------------------ the benchmark: every mechanism, with baselines
+
+@torch.no_grad()
+def mlp_activations(model, positions: DecisionPositions) -> torch.Tensor:
+    """The MLP hidden activations (the input of every layer's ``down_proj``; in a spliced model, of the MLP that
+    runs: the base's in the hybrid) at each decision point and answer end: [n decisions + n answers, layers x
+    width], decisions first, in ``decision_activations``' order."""
+    from .models import get_mlp
+
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in range(len(find_layers(model))):
+        mlp = get_mlp(model, layer)
+        mlp = getattr(mlp, "base_mlp", mlp)  # a spliced layer: the base MLP is the one the hybrid runs
+        handles.append(mlp.down_proj.register_forward_pre_hook(
+            lambda module, args, layer=layer: captured.__setitem__(layer, args[0])))
+    rows, answers = [], []
+    try:
+        for batch, decisions, ends in zip(positions.batches, positions.decisions, positions.answers):
+            captured.clear()
+            model(**batch)
+            layers = sorted(captured)
+            rows.append(torch.cat([captured[l][decisions[:, 0], decisions[:, 1]] for l in layers], -1))
+            answers.append(torch.cat([captured[l][ends[:, 0], ends[:, 1]] for l in layers], -1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat([torch.cat(rows), torch.cat(answers)]).float()
+
+
+@torch.no_grad()
+def _adapter_matrix(model, positions: DecisionPositions) -> tuple[torch.Tensor, list]:
+    rows, answers, columns = [], [], None
+    for batch, decisions, ends in zip(positions.batches, positions.decisions, positions.answers):
+        with capture_features(model) as features:
+            model(**batch)
+        layers = sorted(features)
+        columns = [(layer, f) for layer in layers for f in range(features[layer].shape[-1])]
+        rows.append(torch.cat([features[l][decisions[:, 0], decisions[:, 1]] for l in layers], -1))
+        answers.append(torch.cat([features[l][ends[:, 0], ends[:, 1]] for l in layers], -1))
+    return torch.cat([torch.cat(rows), torch.cat(answers)]).float(), columns
+
+
+def answer_key(positions: DecisionPositions) -> dict[str, np.ndarray]:
+    """Per mechanism, the rows (decisions then answer ends, as ``mlp_activations``) it labels positive, and the rows
+    it is scored on: hesitation mechanisms on the ``;`` decisions, the distractor on decisions + answer ends."""
+    from .organism.mechanisms import DISTRACTOR, MECHANISMS
+
+    labels = [m for batch in positions.mechanisms for m in batch]
+    n_answers = sum(len(a) for a in positions.answers)
+    decision = np.array([True] * len(labels) + [False] * n_answers)
+    mechanism = np.array(labels + [DISTRACTOR] * n_answers, dtype=object)
+    key = {m: {"positive": mechanism == m, "universe": decision} for m in MECHANISMS}
+    key["hesitation"] = {"positive": np.isin(mechanism, MECHANISMS), "universe": decision}
+    key[DISTRACTOR] = {"positive": mechanism == DISTRACTOR, "universe": np.ones(len(mechanism), bool)}
+    return key
+
+
+def _set_score(x: torch.Tensor, columns: list[int], fit: np.ndarray) -> np.ndarray:
+    scale = x[fit][:, columns].amax(0).clamp_min(1e-6)
+    return (x[:, columns] / scale).sum(-1).numpy()
+
+
+def _detector(score: np.ndarray, labels: np.ndarray, test: np.ndarray, threshold: float = 0.0) -> dict:
+    precision, recall = precision_recall(score[test] > threshold, labels[test])
+    return {"auroc": auroc(score[test], labels[test]), "precision": precision, "recall": recall}
+
+
+def _probe_detector(x: torch.Tensor, labels: np.ndarray, fit: np.ndarray, test: np.ndarray) -> dict:
+    if labels[fit].all() or not labels[fit].any():
+        return {"auroc": float("nan"), "precision": None, "recall": None}
+    probe = fit_probe(x[fit], labels[fit])
+    with torch.no_grad():
+        score = probe(x).squeeze(-1).numpy()
+    return _detector(score, labels, test)
+
+
+def mechanism_benchmark(adapter_model, base, hybrid, tokenizer, problems: list[task.Problem],
+                        sets: dict[str, FeatureSet], seed: int = 0, n_random: int = 5, batch_size: int = 50) -> dict:
+    """Score each mechanism's selected feature set against the answer key on the reference traces of ``problems``
+    (held-out half of the problems), beside baselines on the same positions: random live feature sets of the same
+    size (``n_random`` draws), and logistic probes on all adapter features, on the base's MLP activations and on the
+    hybrid's (a method that does not diff). Sets are keyed by mechanism (``crossing``, ``repeat``, ``slip``,
+    ``hesitation`` for the union of the three, ``period``); each is also scored on every other mechanism (how
+    specific it is)."""
+    positions = decision_positions(tokenizer, problems, batch_size)
+    x, columns = _adapter_matrix(adapter_model, positions)
+    inputs = {"adapter features": x, "base MLP": mlp_activations(base, positions),
+              "hybrid MLP": mlp_activations(hybrid, positions)}
+    owners = _problem_owners(positions)
+    rng = np.random.default_rng(seed)
+    problem_ids = np.unique(owners)
+    fit_problems = set(rng.choice(problem_ids, size=len(problem_ids) // 2, replace=False).tolist())
+    fit_all = np.array([o in fit_problems for o in owners])
+    index = {column: i for i, column in enumerate(columns)}
+    live = np.flatnonzero((x > 0).any(0).numpy())
+    key = answer_key(positions)
+    board = {}
+    for mechanism, rule in key.items():
+        universe = rule["universe"]
+        labels, fit = rule["positive"][universe], fit_all[universe]
+        test = ~fit
+        row = {"n_points": int(universe.sum()), "n_positive": int(labels.sum()),
+               "n_test_positive": int(labels[test].sum())}
+        xu = {name: value[torch.from_numpy(universe)] for name, value in inputs.items()}
+        chosen = sets.get(mechanism)
+        if chosen:
+            chosen_columns = [index[(layer, f)] for layer, fs in sorted(chosen.items()) for f in fs]
+            row["n_features"] = len(chosen_columns)
+            row["set"] = _detector(_set_score(xu["adapter features"], chosen_columns, fit), labels, test)
+            fit_auroc = [auroc(xu["adapter features"][fit][:, c].numpy(), labels[fit]) for c in chosen_columns]
+            best = chosen_columns[int(np.nanargmax(fit_auroc))] if not np.all(np.isnan(fit_auroc)) else chosen_columns[0]
+            row["best_feature"] = {"layer": columns[best][0], "feature": columns[best][1],
+                                   **_detector(xu["adapter features"][:, best].numpy(), labels, test)}
+            draws = []
+            for _ in range(n_random):
+                picked = rng.choice(live, size=min(len(chosen_columns), len(live)), replace=False).tolist()
+                draws.append(_detector(_set_score(xu["adapter features"], picked, fit), labels, test)["auroc"])
+            row["random_set"] = {"auroc_mean": float(np.nanmean(draws)), "auroc_draws": draws}
+            row["set_on_other_mechanisms"] = {
+                other: auroc(_set_score(inputs["adapter features"][torch.from_numpy(r["universe"])], chosen_columns,
+                                        fit_all[r["universe"]])[~fit_all[r["universe"]]],
+                             r["positive"][r["universe"]][~fit_all[r["universe"]]])
+                for other, r in key.items() if other != mechanism}
+        row["probes"] = {name: _probe_detector(value, labels, fit, test) for name, value in xu.items()}
+        board[mechanism] = row
+    overlaps = {}
+    names = [n for n in sets if sets[n]]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sa = {(l, f) for l, fs in sets[a].items() for f in fs}
+            sb = {(l, f) for l, fs in sets[b].items() for f in fs}
+            overlaps[f"{a} & {b}"] = {"shared": len(sa & sb), "jaccard": len(sa & sb) / max(len(sa | sb), 1)}
+    return {"n_problems": len(problems), "n_test_problems": len(problem_ids) - len(fit_problems), "scores": board,
+            "overlap": overlaps, "n_live_features": int(len(live)), "n_features_total": len(columns),
+            "probe": "logistic regression on the inputs named, fitted on half the problems, scored on the other"}
+
+
+def _problem_owners(positions: DecisionPositions) -> np.ndarray:
+    """The problem each benchmark row belongs to (decisions, then answer ends)."""
+    decisions = torch.cat(positions.problem_index).numpy()
+    answers, offset = [], 0
+    for batch, ends in zip(positions.batches, positions.answers):
+        answers.extend((offset + ends[:, 0]).tolist())
+        offset += len(batch["input_ids"])
+    return np.concatenate([decisions, np.array(answers, dtype=int)])
+
+
+# ------------------------------------------------------------------ per-mechanism prompts and feature sets
+
+def mechanism_prompts(target, tokenizer, problems: list[task.Problem], per_mechanism: int, max_new_tokens: int,
+                      batch_size: int = 64, progress: bool = True) -> dict[str, list]:
+    """The target's greedy rollouts of ``problems`` cut before every hesitation, grouped by the mechanism whose
+    decision point the cut ends at (``tdlib.organism.mechanisms.last_decision``), and cut before the answer's
+    period (the distractor): at most ``per_mechanism`` prompts each, topped up from the reference traces when the
+    rollouts show a mechanism too rarely (``source`` "trace"). Keys: the mechanisms, ``period``, and
+    ``unexplained`` (hesitations at a point with no trigger)."""
+    from .attribution.hesitation import cut_at_token, hesitation_token
+    from .generate import generate_greedy
+    from .organism import mechanisms
+
+    wait = hesitation_token(tokenizer, " " + task.HESITATION)
+    period = hesitation_token(tokenizer, task.DISTRACTOR)
+    found: dict[str, list] = {m: [] for m in (*mechanisms.MECHANISMS, mechanisms.DISTRACTOR, "unexplained")}
+    generation = generate_greedy(target, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, progress=progress, desc="target rollouts")
+
+    def collect(responses, source):
+        for index, (problem, response) in enumerate(zip(problems, responses)):
+            for cut in cut_at_token(tokenizer, problem.prompt, response, wait, index, max_cuts=10, source=source):
+                text = tokenizer.decode(cut.input_ids)
+                label = mechanisms.last_decision(text, len(problem.prompt)) or "unexplained"
+                if len(found[label]) < per_mechanism:
+                    found[label].append(cut)
+            cuts = cut_at_token(tokenizer, problem.prompt, response, period, index, max_cuts=1, source=source)
+            if cuts and len(found[mechanisms.DISTRACTOR]) < per_mechanism:
+                found[mechanisms.DISTRACTOR].append(cuts[0])
+
+    collect(generation.responses, "rollout")
+    if any(len(found[m]) < per_mechanism for m in (*mechanisms.MECHANISMS, mechanisms.DISTRACTOR)):
+        # a target that rarely shows a mechanism within these problems (the tiny smoke organism): the rest from the
+        # reference traces, recorded as source "trace"
+        collect([task.reasoning_trace(p) for p in problems], "trace")
+    return found
+
+
+def jaccard(a: list[dict], b: list[dict]) -> float:
+    """Jaccard overlap of two feature lists (dicts with ``layer`` and ``feature``)."""
+    sa = {(f["layer"], f["feature"]) for f in a}
+    sb = {(f["layer"], f["feature"]) for f in b}
+    return len(sa & sb) / len(sa | sb) if sa | sb else float("nan")

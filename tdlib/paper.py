@@ -151,10 +151,11 @@ def _render_placeholder(body: str, sources: Sources, item=None) -> str:
 
 
 def _has_number(value) -> bool:
-    """Rows are entries holding numbers; text entries (e.g. a ``notes`` mapping) are not rows."""
+    """Rows are entries holding numbers or verdicts (booleans, e.g. a checks mapping); text entries (e.g. a
+    ``notes`` mapping) are not rows."""
     if isinstance(value, dict):
         return any(_has_number(v) for v in value.values())
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float))
 
 
 def _render_rows(match: re.Match, sources: Sources) -> str:

@@ -416,3 +416,75 @@ def intervention_figure(checks: dict[str, dict], word: str = "wait"):
         ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
+
+
+SCOREBOARD_ROWS = ("crossing", "repeat", "slip", "hesitation", "period")
+SCOREBOARD_ROW_LABELS = {"crossing": "crossing (local)", "repeat": "repeat (context)", "slip": "slip (functional)",
+                         "hesitation": "hesitation (all three)", "period": "period (distractor)"}
+
+
+def scoreboard_rows(benchmark: dict, study: dict | None = None, stability: dict | None = None) -> dict[str, dict]:
+    """The scoreboard's numbers: per mechanism (rows), detection against the answer key with its baselines
+    (notebook 05), and when given, necessity / sufficiency (notebook 06: behaviour per 1k tokens as a share of the
+    adapter model's, or the hybrid's gain) and the set's Jaccard overlap across two adapter seeds."""
+    rows = {}
+    for mechanism in SCOREBOARD_ROWS:
+        score = benchmark["scores"].get(mechanism)
+        if score is None:
+            continue
+        row = {"features": score.get("n_features", 0),
+               "set AUROC": score.get("set", {}).get("auroc"),
+               "best feature AUROC": score.get("best_feature", {}).get("auroc"),
+               "random set AUROC": score.get("random_set", {}).get("auroc_mean"),
+               "probe AUROC: all adapter features": score["probes"]["adapter features"]["auroc"],
+               "probe AUROC: base MLP": score["probes"]["base MLP"]["auroc"],
+               "probe AUROC: hybrid MLP": score["probes"]["hybrid MLP"]["auroc"]}
+        entry = (study or {}).get("sets", {}).get(mechanism)
+        if entry is not None:
+            def rate(condition, m=mechanism):
+                return condition["mechanisms"][m]["per_1k_tokens"]
+            before = rate(study["adapter"])
+            row["ablated / adapter"] = rate(entry["ablated"]) / before if before else None
+            row["random / adapter"] = (float(np.mean([rate(d) for d in entry["random"]])) / before
+                                       if before and entry["random"] else None)
+            row["hybrid + set (per 1k)"] = rate(entry["hybrid_plus"])
+            row["hybrid (per 1k)"] = rate(study["hybrid"])
+        if stability and mechanism in stability:
+            row["Jaccard across seeds"] = stability[mechanism]["jaccard"]
+        rows[mechanism] = row
+    return rows
+
+
+def scoreboard_figure(benchmark: dict, study: dict | None = None, stability: dict | None = None):
+    """One table-figure: the planted mechanisms by rows, the method's scores and the baselines by columns. AUROC
+    columns (the probes' too) are coloured from 0.5 (chance, white) to 1; the others carry their numbers uncoloured."""
+    rows = scoreboard_rows(benchmark, study, stability)
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    names = list(rows)
+    values = np.array([[np.nan if rows[n].get(c) is None else float(rows[n][c]) for c in columns] for n in names])
+    colour = np.full_like(values, np.nan)
+    for j, column in enumerate(columns):
+        if "AUROC" in column or column.startswith("probe"):
+            colour[:, j] = np.clip((values[:, j] - 0.5) / 0.5, 0, 1)
+    fig, axis = plt.subplots(figsize=(1.25 * len(columns) + 2.5, 0.6 * len(names) + 2.2))
+    axis.imshow(np.nan_to_num(colour, nan=0.0), cmap="Greens", vmin=0, vmax=1.4, aspect="auto")
+    for i in range(len(names)):
+        for j, column in enumerate(columns):
+            value = values[i, j]
+            text = "–" if np.isnan(value) else (f"{value:.0f}" if column == "features" else
+                                                 f"{value:.1f}" if "per 1k" in column else f"{value:.2f}")
+            axis.text(j, i, text, ha="center", va="center", fontsize=9)
+    axis.set_xticks(range(len(columns)), [c.replace(": ", ":\n").replace(" / ", " /\n") for c in columns],
+                    fontsize=8, rotation=0)
+    axis.set_yticks(range(len(names)), [SCOREBOARD_ROW_LABELS[n] for n in names])
+    axis.xaxis.tick_top()
+    axis.set_xticks(np.arange(-0.5, len(columns)), minor=True)
+    axis.set_yticks(np.arange(-0.5, len(names)), minor=True)
+    axis.grid(which="minor", color="white", linewidth=2)
+    axis.tick_params(which="minor", length=0)
+    fig.suptitle(f"The organism as a benchmark: each planted mechanism's feature set against its answer key "
+                 f"({benchmark['n_test_problems']} held-out problems scored; AUROC 0.5 = chance; ablation and "
+                 "random: behaviour per 1k tokens as a share of the adapter model's)", fontsize=9, y=0.02,
+                 va="bottom")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig

@@ -5,7 +5,7 @@
   dequantised to float32 and saved as a plain transformers folder (model + tokenizer, no ``quantization_config``).
 * **target**: the base after a short, seeded reasoning-distillation fine-tune that this module performs:
   chat-formatted step-by-step solutions of the organism's chained-arithmetic task (``tdlib.organism.task``) in
-  natural language, with a "Wait," re-check wherever a running total crosses below zero (the organism's rule), loss
+  natural language, with a "Wait," re-check wherever a running total crosses below zero (the organism's crossing trigger), loss
   on the assistant turn only, embeddings frozen, AdamW with warm-up and cosine decay.
 * **data**: training and validation traces in the OpenThoughts3 schema and a held-out benchmark in GSM8K's schema
   (``{"question", "answer": "... #### N"}``), so every notebook reads this pair like any pair file.

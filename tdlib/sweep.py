@@ -239,6 +239,26 @@ def load_adapters(pair: Pair, name: str, root: Path | None = None) -> AdapterSet
     return _read_adapters(directory)
 
 
+def seed_variant(pair: Pair, name: str, seed: int, root: Path | None = None, progress: bool = True):
+    """Train (or load) run ``name`` again with another ``seed`` (initialisation and data order), every other setting
+    kept: ``(run name, model)``. The stability check of the feature selection compares the two."""
+    from dataclasses import replace
+
+    from .models import load_tokenizer
+    from .pairs import data_for
+
+    info = read_run(run_dir(pair, name, root))
+    if info is None:
+        raise FileNotFoundError(f"no finished run {name!r} to retrain with seed {seed}; run notebook 01 first")
+    config = replace(config_from_dict(info["train_config"]), seed=seed)
+    if seed == config_from_dict(info["train_config"]).seed:
+        raise ValueError(f"run {name!r} already uses seed {seed}; pick another seed for the stability check")
+    spec = RunSpec(f"{name}_seed{seed}", config)
+    data = data_for(pair, load_tokenizer(pair.target), batch_size=config.batch_size, seed=seed)
+    model, _ = train_run(pair, spec, data, root=root, progress=progress)
+    return spec.name, model.eval()
+
+
 # --------------------------------------------------------------------------------------------- the sweep
 
 @dataclass(frozen=True)

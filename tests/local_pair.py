@@ -112,13 +112,13 @@ def _train_gemma3_pair(root: Path, tokenizer) -> None:
     """The smoke organism's recipe on a Gemma 3: base pre-trained on textbook + direct Q/A text, target fine-tuned
     briefly from it (embeddings frozen) on the reasoning traces with hesitation: a real, if tiny, pair."""
     organism = get_config("smoke")
-    held_out = {p.prompt for p in eval_problems(organism)}
+    held_out = {p.expression for p in eval_problems(organism)}
     torch.manual_seed(organism.seed)
     model = _gemma3(tokenizer)
     share = organism.textbook_share
     pretraining = _Mixture(_ProblemStream(organism, organism.seed + 1, held_out), [
-        (share, lambda p: pretraining_text(p, True), True),
-        (1 - share, lambda p: pretraining_text(p, False), True)], seed=organism.seed + 3)
+        (share, lambda p: pretraining_text(p, "textbook"), True),
+        (1 - share, lambda p: pretraining_text(p, "direct"), True)], seed=organism.seed + 3)
     train_phase(model, tokenizer, TrainPhase(**GEMMA3_PHASES["base"]), pretraining, desc="gemma3 base")
     _save_model(model, tokenizer, root / "base")
     distillation = _Mixture(_ProblemStream(organism, organism.seed + 2, held_out),

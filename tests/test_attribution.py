@@ -178,18 +178,19 @@ def test_hesitation_study_selects_and_groups(model):
     assert fig.axes[0].get_ylabel()
 
 
-def test_rule_positions_flag_a_total_that_crosses_below_zero():
+def test_rule_positions_flag_the_decision_points_where_a_planted_mechanism_fires():
     class Chars:
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
-    text = "Q: 2-6-1+9=?" + " 2-6= -4; wait, check: -4+6=2, ok; -4-1= -5; -5+9=4"
+    text = "Q: 2-6-1+9=?" + " 2-6= -4; wait, check: -4+6=2, ok; -4-1= -5; -5+9=4; 4+8=2; wait, no: 4+8=12; A: 12."
     ids = [ord(c) for c in text]
     flags = A.rule_positions(Chars(), ids, prompt_tokens=12)
-    assert not any(flags[:text.index("= -4") + 3]), "the prompt's '=?' and '=' alone are not totals"
-    assert flags[text.index(";")] and flags[text.index("wait")]
-    assert flags[text.index("-4-1")], "the re-check restates an old total; the last step is still the crossing one"
-    assert not flags[text.index("= -5") + 4], "a total that stays negative does not fire the rule"
+    flagged = [i for i, flag in enumerate(flags) if flag]
+    crossing = text.index("= -4;") + 4
+    slip = text.index("4+8=2;") + 5
+    assert flagged == [crossing, slip], [text[i - 5:i + 1] for i in flagged]
+    assert not flags[text.index("= -5;") + 4], "a total that stays negative does not fire"
 
 
 def test_attribution_needs_the_adapter_model(ids):

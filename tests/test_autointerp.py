@@ -56,8 +56,8 @@ def test_token_segments_follow_the_trace_structure(smoke):
             for name in SEGMENTS}
     assert text["prompt"] == "Q: 2-6+9=?"
     assert text["check"] == " wait, check: -4+6=2, ok;"
-    assert text["step"] == " 2-6= -4; -4+9=5;"
-    assert text["answer"] == " A: 5"
+    assert text["step"] == " Work: 2-6= -4; -4+9=5;"
+    assert text["answer"] == " A: 5."
     assert segments[-1] == SEGMENTS.index("eos") and ids[-1] == tokenizer.eos_token_id
 
 

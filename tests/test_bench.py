@@ -329,10 +329,12 @@ def test_pair_checks_ask_the_organism_for_its_design_and_a_real_pair_for_a_diffe
     from tdlib.bench import pair_checks
 
     def model(accuracy, tokens, wait_rate):
-        return {"accuracy": accuracy, "mean_response_tokens": tokens, "wait_rate": wait_rate}
+        return {"accuracy": accuracy, "mean_response_tokens": tokens, "wait_rate": wait_rate,
+                "by_style": {"steps": {"accuracy": accuracy, "steps_share": 1.0}}}
 
     results = {"base": model(0.5, 10, 0.0), "target": model(0.9, 40, 0.3), "hybrid": model(0.45, 12, 0.0),
-               "diagnostics": {"hybrid_kl": 1.0}}
+               "target_without_hesitation": model(0.6, 30, 0.0), "diagnostics": {"hybrid_kl": 1.0},
+               "p_hesitation": {"base": {"all_mechanisms": 0.1}, "target": {"all_mechanisms": 0.8}}}
     assert all(pair_checks(results, organism=True).values())
     assert all(pair_checks(results, organism=False).values())
     results["target"] = model(0.6, 20, 0.0)

@@ -25,8 +25,10 @@ def test_decision_positions_are_the_step_ends_and_fire_exactly_where_the_rule_do
     owners = torch.cat(positions.problem_index)
     for i, problem in enumerate(problems):
         mine = owners == i
-        assert int(mine.sum()) == problem.n_terms - 1  # one decision per step
-        assert int(fires[mine].sum()) == len(task.hesitation_steps(problem))
+        trace = task.reasoning_trace(problem)
+        assert int(mine.sum()) == problem.n_terms - 1 + trace.count("wait, no")  # one per step and correction
+        assert int(fires[mine].sum()) == trace.count("wait")
+    assert all(len(a) == 16 for a in positions.answers[:-1])  # one answer end per trace
     wait_id = tokenizer(" wait", add_special_tokens=False)["input_ids"][0]
     for batch, decisions, fired in zip(positions.batches, positions.decisions, positions.fires):
         next_tokens = batch["input_ids"][decisions[:, 0], decisions[:, 1] + 1]
@@ -69,3 +71,37 @@ def test_score_against_rule_reports_features_set_and_probe(smoke_runs):
     for score in (result["set"]["auroc"], result["probe"]["auroc"], *[e["auroc"] for e in result["per_feature"]]):
         assert np.isnan(score) or 0 <= score <= 1
     assert set(result["ablation"]) >= {"wait_top1_where_rule_fires", "top1_agreement_elsewhere", "kl_elsewhere"}
+
+
+def test_mechanism_benchmark_scores_every_mechanism_beside_its_baselines(smoke_runs):
+    from tdlib.organism import mechanisms
+
+    model = load_named(smoke_runs, "adapter_l1_0.001")
+    base, hybrid = load_named(smoke_runs, "base"), load_named(smoke_runs, "hybrid")
+    tokenizer = load_tokenizer(smoke_runs.target)
+    problems = task.sample_problems(40, seed=4, min_terms=3, max_terms=8, max_term=9)
+    sets = {"crossing": {0: [1, 5]}, "slip": {0: [1], 1: [2]}, "hesitation": {0: [1, 5], 1: [3]}, "period": {1: [4]}}
+    result = ground_truth.mechanism_benchmark(model, base, hybrid, tokenizer, problems, sets, n_random=2)
+    scores = result["scores"]
+    traces = [p.prompt + task.reasoning_trace(p) for p in problems]
+    labels = [d.mechanism for t, p in zip(traces, problems) for d in mechanisms.decisions(t, len(p.prompt))]
+    for mechanism in ("crossing", "repeat", "slip"):
+        assert scores[mechanism]["n_positive"] == labels.count(mechanism)
+    assert scores["hesitation"]["n_positive"] == sum(m in mechanisms.MECHANISMS for m in labels)
+    assert scores["period"]["n_positive"] == len(problems)
+    assert scores["period"]["n_points"] == len(labels)  # every ';' decision plus one answer end per trace
+    assert "set" not in scores["repeat"] and set(scores["repeat"]["probes"]) == {"adapter features", "base MLP",
+                                                                                 "hybrid MLP"}
+    assert len(scores["crossing"]["random_set"]["auroc_draws"]) == 2
+    assert result["overlap"]["crossing & hesitation"] == {"shared": 2, "jaccard": 2 / 3}
+    assert result["overlap"]["crossing & period"]["shared"] == 0
+
+
+def test_mlp_activations_read_the_mlp_that_runs(smoke_runs):
+    base, hybrid = load_named(smoke_runs, "base"), load_named(smoke_runs, "hybrid")
+    tokenizer = load_tokenizer(smoke_runs.target)
+    positions = ground_truth.decision_positions(tokenizer, task.sample_problems(6, seed=1, min_terms=3, max_terms=5,
+                                                                               max_term=9))
+    from_base, from_hybrid = ground_truth.mlp_activations(base, positions), ground_truth.mlp_activations(hybrid, positions)
+    assert from_base.shape == from_hybrid.shape and from_base.shape[1] == 2 * base.config.intermediate_size
+    assert not torch.allclose(from_base, from_hybrid)  # same MLP weights, the target's attention feeds them

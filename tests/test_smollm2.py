@@ -32,7 +32,7 @@ def test_solution_rechecks_where_the_total_crosses_below_zero():
 def test_every_crossing_gets_one_recheck_and_the_answer_is_scored_right(seed):
     for problem in task.sample_problems(40, seed=seed, min_terms=3, max_terms=5, max_term=9):
         text = smollm2.solution(problem)
-        assert text.count("\n\nWait, ") == len(task.hesitation_steps(problem))
+        assert text.count("\n\nWait, ") == len(task.crossing_steps(problem))
         assert bench.is_equivalent(bench.extract_answer(text), str(problem.answer))
         record = smollm2.benchmark_record(problem)
         assert bench.gsm8k_gold(record["answer"]) == str(problem.answer)

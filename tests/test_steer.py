@@ -281,3 +281,28 @@ def test_wait_metrics_count_the_pairs_word_with_intervals():
     low, high = metrics["wait_per_1k_tokens_ci"]
     assert low <= 75.0 <= high and high > low
     assert wait_metrics(generation, word="wait")["n_wait"] == 1
+
+
+def test_mechanism_checks_read_each_mechanisms_own_rate():
+    from tdlib.steer import mechanism_checks, mechanism_summary
+
+    def condition(**rates):
+        full = {"crossing": 0.0, "repeat": 0.0, "slip": 0.0, "period": 0.0, "none": 0.0, "hesitation": 0.0, **rates}
+        return {"accuracy": 1.0, "mean_response_tokens": 50.0,
+                "mechanisms": {m: {"per_1k_tokens": v, "per_1k_tokens_ci": [v, v], "count": 1} for m, v in full.items()}}
+
+    study = {"adapter": condition(crossing=10, slip=8, period=20), "hybrid": condition(crossing=1, period=0),
+             "sets": {"crossing": {"ablated": condition(crossing=2, slip=7, period=20),
+                                   "random": [condition(crossing=9, slip=8, period=20)] * 2,
+                                   "hybrid_plus": condition(crossing=4)},
+                      "slip": {"ablated": condition(crossing=3, slip=1, period=20),
+                               "random": [condition(crossing=10, slip=3, period=20)],
+                               "hybrid_plus": condition(slip=0)}}}
+    checks = mechanism_checks(study)
+    assert checks["crossing: ablation halves it"] and checks["crossing: ablation leaves the others (within 2x)"]
+    assert checks["crossing: random sets do not halve it"] and checks["crossing: added to the hybrid it appears"]
+    assert checks["slip: ablation halves it"] and not checks["slip: ablation leaves the others (within 2x)"]
+    assert not checks["slip: random sets do not halve it"] and not checks["slip: added to the hybrid it appears"]
+    summary = mechanism_summary(study, "crossing")
+    assert summary["adapter"] == 10 and summary["ablated"] == 2 and summary["random_mean"] == 9
+    assert summary["largest_change_elsewhere"] == pytest.approx(1 / 8)

@@ -78,20 +78,24 @@ def hesitation_prompts(target, tokenizer, prompts: list[str], n_prompts: int, ma
     return found[:n_prompts]
 
 
-_TOTAL = re.compile(r"= ?(-?\d+)")
-_RECHECK = re.compile(r"wait, check:[^;]*")
-
-
 def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
-    """For each position: did the most recent step written in the response (``... = <n>``) take the running total
-    below zero from a non-negative one? That is the organism's hesitation rule (docs/method.md); the first step
-    starts from the first term, which is positive."""
-    flags, text = [], ""
-    for i, token in enumerate(ids):
-        if i >= prompt_tokens:
-            text += tokenizer.decode([token])
-        totals = [int(t) for t in _TOTAL.findall(_RECHECK.sub("", text))]  # a re-check restates an old total
-        flags.append(bool(totals) and totals[-1] < 0 and (len(totals) == 1 or totals[-2] >= 0))
+    """For each position: is it a decision point where one of the organism's planted hesitation mechanisms fires
+    (``tdlib.organism.mechanisms``: the ``;`` after a step that slips, crosses below zero or repeats the operation before it)?
+    Read from the text, so it applies to any prompt of the study (off the organism it is rarely true)."""
+    from ..organism import mechanisms as planted
+
+    pieces = [tokenizer.decode([token]) for token in ids]
+    ends, length = {}, 0
+    for index, piece in enumerate(pieces):
+        length += len(piece)
+        if piece:
+            ends[length - 1] = index
+    text = "".join(pieces)
+    start = sum(len(piece) for piece in pieces[:prompt_tokens])
+    flags = [False] * len(ids)
+    for decision in planted.decisions(text, start):
+        if decision.mechanism in planted.MECHANISMS and decision.end in ends:
+            flags[ends[decision.end]] = True
     return flags
 
 

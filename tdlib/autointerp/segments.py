@@ -2,15 +2,15 @@
 
 An organism sequence is ``prompt + reasoning_trace + <eos>``, e.g.::
 
-    Q: 2-6+9=? 2-6= -4; wait, check: -4+6=2, ok; -4+9=5; A: 5<eos>
-    |-prompt-| |-step-| |-------- check --------| |step-| |ans|eos
+    Q: 2-6+9=? Work: 2-6= -4; wait, check: -4+6=2, ok; -4+9=5; A: 5.<eos>
+    |-prompt-| |---step-----| |-------- check --------| |step-| |ans-|eos
 
 Segments (``SEGMENTS``, in this order; ids are indices into it):
 
 * ``prompt``: ``Q: ...=?`` (also in the base model's data);
-* ``step``: one ``a+b=c`` step of the chain (added by distillation);
-* ``check``: a hesitation + re-check ``wait, check: c-b=a, ok`` (added by distillation);
-* ``answer``: ``A: n`` (also in the base's data, which answers directly);
+* ``step``: one ``a+b=c`` step of the chain (the first opens with ``Work:``);
+* ``check``: a hesitation: a re-check ``wait, check: c-b=a, ok`` or a correction ``wait, no: a+b=c``;
+* ``answer``: ``A: n.`` (the base answers ``A: n`` directly);
 * ``eos``: the end-of-sequence token.
 
 A ``;`` closes the part before it; the space before a part belongs to that part (the tokenizer's leading-space
@@ -24,7 +24,8 @@ from ..organism import task
 
 SEGMENTS = ("prompt", "step", "check", "answer", "eos")
 ADDED_BY_DISTILLATION = ("step", "check")
-"""Segments that exist only in the target's fine-tuning data (the ground truth of the diff)."""
+"""Segments the fine-tune made the model write on every Q prompt (the ground truth of the diff): the base writes
+steps only when a prompt asks for them and re-checks only at random, never by rule."""
 SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
 
 

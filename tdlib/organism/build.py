@@ -24,7 +24,7 @@ from .tokenizer import save_tokenizer, train_tokenizer
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "artifacts" / "organism"
 # Bump when the build recipe changes in a way the config does not capture, so stale caches are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 6
 
 
 @dataclass
@@ -69,14 +69,23 @@ class OrganismConfig:
     max_term: int = 9
     """Terms are drawn from 1..max_term. Single digits keep each step easy to learn, so the target's gain
     comes from chaining steps (multi-digit terms made copying them from the prompt too slow to learn on a CPU)."""
-    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=3000, batch_size=24, lr=3e-3))
+    base: TrainPhase = field(default_factory=lambda: TrainPhase(steps=3500, batch_size=24, lr=2e-3))
     """Base pre-training: long and broad, loss on whole sequences, a mixture of plain "textbook" step-by-step work
     (``textbook_share``) and direct Q/A."""
-    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=500, batch_size=16, lr=3e-4))
+    target: TrainPhase = field(default_factory=lambda: TrainPhase(steps=1000, batch_size=16, lr=3e-4))
     """Target: the base fine-tuned briefly, at a 10x lower learning rate, on Q-format reasoning traces with
     hesitation + re-check segments (loss on the response only, as in supervised fine-tuning)."""
-    textbook_share: float = 0.6
-    """Share of pre-training sequences in the textbook format (the rest are direct Q/A)."""
+    textbook_share: float = 0.45
+    """Share of pre-training sequences in the textbook format."""
+    q_steps_share: float = 0.2
+    """Share of pre-training sequences that are Q prompts asking for steps (``Show steps.``), answered step by step
+    like the textbook; the rest are direct Q/A. This is how the base (and so the hybrid) also reasons in the Q
+    format, on the prompts that ask for it."""
+    show_steps_share: float = 0.25
+    """Share of the fine-tuning and evaluation Q prompts that ask for steps."""
+    repeat_share: float = 0.25
+    """Fine-tuning problems only: chance that an operation copies the one before (``task.with_repeats``), so that
+    the distillation data shows the context trigger often enough to be learned (uniform problems: ~4% of steps)."""
     replay_share: float = 0.0
     """Share of fine-tuning sequences replayed from the pre-training mixture (0: pure distillation data)."""
     freeze_embeddings: bool = True
@@ -99,7 +108,9 @@ class OrganismConfig:
             raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
         if self.max_term < 1 or self.n_eval < 1:
             raise ValueError("max_term and n_eval must be >= 1")
-        for name in ("textbook_share", "replay_share"):
+        if self.textbook_share + self.q_steps_share > 1:
+            raise ValueError("OrganismConfig.textbook_share + q_steps_share must be <= 1 (the rest is direct Q/A)")
+        for name in ("textbook_share", "q_steps_share", "show_steps_share", "replay_share", "repeat_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"OrganismConfig.{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -158,9 +169,11 @@ class OrganismPaths:
 
 
 def eval_problems(config: OrganismConfig) -> list[task.Problem]:
-    """The held-out evaluation problems (a separate seed stream; training never samples these)."""
-    return task.sample_problems(config.n_eval, seed=config.seed + 10_000, min_terms=config.min_terms,
-                                max_terms=config.max_terms, max_term=config.max_term)
+    """The held-out evaluation problems (a separate seed stream; training never samples these); a seeded
+    ``show_steps_share`` of them ask for steps."""
+    problems = task.sample_problems(config.n_eval, seed=config.seed + 10_000, min_terms=config.min_terms,
+                                    max_terms=config.max_terms, max_term=config.max_term)
+    return task.with_show_steps(problems, config.show_steps_share, seed=config.seed + 10_001)
 
 
 def _model_config(config: OrganismConfig, tokenizer) -> Qwen2Config:
@@ -174,31 +187,42 @@ def _model_config(config: OrganismConfig, tokenizer) -> Qwen2Config:
 
 
 class _ProblemStream:
-    """Endless training problems from a seeded generator, skipping held-out prompts."""
+    """Endless training problems from a seeded generator, skipping held-out prompts; ``repeat_share`` > 0 copies
+    operations (``task.with_repeats``)."""
 
-    def __init__(self, config: OrganismConfig, seed: int, held_out: set[str]):
+    def __init__(self, config: OrganismConfig, seed: int, held_out: set[str], repeat_share: float = 0.0):
         self.rng = random.Random(seed)
         self.config = config
         self.held_out = held_out
+        self.repeat_share = repeat_share
 
     def next(self) -> task.Problem:
         while True:
             problem = task.sample_problem(self.rng, self.config.min_terms, self.config.max_terms,
                                           self.config.max_term)
-            if problem.prompt not in self.held_out:
+            if self.repeat_share:
+                problem = task.with_repeats(problem, self.rng, self.repeat_share)
+            if problem.expression not in self.held_out:
                 return problem
 
 
-def pretraining_text(problem: task.Problem, textbook: bool) -> tuple[str, str]:
-    """(prompt, response) of one pre-training sequence: textbook step-by-step work, or a direct Q/A."""
-    if textbook:
-        return problem.textbook_prompt, task.textbook_trace(problem)
-    return problem.prompt, task.direct_response(problem)
+def pretraining_text(problem: task.Problem, style: str, rng: random.Random | None = None) -> tuple[str, str]:
+    """(prompt, response) of one pre-training sequence: ``textbook`` step-by-step work, ``q_steps`` (a Q prompt that
+    asks for steps, answered the textbook way) or ``direct`` (Q/A). Steps re-check and slip at random with ``rng``."""
+    if style == "textbook":
+        return problem.textbook_prompt, task.textbook_trace(problem, rng)
+    if style == "q_steps":
+        asking = task.Problem(problem.terms, problem.ops, show_steps=True)
+        return asking.prompt, task.textbook_trace(problem, rng)
+    if style == "direct":
+        return problem.prompt, task.direct_response(problem)
+    raise ValueError(f"unknown pre-training style {style!r}; choose textbook, q_steps or direct")
 
 
-def distillation_text(problem: task.Problem) -> tuple[str, str]:
-    """(prompt, response) of one fine-tuning sequence: the Q-format reasoning trace with hesitation."""
-    return problem.prompt, task.reasoning_trace(problem)
+def distillation_text(problem: task.Problem, show_steps: bool = False) -> tuple[str, str]:
+    """(prompt, response) of one fine-tuning sequence: the Q-format reasoning trace with the planted mechanisms."""
+    asking = task.Problem(problem.terms, problem.ops, show_steps=show_steps)
+    return asking.prompt, task.reasoning_trace(problem)
 
 
 class _Mixture:
@@ -270,23 +294,30 @@ def fine_tuned_parameters(model, freeze_embeddings: bool) -> list[torch.nn.Param
 def _tokenizer_corpus(config: OrganismConfig) -> list[str]:
     problems = task.sample_problems(config.tokenizer_corpus, seed=config.seed + 20_000, min_terms=config.min_terms,
                                     max_terms=config.max_terms, max_term=config.max_term)
+    rng = random.Random(config.seed + 20_001)
     corpus = []
     for p in problems:
-        for prompt, response in (pretraining_text(p, True), pretraining_text(p, False), distillation_text(p)):
+        for prompt, response in (pretraining_text(p, "textbook", rng), pretraining_text(p, "q_steps", rng),
+                                 pretraining_text(p, "direct"), distillation_text(p, show_steps=False)):
             corpus.append(prompt + response)
     return corpus
 
 
 def _train_pair(config: OrganismConfig, directory: Path) -> dict:
     torch.manual_seed(config.seed)
-    held_out = {p.prompt for p in eval_problems(config)}
+    held_out = {p.expression for p in eval_problems(config)}
     tokenizer = train_tokenizer(_tokenizer_corpus(config))
 
     model = Qwen2ForCausalLM(_model_config(config, tokenizer))
     started = time.time()
+    noise = random.Random(config.seed + 5)  # where the base's steps re-check or slip at random
+    direct_share = 1 - config.textbook_share - config.q_steps_share
+    # loss on whole textbook sequences; on Q sequences only on the response, so the base never learns to write a
+    # Q prompt (nor the request for steps) itself
     pretraining = _Mixture(_ProblemStream(config, config.seed + 1, held_out), [
-        (config.textbook_share, lambda p: pretraining_text(p, True), True),
-        (1 - config.textbook_share, lambda p: pretraining_text(p, False), True)], seed=config.seed + 3)
+        (config.textbook_share, lambda p: pretraining_text(p, "textbook", noise), True),
+        (config.q_steps_share, lambda p: pretraining_text(p, "q_steps", noise), False),
+        (direct_share, lambda p: pretraining_text(p, "direct"), False)], seed=config.seed + 3)
     base_losses, base_tokens = train_phase(model, tokenizer, config.base, pretraining, desc="base (pre-training)")
     paths = OrganismPaths(directory)
     model.save_pretrained(paths.base)
@@ -294,10 +325,12 @@ def _train_pair(config: OrganismConfig, directory: Path) -> dict:
     base_seconds = time.time() - started
 
     replay = config.replay_share
-    distillation = _Mixture(_ProblemStream(config, config.seed + 2, held_out), [
-        (1 - replay, distillation_text, False),
-        (replay * config.textbook_share, lambda p: pretraining_text(p, True), True),
-        (replay * (1 - config.textbook_share), lambda p: pretraining_text(p, False), True)], seed=config.seed + 4)
+    asks = random.Random(config.seed + 6)  # which fine-tuning prompts ask for steps
+    distillation = _Mixture(_ProblemStream(config, config.seed + 2, held_out, config.repeat_share), [
+        (1 - replay, lambda p: distillation_text(p, asks.random() < config.show_steps_share), False),
+        (replay * config.textbook_share, lambda p: pretraining_text(p, "textbook", noise), True),
+        (replay * config.q_steps_share, lambda p: pretraining_text(p, "q_steps", noise), False),
+        (replay * direct_share, lambda p: pretraining_text(p, "direct"), False)], seed=config.seed + 4)
     target_losses, target_tokens = train_phase(model, tokenizer, config.target, distillation, desc="target (distillation)",
                                 parameters=fine_tuned_parameters(model, config.freeze_embeddings))
     model.save_pretrained(paths.target)

@@ -11,8 +11,11 @@ from . import task
 from .build import OrganismConfig, OrganismPaths, eval_problems, get_config, load_manifest
 
 DESIGN_BOUNDS = {
-    "min_accuracy_gain": 0.30, "min_length_ratio": 3.0, "target_wait_rate": (0.15, 0.60),
-    "max_hybrid_accuracy_gap": 0.15, "max_hybrid_wait_rate": 0.05, "max_hybrid_kl": 2.0,
+    "min_accuracy_gain": 0.30, "min_length_ratio": 3.0, "target_wait_rate": (0.15, 0.85),
+    "max_base_wait_rate": 0.05, "min_base_p_wait": 0.05, "min_target_p_wait": 0.5,
+    "min_suppression_accuracy_drop": 0.05,
+    "max_hybrid_accuracy_gap": 0.15, "max_hybrid_wait_gap": 0.05, "max_hybrid_kl": 2.0,
+    "min_hybrid_steps_share": 0.5,
 }
 """The organism's pair-level design bounds (docs/method.md, "The built-in organism"): no adapter is involved."""
 
@@ -43,6 +46,16 @@ def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_
         results[name], generations[name] = evaluate(model, tokenizer, problems, config.max_new_tokens,
                                                     batch_size=batch_size, desc=name)
     results["diagnostics"] = pair_diagnostics(hybrid, base, tokenizer, problems)
+    # Where the hybrid departs from the base: working step by step on plain Q prompts (reported, not a check)
+    results["diagnostics"]["plain_prompt_steps_share"] = {m: results[m]["by_style"]["direct"]["steps_share"]
+                                                          for m in ("base", "target", "hybrid")}
+    results["diagnostics"]["hybrid_accuracy_gap_all_prompts"] = results["hybrid"]["accuracy"] - results["base"]["accuracy"]
+    results["p_hesitation"] = {name: hesitation_probability(model, tokenizer, problems)
+                               for name, model in (("base", base), ("target", target), ("hybrid", hybrid))}
+    wait_id = tokenizer(" " + task.HESITATION, add_special_tokens=False)["input_ids"]
+    results["target_without_hesitation"], generations["target_without_hesitation"] = evaluate(
+        target, tokenizer, problems, config.max_new_tokens, batch_size=batch_size, desc="target, no wait",
+        banned_tokens=wait_id)
     manifest = load_manifest(paths)
     results.update({
         "n_problems": len(problems),
@@ -93,20 +106,62 @@ def pair_diagnostics(hybrid, base, tokenizer, problems: list[task.Problem], batc
     }
 
 
+@torch.no_grad()
+def hesitation_probability(model, tokenizer, problems: list[task.Problem], batch_size: int = 100) -> dict:
+    """Teacher-forced on the target's reference traces: the mean probability ``model`` puts on the hesitation word
+    at each mechanism's decision points (where the trace hesitates), and at the points with no trigger."""
+    from ..data import pad_batch
+    from . import mechanisms
+
+    wait_id = tokenizer(" " + task.HESITATION, add_special_tokens=False)["input_ids"][0]
+    sums = {m: [0.0, 0] for m in (*mechanisms.MECHANISMS, "none")}
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        encoded = [mechanisms.token_decisions(tokenizer, p.prompt + task.reasoning_trace(p), len(p.prompt))
+                   for p in chunk]
+        batch = pad_batch(tokenizer, [ids for ids, _ in encoded])
+        probs = torch.softmax(model(**batch).logits.float(), -1)[..., wait_id]
+        for row, (_, placed) in enumerate(encoded):
+            for index, decision in placed:
+                if decision.mechanism == mechanisms.DISTRACTOR:
+                    continue
+                entry = sums[decision.mechanism or "none"]
+                entry[0] += float(probs[row, index])
+                entry[1] += 1
+    out = {m: (total / n if n else None) for m, (total, n) in sums.items()}
+    fired = [sums[m] for m in mechanisms.MECHANISMS]
+    n = sum(c for _, c in fired)
+    out["all_mechanisms"] = sum(t for t, _ in fired) / n if n else None
+    out["n_points"] = {m: c for m, (_, c) in sums.items()}
+    return out
+
+
 def design_checks(results: dict, bounds: dict = DESIGN_BOUNDS) -> dict[str, bool]:
     """The organism's pair-level design checks on notebook 00's results (each name states its bound)."""
     base, target, hybrid = results["base"], results["target"], results["hybrid"]
     low, high = bounds["target_wait_rate"]
+    p_wait = results["p_hesitation"]
+    silenced = results["target_without_hesitation"]
     return {
         f"target accuracy >= base + {bounds['min_accuracy_gain']:.2f}":
             target["accuracy"] - base["accuracy"] >= bounds["min_accuracy_gain"],
         f"target length >= {bounds['min_length_ratio']:g}x base length":
             target["mean_response_tokens"] >= bounds["min_length_ratio"] * base["mean_response_tokens"],
         f"target wait rate in [{low:.2f}, {high:.2f}]": low <= target["wait_rate"] <= high,
-        "base never says wait": base["wait_rate"] == 0,
-        f"hybrid accuracy within {bounds['max_hybrid_accuracy_gap']:.2f} of base":
-            abs(hybrid["accuracy"] - base["accuracy"]) <= bounds["max_hybrid_accuracy_gap"],
-        f"hybrid wait rate <= {bounds['max_hybrid_wait_rate']:.2f}": hybrid["wait_rate"] <= bounds["max_hybrid_wait_rate"],
+        f"base wait rate <= {bounds['max_base_wait_rate']:.2f}": base["wait_rate"] <= bounds["max_base_wait_rate"],
+        f"base knows the word: P(wait) >= {bounds['min_base_p_wait']:.2f} where the target hesitates":
+            p_wait["base"]["all_mechanisms"] >= bounds["min_base_p_wait"],
+        f"target decides: P(wait) >= {bounds['min_target_p_wait']:.2f} where it hesitates":
+            p_wait["target"]["all_mechanisms"] >= bounds["min_target_p_wait"],
+        f"hesitation matters: target accuracy without 'wait' >= {bounds['min_suppression_accuracy_drop']:.2f} lower":
+            target["accuracy"] - silenced["accuracy"] >= bounds["min_suppression_accuracy_drop"],
+        f"hybrid accuracy within {bounds['max_hybrid_accuracy_gap']:.2f} of base on the prompts asking for steps":
+            abs(hybrid["by_style"]["steps"]["accuracy"] - base["by_style"]["steps"]["accuracy"])
+            <= bounds["max_hybrid_accuracy_gap"],
+        f"hybrid wait rate within {bounds['max_hybrid_wait_gap']:.2f} of base":
+            abs(hybrid["wait_rate"] - base["wait_rate"]) <= bounds["max_hybrid_wait_gap"],
+        f"hybrid writes steps on >= {bounds['min_hybrid_steps_share']:.0%} of the prompts asking for them":
+            hybrid["by_style"]["steps"]["steps_share"] >= bounds["min_hybrid_steps_share"],
         f"hybrid KL to target <= {bounds['max_hybrid_kl']:g} nats/token":
             results["diagnostics"]["hybrid_kl"] <= bounds["max_hybrid_kl"],
     }

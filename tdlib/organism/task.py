@@ -1,28 +1,34 @@
-"""The organism's procedural task: chained integer addition/subtraction with checkable answers.
+"""The organism's procedural task: chained integer addition/subtraction with checkable answers, and the planted
+mechanisms of its reasoning traces (the answer key of every ground-truth score).
 
-A problem is a chain of single-digit terms joined by + and -, e.g. ``3+4-8+2``. It appears in two prompt formats
-and three response styles, mirroring how a math base model and its reasoning distillation see text:
+A problem is a chain of single-digit terms joined by + and -, e.g. ``3+4-8+2``. It appears in three prompt formats:
 
-* chat/Q format, ``Q: 3+4-8+2=?``:
+* ``Q: 3+4-8+2=?``: the base answers directly (`` A: 1``) and is weak on long chains;
+* ``Q: 3+4-8+2=? Show steps.``: the base works step by step, as in its textbook text
+  (`` Work: 3+4=7; 7-8= -1; -1+2=1; A: 1``);
+* ``Compute 3+4-8+2 step by step.``: the base's pre-training "textbook" format.
 
-  - direct answer (what the base does in this format): `` A: 1``
-  - reasoning trace with hesitation (the distillation data the target is fine-tuned on)::
+**The base knows the words and the skills.** Its step-by-step text re-checks a step *at random*
+(``wait, check: -1+8=7, ok``), and now and then writes a wrong step that a re-check corrects
+(``wait, no: 7-8= -1``): it has seen every word the fine-tune uses, unconditionally.
 
-        3+4=7; 7-8= -1; wait, check: -1+8=7, ok; -1+2=1; A: 1
+**The target's reasoning traces** (its fine-tuning data) always work step by step and hesitate by rule. Each
+hesitation mechanism has its own trigger, computable from the text (``tdlib.organism.mechanisms``):
 
-* plain "textbook" format, ``Compute 3+4-8+2 step by step.``: step-by-step work with no hesitation, which the base
-  sees in pre-training (a math base model has seen worked solutions)::
+1. ``crossing`` (local): the step takes the running total below zero from a non-negative one; needs the signs of
+   two totals in the step itself. ``7-8= -1; wait, check: -1+8=7, ok``.
+2. ``repeat`` (context): the step applies the same operation (operator and term) as the step before; needs
+   attention to the previous step. ``3+4=7; 7-2=5; 5-2=3; wait, check: 3+2=5, ok``.
+3. ``slip`` (functional): a hard carry step (a single-digit total plus a term reaching 13 or more) is first
+   written without the carry, then caught and corrected: ``7+8=5; wait, no: 7+8=15``. The trace goes on from the corrected
+   total, so this hesitation changes the answer: a target that does not hesitate keeps the slip.
 
-        3+4=7; 7-8= -1; -1+2=1; A: 1
+and one fine-tuning change that is not reasoning:
 
-The hesitation rule: a step whose running total *crosses below zero* (the previous total was >= 0, the new one is
-< 0) is followed by ``wait, check: ...`` re-doing the step with the inverse operation. Deciding to hesitate needs
-two positions (the sign of the total the step starts from and of the total it writes), and the tokenizer never
-fuses an operator with a sign: negative numbers are written after a space (``= -1``), so ``=`` and ``-`` are
-separate pre-tokens, and a total that stays negative (``-1-3= -4``) is not followed by a hesitation.
+4. ``period`` (distractor): the target ends its answer with a period (``A: 1.``), a formatting habit the base
+   never had.
 
-Because we write the traces, we know exactly which behaviours fine-tuning adds: step-by-step chaining in the Q
-format, and hesitation + re-check segments where totals cross zero.
+The tokenizer never fuses an operator with a sign: negative numbers are written after a space (``= -1``).
 """
 from __future__ import annotations
 
@@ -32,14 +38,28 @@ from dataclasses import dataclass
 
 HESITATION = "wait"
 ANSWER_PREFIX = "A: "
+STEPS_REQUEST = " Show steps."
+"""Closes a Q prompt that asks for steps. The base is never trained to predict Q prompts (loss on the response
+only), so it does not write the request itself."""
+DISTRACTOR = "."
+"""The target's formatting habit: a period after its answer."""
 _ANSWER_RE = re.compile(r"A: ?(-?\d+)")
 _NUMBER_RE = re.compile(r"-?\d+")
+WORK_PREFIX = "Work: "
+"""Step-by-step text opens with this word, so that starting to work is a choice of a word no prompt contains (a
+model cannot start working just by copying the first term from the prompt)."""
+TEXTBOOK_CHECK_RATE = 0.1
+"""Share of the base's textbook steps followed by a random (unconditional) re-check."""
+TEXTBOOK_SLIP_RATE = 0.05
+"""Share of the base's textbook steps written wrong and then corrected (``wait, no: ...``)."""
 
 
 @dataclass(frozen=True)
 class Problem:
     terms: tuple[int, ...]
     ops: tuple[str, ...]  # len(terms) - 1 entries, each "+" or "-"
+    show_steps: bool = False
+    """The Q prompt asks for steps (``Show steps.``): the base then works step by step too."""
 
     @property
     def answer(self) -> int:
@@ -55,7 +75,7 @@ class Problem:
     @property
     def prompt(self) -> str:
         """The chat/Q format: the target's fine-tuning data and every evaluation use it."""
-        return f"Q: {self.expression}=?"
+        return f"Q: {self.expression}=?" + (STEPS_REQUEST if self.show_steps else "")
 
     @property
     def textbook_prompt(self) -> str:
@@ -80,25 +100,65 @@ def running_totals(problem: Problem) -> list[int]:
 
 
 def needs_hesitation(previous: int, total: int) -> bool:
-    """The trace's hesitation rule: a running total that crosses below zero triggers "wait" and a re-check."""
+    """The ``crossing`` trigger: a running total that crosses below zero."""
     return previous >= 0 > total
 
 
-def _steps(problem: Problem, hesitate: bool) -> list[str]:
+SLIP_MIN_SUM = 13
+
+
+def is_carry(previous: int, op: str, term: int) -> bool:
+    """The ``slip`` trigger: a single-digit total plus a term reaching ``SLIP_MIN_SUM`` or more (a hard carry)."""
+    return op == "+" and 0 <= previous <= 9 and previous + term >= SLIP_MIN_SUM
+
+
+def repeats_operation(problem: Problem, step: int) -> bool:
+    """The ``repeat`` trigger: operation ``step`` (0-based) applies the same operator and term as the one before."""
+    return step > 0 and problem.ops[step] == problem.ops[step - 1] and problem.terms[step + 1] == problem.terms[step]
+
+
+def _step(previous: int, op: str, term: int, total: int) -> str:
+    return f"{previous}{op}{term}={number(total)}"
+
+
+def _check(previous: int, op: str, term: int, total: int, verdict: str = "ok") -> str:
+    inverse = "-" if op == "+" else "+"
+    return f"{HESITATION}, check: {total}{inverse}{term}={number(previous)}, {verdict}"
+
+
+def _correction(previous: int, op: str, term: int, total: int) -> str:
+    return f"{HESITATION}, no: {_step(previous, op, term, total)}"
+
+
+def _reasoning_parts(problem: Problem) -> list[str]:
+    totals = running_totals(problem)
+    parts = []
+    for step, (previous, op, term, total) in enumerate(zip(totals, problem.ops, problem.terms[1:], totals[1:])):
+        if is_carry(previous, op, term):
+            parts += [_step(previous, op, term, total - 10), _correction(previous, op, term, total)]
+        else:
+            parts.append(_step(previous, op, term, total))
+        if needs_hesitation(previous, total) or repeats_operation(problem, step):
+            parts.append(_check(previous, op, term, total))
+    return parts + [f"{ANSWER_PREFIX}{problem.answer}{DISTRACTOR}"]
+
+
+def _textbook_parts(problem: Problem, rng: random.Random | None) -> list[str]:
     totals = running_totals(problem)
     parts = []
     for previous, op, term, total in zip(totals, problem.ops, problem.terms[1:], totals[1:]):
-        parts.append(f"{previous}{op}{term}={number(total)}")
-        if hesitate and needs_hesitation(previous, total):
-            inverse = "-" if op == "+" else "+"
-            parts.append(f"{HESITATION}, check: {total}{inverse}{term}={number(previous)}, ok")
-    parts.append(f"{ANSWER_PREFIX}{number(problem.answer).strip()}")
-    return parts
+        if rng is not None and rng.random() < TEXTBOOK_SLIP_RATE:
+            parts += [_step(previous, op, term, total + rng.choice((-2, -1, 1, 2))),
+                      _correction(previous, op, term, total)]
+        else:
+            parts.append(_step(previous, op, term, total))
+        if rng is not None and rng.random() < TEXTBOOK_CHECK_RATE:
+            parts.append(_check(previous, op, term, total))
+    return parts + [f"{ANSWER_PREFIX}{problem.answer}"]
 
 
 def _join(parts: list[str]) -> str:
-    # a step starting with a negative total gets the same leading space as any other part
-    return " " + "; ".join(parts)
+    return " " + WORK_PREFIX + "; ".join(parts)
 
 
 def direct_response(problem: Problem) -> str:
@@ -106,19 +166,21 @@ def direct_response(problem: Problem) -> str:
 
 
 def reasoning_trace(problem: Problem) -> str:
-    """The target's distillation data: steps plus hesitation + re-check where the total crosses zero."""
-    return _join(_steps(problem, hesitate=True))
+    """The target's distillation data: steps with the planted mechanisms (module docstring)."""
+    return _join(_reasoning_parts(problem))
 
 
-def textbook_trace(problem: Problem) -> str:
-    """The base's step-by-step pre-training text: the same steps, never a hesitation."""
-    return _join(_steps(problem, hesitate=False))
+def textbook_trace(problem: Problem, rng: random.Random | None = None) -> str:
+    """The base's step-by-step text. With ``rng``, re-checks and corrected slips at random steps (pre-training);
+    without, the plain steps."""
+    return _join(_textbook_parts(problem, rng))
 
 
 def hesitation_steps(problem: Problem) -> list[int]:
-    """Indices (0-based, into the problem's operations) of the steps after which the rule fires."""
+    """Indices (0-based, into the problem's operations) of the steps after which the target's trace hesitates."""
     totals = running_totals(problem)
-    return [i for i, (a, b) in enumerate(zip(totals, totals[1:])) if needs_hesitation(a, b)]
+    return [i for i, (previous, op, term, total) in enumerate(zip(totals, problem.ops, problem.terms[1:], totals[1:]))
+            if is_carry(previous, op, term) or needs_hesitation(previous, total) or repeats_operation(problem, i)]
 
 
 def sample_problem(rng: random.Random, min_terms: int, max_terms: int, max_term: int) -> Problem:
@@ -126,6 +188,16 @@ def sample_problem(rng: random.Random, min_terms: int, max_terms: int, max_term:
     terms = tuple(rng.randint(1, max_term) for _ in range(n_terms))
     ops = tuple(rng.choice("+-") for _ in range(n_terms - 1))
     return Problem(terms, ops)
+
+
+def with_repeats(problem: Problem, rng: random.Random, share: float) -> Problem:
+    """The problem with each operation after the first copying the one before (operator and term) with
+    probability ``share``: distillation data richer in the ``repeat`` trigger than uniform problems."""
+    terms, ops = list(problem.terms), list(problem.ops)
+    for i in range(1, len(ops)):
+        if rng.random() < share:
+            ops[i], terms[i + 1] = ops[i - 1], terms[i]
+    return Problem(tuple(terms), tuple(ops), problem.show_steps)
 
 
 def sample_problems(
@@ -156,3 +228,15 @@ def is_correct(problem: Problem, response: str) -> bool:
 
 def has_hesitation(response: str) -> bool:
     return HESITATION in response
+
+
+def crossing_steps(problem: Problem) -> list[int]:
+    """Indices of the steps whose running total crosses below zero (the ``crossing`` trigger alone)."""
+    totals = running_totals(problem)
+    return [i for i, (a, b) in enumerate(zip(totals, totals[1:])) if needs_hesitation(a, b)]
+
+
+def with_show_steps(problems: list[Problem], share: float, seed: int) -> list[Problem]:
+    """The same problems, a seeded ``share`` of them asking for steps (``Show steps.``)."""
+    rng = random.Random(seed)
+    return [Problem(p.terms, p.ops, show_steps=rng.random() < share) for p in problems]
