@@ -193,6 +193,18 @@ def test_rule_positions_flag_the_decision_points_where_a_planted_mechanism_fires
     assert not flags[text.index("= -5;") + 4], "a total that stays negative does not fire"
 
 
+def test_rule_positions_on_another_rendering_flag_everything_after_a_crossing_total():
+    class Chars:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    prompt = "What is 2 - 6 + 9?"
+    text = prompt + " 2 - 6 = -4.\n\nWait, let me check: -4 + 6 = 2. -4 + 9 = 5."
+    flags = A.rule_positions(Chars(), [ord(c) for c in text], prompt_tokens=len(prompt))
+    assert not any(flags[:text.index("= -4") + 3]) and flags[text.index("= -4") + 4] and flags[text.index("Wait")]
+    assert not flags[-1], "the next total (5) is not negative"
+
+
 def test_attribution_needs_the_adapter_model(ids):
     model = adapter_model()
     set_mlp_choice(model, "target")

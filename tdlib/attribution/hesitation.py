@@ -78,24 +78,44 @@ def hesitation_prompts(target, tokenizer, prompts: list[str], n_prompts: int, ma
     return found[:n_prompts]
 
 
+_TOTAL = re.compile(r"= ?(-?\d+)")
+_RECHECK = re.compile(r"wait, check:[^;]*")
+
+
 def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
-    """For each position: is it a decision point where one of the organism's planted hesitation mechanisms fires
-    (``tdlib.organism.mechanisms``: the ``;`` after a step that slips, crosses below zero or repeats the operation before it)?
-    Read from the text, so it applies to any prompt of the study (off the organism it is rarely true)."""
+    """For each position: does a planted hesitation trigger hold there?
+
+    On the organism's format (``tdlib.organism.mechanisms``): the decision points where a mechanism fires (the
+    ``;`` after a step that slips, crosses below zero or repeats the operation before it). On any other rendering of
+    the task (SmolLM2's sentences, ``3 - 8 = -5.``): every position after a written total that crossed below zero,
+    until the next total."""
     from ..organism import mechanisms as planted
 
     pieces = [tokenizer.decode([token]) for token in ids]
+    text = "".join(pieces)
+    start = sum(len(piece) for piece in pieces[:prompt_tokens])
+    found = planted.decisions(text, start)
+    if not any(d.mechanism != planted.DISTRACTOR for d in found):
+        return _crossing_positions(pieces, prompt_tokens)
     ends, length = {}, 0
     for index, piece in enumerate(pieces):
         length += len(piece)
         if piece:
             ends[length - 1] = index
-    text = "".join(pieces)
-    start = sum(len(piece) for piece in pieces[:prompt_tokens])
     flags = [False] * len(ids)
-    for decision in planted.decisions(text, start):
+    for decision in found:
         if decision.mechanism in planted.MECHANISMS and decision.end in ends:
             flags[ends[decision.end]] = True
+    return flags
+
+
+def _crossing_positions(pieces: list[str], prompt_tokens: int) -> list[bool]:
+    flags, text = [], ""
+    for i, piece in enumerate(pieces):
+        if i >= prompt_tokens:
+            text += piece
+        totals = [int(t) for t in _TOTAL.findall(_RECHECK.sub("", text))]  # a re-check restates an old total
+        flags.append(bool(totals) and totals[-1] < 0 and (len(totals) == 1 or totals[-2] >= 0))
     return flags
 
 
