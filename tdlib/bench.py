@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .generate import Generation, decode_responses, generate_greedy
+from .generate import Generation, decode_responses, generate_greedy, left_padded
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_LETTERS = "ABCD"
@@ -445,7 +445,7 @@ def generate_sampled(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     responses, lengths = [], []
     for number, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress,
                                         leave=False)):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+        batch = left_padded(tokenizer, prompts[start:start + batch_size], device)
         torch.manual_seed(sampling.seed * 1_000_003 + number)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True,
                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,

@@ -127,10 +127,12 @@ def render_trace(tokenizer, messages: list[dict], prompt_format: str = "chat") -
 def encode_trace(tokenizer, messages: list[dict], prompt_format: str = "chat",
                  max_tokens: int | None = None) -> list[int]:
     """Token ids of a training trace: prompt ids, then response ids, then EOS (the prompt and the response are
-    tokenized separately, as the model reads a prompt and then generates; "chat" adds no special tokens beyond the
-    template's own, "plain" lets the tokenizer add its usual ones, e.g. BOS), cut to ``max_tokens``."""
+    tokenized separately, as the model reads a prompt and then generates; the prompt by ``tdlib.generate.encode_prompt``,
+    as every other path renders it), cut to ``max_tokens``."""
+    from .generate import encode_prompt
+
     prompt, response = render_trace(tokenizer, messages, prompt_format)
-    ids = tokenizer(prompt, add_special_tokens=prompt_format == "plain")["input_ids"]
+    ids = encode_prompt(tokenizer, prompt)
     ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token (traces end with it)")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .data import pad_batch
-from .generate import generate_greedy
+from .generate import encode_prompt, generate_greedy
 from .residual import capture_features, capture_residuals
 from .splice import is_spliced, mlp_choice
 
@@ -95,8 +95,8 @@ def _prompt_and_response(tokenizer, prompt: str, response: str) -> tuple[list[in
     """Token ids of prompt + response and the number of prompt tokens. The text is tokenised as a whole (how the
     target read it while generating, token for token, with the tokenisers the project uses); should that merge
     tokens across the boundary, prompt and response are tokenised separately so the boundary stays exact."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + response)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt + response)
     if ids[:len(prompt_ids)] != prompt_ids:
         ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]
     return ids, len(prompt_ids)

@@ -186,11 +186,23 @@ def _check_notebook_block(block) -> None:
 
 def validate_pair(hub: HubPairConfig) -> None:
     """Checks that need the target's tokenizer, run by ``tdlib.pipeline`` before any notebook (so a bad pair file
-    fails in seconds, not in notebook 05 after 00-04 have run): the hesitation word must be one token, since notebook 05 attributes that token's logit and 06 ablates
-    the features behind it. Loads only the tokenizer (a hub id is fetched once, like every later notebook does)."""
+    fails in seconds, not in notebook 05 after 00-04 have run): local trace files exist, ``prompt_format`` "chat" has
+    a chat template to render with, and the hesitation word is one token, since notebook 05 attributes that token's
+    logit and 06 ablates the features behind it. Loads only the tokenizer (a hub id is fetched once, like every later notebook does)."""
+    from .data import check_prompt_format
     from .models import load_tokenizer
 
-    check_hesitation_word(load_tokenizer(hub.target), hub.hesitation_word, hub.name)
+    for role in ("train_data", "validation_data"):
+        source = getattr(hub, role)
+        if source and source.endswith((".jsonl", ".json")) and not Path(source).exists():
+            raise FileNotFoundError(f"{hub.name}: {role} {source!r} does not exist; point {role} in the pair file at "
+                                    "a JSONL of reasoning traces (the OpenThoughts3 schema, docs/real_models.md)")
+    tokenizer = load_tokenizer(hub.target)
+    try:
+        check_prompt_format(tokenizer, hub.prompt_format)
+    except ValueError as error:
+        raise ValueError(f"{hub.name}: prompt_format {hub.prompt_format!r}: {error}") from None
+    check_hesitation_word(tokenizer, hub.hesitation_word, hub.name)
 
 
 def check_hesitation_word(tokenizer, word: str, pair_name: str = "the pair") -> int:

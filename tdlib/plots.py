@@ -51,7 +51,11 @@ def pair_figure(results: dict, models=("base", "target", "hybrid"), pair_name: s
     length_axis.set(ylabel="mean response length (tokens)", title="Response length")
     wait_axis.bar(models, [100 * results[m]["wait_rate"] for m in models], color=colors)
     if organism:
-        wait_axis.axhspan(15, 60, color="grey", alpha=0.15, zorder=0, label='design band for the target (15-60%)')
+        from .organism.report import DESIGN_BOUNDS
+
+        low, high = (100 * b for b in DESIGN_BOUNDS["target_wait_rate"])
+        wait_axis.axhspan(low, high, color="grey", alpha=0.15, zorder=0,
+                          label=f"design band for the target ({low:.0f}-{high:.0f}%)")
         wait_axis.legend(loc="upper right", fontsize=8)
     word = results.get("hesitation_token", "wait").strip()
     wait_axis.set(ylabel=f'responses containing "{word}" (%)', ylim=(0, 100), title="Hesitation")

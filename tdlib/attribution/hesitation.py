@@ -38,8 +38,10 @@ def hesitation_token(tokenizer, word: str = " wait") -> int:
 def cut_at_token(tokenizer, prompt: str, response: str, token: int, problem_index: int,
                  max_cuts: int, source: str = "rollout") -> list[HesitationPrompt]:
     """Prompts ending just before each occurrence of ``token`` in the response (at most ``max_cuts``)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+    from ..generate import encode_prompt
+
+    prompt_ids = encode_prompt(tokenizer, prompt)  # the context the model generated from, special tokens included
+    ids = encode_prompt(tokenizer, prompt + response)
     cuts = [i for i in range(len(prompt_ids), len(ids)) if ids[i] == token][:max_cuts]
     return [HesitationPrompt(ids[:i], problem_index, len(prompt_ids), source) for i in cuts]
 
