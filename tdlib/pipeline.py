@@ -262,8 +262,10 @@ def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] 
         extra = overrides[notebook.stem]
         print(f"[pipeline] {notebook.name} -> {executed}" + (f" with {extra}" if extra else ""), flush=True)
         try:
+            # the cells' own output (tqdm bars, prints) streams to this terminal as the notebook runs
             papermill.execute_notebook(str(notebook), str(executed), parameters={**extra, **parameters},
                                        cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False,
+                                       stdout_file=sys.stdout, stderr_file=sys.stderr,
                                        kernel_manager_class=QuietShutdownKernelManager)
         except papermill.PapermillExecutionError as error:
             raise SystemExit(f"[pipeline] {notebook.name} failed ({error.ename}: {error.evalue}); "
