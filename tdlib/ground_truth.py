@@ -120,16 +120,10 @@ def precision_recall(active: np.ndarray, labels: np.ndarray) -> tuple[float | No
 def decision_activations(model, positions: DecisionPositions) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list]:
     """Every adapter feature's activation at each decision position: ([n, layers x features], labels, problem ids,
     [(layer, feature)] column names)."""
-    rows, columns = [], None
-    for batch, decisions in zip(positions.batches, positions.decisions):
-        with capture_features(model) as features:
-            model(**batch)
-        layers = sorted(features)
-        columns = [(layer, f) for layer in layers for f in range(features[layer].shape[-1])]
-        rows.append(torch.cat([features[layer][decisions[:, 0], decisions[:, 1]] for layer in layers], dim=-1))
+    x, columns = _adapter_matrix(model, positions)
     labels = torch.cat(positions.fires).numpy()
     owners = torch.cat(positions.problem_index).numpy()
-    return torch.cat(rows).float(), labels, owners, columns
+    return x[:len(labels)], labels, owners, columns
 
 
 def fit_probe(x: torch.Tensor, y: np.ndarray, l2: float = 1e-3, steps: int = 200) -> torch.nn.Linear:
