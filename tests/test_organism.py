@@ -236,7 +236,7 @@ def test_design_checks_name_each_failure_on_the_smoke_pair(smoke_pair):
     assert len(diagnostics["single_swap_kl"]) == 2 and diagnostics["hybrid_kl"] >= 0
     assert diagnostics["embedding_nmse"] == 0.0  # embeddings frozen in the fine-tune
     checks = design_checks(results)
-    assert len(checks) == 11 and all(isinstance(v, bool) for v in checks.values())
+    assert len(checks) == 12 and all(isinstance(v, bool) for v in checks.values())
     assert set(results["p_hesitation"]["target"]) >= {"crossing", "repeat", "slip", "none", "all_mechanisms"}
     assert results["target_without_hesitation"]["wait_rate"] == 0  # the word is banned there
     def model(accuracy, length, wait, steps_accuracy, steps_share):

@@ -46,7 +46,7 @@ def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_
         results[name], generations[name] = evaluate(model, tokenizer, problems, config.max_new_tokens,
                                                     batch_size=batch_size, desc=name)
     results["diagnostics"] = pair_diagnostics(hybrid, base, tokenizer, problems)
-    # Where the hybrid departs from the base: working step by step on plain Q prompts (reported, not a check)
+    # Where a hybrid can depart from the base: working step by step on plain Q prompts
     results["diagnostics"]["plain_prompt_steps_share"] = {m: results[m]["by_style"]["direct"]["steps_share"]
                                                           for m in ("base", "target", "hybrid")}
     results["diagnostics"]["hybrid_accuracy_gap_all_prompts"] = results["hybrid"]["accuracy"] - results["base"]["accuracy"]
@@ -155,6 +155,8 @@ def design_checks(results: dict, bounds: dict = DESIGN_BOUNDS) -> dict[str, bool
             p_wait["target"]["all_mechanisms"] >= bounds["min_target_p_wait"],
         f"hesitation matters: target accuracy without 'wait' >= {bounds['min_suppression_accuracy_drop']:.2f} lower":
             target["accuracy"] - silenced["accuracy"] >= bounds["min_suppression_accuracy_drop"],
+        f"hybrid accuracy within {bounds['max_hybrid_accuracy_gap']:.2f} of base":
+            abs(hybrid["accuracy"] - base["accuracy"]) <= bounds["max_hybrid_accuracy_gap"],
         f"hybrid accuracy within {bounds['max_hybrid_accuracy_gap']:.2f} of base on the prompts asking for steps":
             abs(hybrid["by_style"]["steps"]["accuracy"] - base["by_style"]["steps"]["accuracy"])
             <= bounds["max_hybrid_accuracy_gap"],
