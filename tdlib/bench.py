@@ -384,27 +384,24 @@ def benchmark_key(name: str) -> str:
 def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None = None, limit: int | None = None,
                    max_new_tokens: int | None = None) -> EvalSet:
     """The items a pair is evaluated on. ``benchmark=None``: the organism's held-out problems for the organism, the
-    first of ``pair.hub.benchmarks`` for a hub pair. ``path`` (else the pair's ``benchmark_files`` entry) reads a
+    first of ``pair.benchmarks`` for a hub pair. ``path`` (else the pair's ``benchmark_files`` entry) reads a
     local file instead of the hub. ``max_new_tokens=None``: the pair's budget."""
     budget = max_new_tokens or pair.max_new_tokens
     if benchmark is None:
-        if pair.organism:
-            benchmark = "organism"
-        elif pair.hub.benchmarks:
-            benchmark = pair.hub.benchmarks[0]
-        else:
+        if not pair.benchmarks:
             raise ValueError(f"pair {pair.name!r} lists no benchmarks; set its `benchmarks` or pass benchmark=")
+        benchmark = pair.benchmarks[0]
     key = benchmark_key(benchmark)
     if key == "organism":
-        if not pair.organism:
+        if not pair.kind.has_ground_truth:
             raise ValueError(f"benchmark 'organism' is the organism's own task; {pair.name!r} is a hub pair: pick "
-                             f"one of its benchmarks {list(pair.hub.benchmarks)}")
+                             f"one of its benchmarks {list(pair.benchmarks)}")
         return EvalSet(key, organism_items(pair.name, limit), budget, f"organism {pair.name} held-out problems")
-    if path is None and pair.hub is not None:
+    if path is None and not pair.kind.has_ground_truth:
         path = next((f for name, f in pair.hub.benchmark_files.items() if benchmark_key(name) == key), None)
     items = load_benchmark(key, path, limit)
     return EvalSet(key, items, budget, pair.portable(path) if path else BENCHMARKS[key].hub_id,
-                   prompt_format=pair.hub.prompt_format)
+                   prompt_format=pair.prompt_format)
 
 
 def check_organism_response(item: BenchItem, response: str) -> bool:
@@ -489,10 +486,11 @@ def score_responses(correct: list[bool], generation: Generation, hesitation: str
 
 def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
                    batch_size: int = 64, sampling: SamplingConfig | None = None, desc: str = "generate",
-                   prompts: list[str] | None = None,
-                   prompt_format: str | None = None) -> tuple[dict, Generation, list[bool]]:
-    """Generate for every item, check the answers, score. ``benchmark="organism"`` uses the organism's own prompts
-    and answer rule; other names are formatted with ``render_prompts`` and checked with ``check_response``."""
+                   prompts: list[str] | None = None, prompt_format: str | None = None,
+                   hesitation_word: str = "wait") -> tuple[dict, Generation, list[bool]]:
+    """Generate for every item, check the answers, score (``wait_rate`` counts the pair's ``hesitation_word``).
+    ``benchmark="organism"`` uses the organism's own prompts and answer rule; other names are formatted with
+    ``render_prompts`` and checked with ``check_response``."""
     kind = BENCHMARKS[benchmark].kind if benchmark in BENCHMARKS else "math"
     if prompts is None:
         prompts = benchmark_prompts(tokenizer, items, benchmark, prompt_format)
@@ -506,7 +504,7 @@ def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, 
         correct = [check_organism_response(i, r) for i, r in zip(items, generation.responses)]
     else:
         correct = [check_response(i, r, kind) for i, r in zip(items, generation.responses)]
-    return score_responses(correct, generation), generation, correct
+    return score_responses(correct, generation, hesitation_word), generation, correct
 
 
 def recovered_gain(accuracy: float, base_accuracy: float, target_accuracy: float) -> float | None:
@@ -587,7 +585,8 @@ def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: 
         model = load_named(pair, name)
         results[name], generations[name], _ = evaluate_items(
             model, tokenizer, items, benchmark=benchmark, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            sampling=sampling, desc=name, prompt_format=pair.hub.prompt_format if pair.hub else None)
+            sampling=sampling, desc=name, prompt_format=pair.prompt_format,
+            hesitation_word=pair.hesitation_word)
         del model
     if "base" in results and "target" in results:
         recovered_gains(results)
@@ -654,43 +653,3 @@ def benchmark_checks(models: dict[str, dict], train_results: dict) -> dict:
         checks["hybrid_recovers_far_less"] = (gain is not None and hybrid_gain is not None
                                               and hybrid_gain < 0.5 * gain)
     return checks
-
-
-def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, train_results: dict | None = None,
-                     decoding: str = "greedy decoding"):
-    """Fig. 4 style: accuracy (Wilson 95% interval) and mean response length per model, side by side, with the
-    base and target levels drawn across both panels; ``decoding`` (how the responses were generated) is in the
-    title."""
-    import matplotlib.pyplot as plt
-
-    from .plots import MODEL_COLORS, model_kind
-
-    names = list(models)
-    colors = [MODEL_COLORS.get(model_kind(n, train_results), "grey") for n in names]
-    labels = [n.replace("adapter_l1_", "adapter\nl1=") for n in names]
-    fig, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(names)), 4.5))
-    accuracy = [100 * models[n]["accuracy"] for n in names]
-    errors = [[max(0.0, 100 * (models[n]["accuracy"] - models[n]["accuracy_ci"][0])) for n in names],
-              [max(0.0, 100 * (models[n]["accuracy_ci"][1] - models[n]["accuracy"])) for n in names]]
-    accuracy_axis.bar(labels, accuracy, yerr=errors, capsize=3, color=colors)
-    length_axis.bar(labels, [models[n]["mean_response_tokens"] for n in names], color=colors)
-    for reference, style in (("target", "--"), ("base", ":")):
-        if reference in models:
-            accuracy_axis.axhline(100 * models[reference]["accuracy"], color=MODEL_COLORS[reference],
-                                  linestyle=style, label=f"{reference} accuracy")
-            length_axis.axhline(models[reference]["mean_response_tokens"], color=MODEL_COLORS[reference],
-                                linestyle=style, label=f"{reference} length")
-    for x, n in enumerate(names):
-        gain = models[n].get("recovered_gain")
-        if gain is not None and n not in ("base", "target"):
-            accuracy_axis.annotate(f"{100 * gain:.0f}%", (x, accuracy[x]), textcoords="offset points",
-                                   xytext=(0, 12), ha="center", fontsize=7)
-    accuracy_axis.set(ylabel="accuracy (%)", ylim=(0, 105),
-                      title="Accuracy (95% Wilson interval; label: recovered gain)")
-    length_axis.set(ylabel="mean response length (tokens)", title="Response length")
-    for axis in (accuracy_axis, length_axis):
-        axis.tick_params(axis="x", labelsize=7, rotation=30)
-        axis.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, {decoding}")
-    fig.tight_layout()
-    return fig

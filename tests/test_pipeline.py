@@ -47,6 +47,9 @@ def test_results_are_written_atomically_with_their_config(tmp_path):
         write_results("00_pair", {}, config="", results_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="make figures"):
         read_results("01_train", tmp_path)
+    assert read_results("00_pair", tmp_path, config="smoke")["n_problems"] == 3
+    with pytest.raises(ValueError, match="is for config 'smoke', not 'organism': run notebook 00 with"):
+        read_results("00_pair", tmp_path, config="organism")
 
 
 def test_results_never_record_an_absolute_path_of_this_machine(tmp_path):
