@@ -18,7 +18,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -231,6 +231,8 @@ class BenchmarkSpec:
     subset: str | None = None
     kind: str = "math"
     """"math" (free-form answer) or "multiple_choice"."""
+    n_problems: int | None = None
+    """Rows in the published split (for plans and cost estimates; the loaded file is what counts)."""
 
 
 def _math_item(question_key: str, answer_key: str, id_key: str | None = None, gold=str):
@@ -264,14 +266,18 @@ def _gpqa_item(row: dict, index: int) -> BenchItem:
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "math500": BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", _math_item("problem", "answer", "unique_id")),
+    "math500": BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", _math_item("problem", "answer", "unique_id"),
+                              n_problems=500),
     "gsm8k": BenchmarkSpec("gsm8k", "openai/gsm8k", "test", _math_item("question", "answer", gold=gsm8k_gold),
-                           subset="main"),
-    "aime2024": BenchmarkSpec("aime2024", "Maxwell-Jia/AIME_2024", "train", _math_item("Problem", "Answer", "ID")),
-    "aime2025": BenchmarkSpec("aime2025", "math-ai/aime25", "test", _math_item("problem", "answer", "id")),
-    "amc23": BenchmarkSpec("amc23", "math-ai/amc23", "test", _math_item("question", "answer", "id", _number_text)),
+                           subset="main", n_problems=1319),
+    "aime2024": BenchmarkSpec("aime2024", "Maxwell-Jia/AIME_2024", "train", _math_item("Problem", "Answer", "ID"),
+                              n_problems=30),
+    "aime2025": BenchmarkSpec("aime2025", "math-ai/aime25", "test", _math_item("problem", "answer", "id"),
+                              n_problems=30),
+    "amc23": BenchmarkSpec("amc23", "math-ai/amc23", "test", _math_item("question", "answer", "id", _number_text),
+                           n_problems=40),
     "gpqa_diamond": BenchmarkSpec("gpqa_diamond", "Idavidrein/gpqa", "train", _gpqa_item, subset="gpqa_diamond",
-                                  kind="multiple_choice"),
+                                  kind="multiple_choice", n_problems=198),
 }
 
 
@@ -424,8 +430,13 @@ class SamplingConfig:
     """Nucleus sampling mass."""
     seed: int = 0
     """Seeds ``torch`` before each batch, so a rerun samples the same responses."""
+    n_samples: int = 1
+    """Responses sampled per problem (sample s seeded with ``seed + s``); accuracy is then pass@1, the mean over
+    samples, with a bootstrap interval over problems (``pass_at_1``)."""
 
     def __post_init__(self):
+        if self.n_samples < 1:
+            raise ValueError(f"SamplingConfig.n_samples must be >= 1, got {self.n_samples}")
         if not self.temperature > 0:
             raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -468,43 +479,74 @@ def count_hesitations(text: str, word: str = "wait") -> int:
     return len(re.findall(rf"(?<![A-Za-z]){re.escape(word.strip())}(?![A-Za-z])", text, flags=re.IGNORECASE))
 
 
-def score_responses(correct: list[bool], generation: Generation, hesitation: str = "wait") -> dict:
+def score_responses(correct: list[bool], generation: Generation, hesitation: str = "wait",
+                    max_new_tokens: int | None = None) -> dict:
     """Accuracy (Wilson 95% interval), mean response tokens and the share of responses saying ``hesitation``
-    (as a word, any case)."""
+    (as a word, any case); with ``max_new_tokens``, also the share of responses that ran into that budget (cut
+    before they finished: a truncated answer scores as wrong, and a truncated length understates the model's)."""
     n = len(correct)
     if n == 0:
         raise ValueError("no responses to score")
     successes = sum(bool(c) for c in correct)
-    return {
+    scores = {
         "accuracy": successes / n,
         "accuracy_ci": list(wilson_interval(successes, n)),
         "mean_response_tokens": sum(generation.response_tokens) / n,
         "wait_rate": sum(count_hesitations(r, hesitation) > 0 for r in generation.responses) / n,
         "n_correct": successes,
     }
+    if max_new_tokens is not None:
+        scores["hit_budget_share"] = sum(t >= max_new_tokens for t in generation.response_tokens) / n
+    return scores
+
+
+def pass_at_1(correct_by_sample: list[list[bool]], n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, list]:
+    """pass@1 from k samples per problem (``correct_by_sample[s][i]``: sample s of problem i): the mean over
+    samples and problems, with a 95% percentile interval from resampling problems (a problem's samples are not
+    independent draws of the benchmark, so a Wilson interval over n x k responses would be too narrow)."""
+    import numpy as np
+
+    per_problem = np.asarray(correct_by_sample, dtype=float).mean(0)
+    if per_problem.size == 0:
+        raise ValueError("no problems to score")
+    rng = np.random.default_rng(seed)
+    means = per_problem[rng.integers(0, per_problem.size, size=(n_bootstrap, per_problem.size))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(per_problem.mean()), [float(low), float(high)]
 
 
 def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
                    batch_size: int = 64, sampling: SamplingConfig | None = None, desc: str = "generate",
                    prompts: list[str] | None = None, prompt_format: str | None = None,
                    hesitation_word: str = "wait") -> tuple[dict, Generation, list[bool]]:
-    """Generate for every item, check the answers, score (``wait_rate`` counts the pair's ``hesitation_word``).
+    """Generate for every item (``sampling.n_samples`` times when sampled), check the answers, score (``wait_rate``
+    counts the pair's ``hesitation_word``; ``hit_budget_share`` the responses cut at ``max_new_tokens``). The
+    returned generation and correctness list hold every sample, sample after sample.
     ``benchmark="organism"`` uses the organism's own prompts and answer rule; other names are formatted with
     ``render_prompts`` and checked with ``check_response``."""
     kind = BENCHMARKS[benchmark].kind if benchmark in BENCHMARKS else "math"
     if prompts is None:
         prompts = benchmark_prompts(tokenizer, items, benchmark, prompt_format)
     if sampling is None:
-        generation = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, desc=desc)
+        generations = [generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, desc=desc)]
     else:
-        generation = generate_sampled(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      batch_size=batch_size, desc=desc)
+        generations = [generate_sampled(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        sampling=replace(sampling, seed=sampling.seed + s), batch_size=batch_size,
+                                        desc=desc if sampling.n_samples == 1 else f"{desc} sample {s + 1}")
+                       for s in range(sampling.n_samples)]
     if benchmark == "organism":
-        correct = [check_organism_response(i, r) for i, r in zip(items, generation.responses)]
+        by_sample = [[check_organism_response(i, r) for i, r in zip(items, g.responses)] for g in generations]
     else:
-        correct = [check_response(i, r, kind) for i, r in zip(items, generation.responses)]
-    return score_responses(correct, generation, hesitation_word), generation, correct
+        by_sample = [[check_response(i, r, kind) for i, r in zip(items, g.responses)] for g in generations]
+    generation = Generation([p for g in generations for p in g.prompts], [r for g in generations for r in g.responses],
+                            [t for g in generations for t in g.response_tokens])
+    correct = [c for sample in by_sample for c in sample]
+    scores = score_responses(correct, generation, hesitation_word, max_new_tokens)
+    if len(by_sample) > 1:  # pass@1 over the samples, its interval over problems
+        scores["accuracy"], scores["accuracy_ci"] = pass_at_1(by_sample)
+        scores["n_samples"] = len(by_sample)
+    return scores, generation, correct
 
 
 def recovered_gain(accuracy: float, base_accuracy: float, target_accuracy: float) -> float | None:

@@ -260,7 +260,15 @@ BENCHMARKS = {
 id, split and schema of each benchmark live."""
 
 OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"
-PAPER_BENCHMARKS = ("MATH-500", "AIME 2024", "GSM8K")
+PAPER_BENCHMARKS = ("MATH-500", "AMC23", "GPQA Diamond", "AIME 2025")
+"""The paper's figure 4 benchmarks, in its order (notebook 03 runs the first unless told ``benchmark=``)."""
+PAPER_BUDGET = 32_768
+"""New tokens per response for the paper's pairs: the budget R1-Distill models are evaluated with (DeepSeek-R1's
+report: 32,768); the paper's adapter model writes ~7,800 tokens on average, so a 4k cap would cut most responses."""
+PAPER_DECODING = {"03": {"sampled": True, "temperature": 0.6, "top_p": 0.95, "n_samples": 4}}
+"""Notebook 03 on the paper's pairs: sampled as R1-Distill models are evaluated (temperature 0.6, top-p 0.95),
+pass@1 over 4 samples per problem (AIME and AMC have 30-40 problems: one greedy pass leaves intervals of about
++-15 points)."""
 
 HUB_PAIRS: dict[str, HubPairConfig] = {}
 
@@ -286,12 +294,12 @@ def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig
 
 register_pair(HubPairConfig(
     "paper-7b", base="Qwen/Qwen2.5-Math-7B", target="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
-    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS,
+    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS, max_new_tokens=PAPER_BUDGET, notebooks=PAPER_DECODING,
     training=TrainingDefaults(n_features=8192),
     notes="arXiv 2602.20904: 8192 features x 28 layers, lr 8e-4, batch 1 x up to 10k tokens, ~50k traces"))
 register_pair(HubPairConfig(
     "paper-1.5b", base="Qwen/Qwen2.5-Math-1.5B", target="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
-    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS,
+    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS, max_new_tokens=PAPER_BUDGET, notebooks=PAPER_DECODING,
     training=TrainingDefaults(n_features=4096),
     notes="the 7B recipe; features scaled with the width (1536 vs 3584) and rounded up to a power of two"))
 

@@ -243,7 +243,28 @@ def plan_lines(config: str, smoke: bool = False) -> list[str]:
     from .sweep import default_plan, describe_plan
 
     pair = resolve_pair("smoke" if smoke else config, build=False)
-    return describe_plan(pair, default_plan(pair))
+    plan = default_plan(pair)
+    return describe_plan(pair, plan) + evaluation_plan(pair, len(plan.run_names) + 3)
+
+
+def evaluation_plan(pair, n_models: int) -> list[str]:
+    """Notebook 03's benchmarks, decoding and budget for ``pair``, with the most tokens it could generate."""
+    from .bench import BENCHMARKS, benchmark_key
+
+    decoding = {**pair.hub.notebooks.get("*", {}), **pair.hub.notebooks.get("03", {})} if pair.hub else {}
+    samples = decoding.get("n_samples", 1) if decoding.get("sampled") else 1
+    how = (f"sampled (T={decoding.get('temperature', 0.6)}, top-p {decoding.get('top_p', 0.95)}), pass@1 over "
+           f"{samples} samples" if decoding.get("sampled") else "greedy")
+    lines = [f"benchmarks: {', '.join(pair.benchmarks)} (notebook 03 runs the first unless given benchmark=); "
+             f"{how}; up to {pair.max_new_tokens:,} new tokens per response; {n_models} models"]
+    for name in pair.benchmarks:
+        spec = BENCHMARKS.get(benchmark_key(name))
+        if spec is not None and spec.n_problems:
+            problems = decoding.get("n_problems") or spec.n_problems
+            most = problems * samples * n_models * pair.max_new_tokens
+            lines.append(f"  {name}: {problems} problems x {samples} samples x {n_models} models: at most "
+                         f"{most / 1e6:,.0f}M generated tokens")
+    return lines
 
 
 def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] | None = None,

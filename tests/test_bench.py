@@ -373,3 +373,29 @@ def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
     assert results["base"]["wait_rate"] == 0.5
     assert bench.run_benchmark(dataclasses.replace(pair, hesitation_word="Oh"), ["base"], items,
                                benchmark="organism", max_new_tokens=5, progress=False)[0]["base"]["wait_rate"] == 0
+
+
+def test_pass_at_1_over_samples_with_an_interval_over_problems_and_the_budget_counter(monkeypatch):
+    import tdlib.bench as bench
+    from tdlib.generate import Generation
+
+    seeds = []
+
+    def fake_sampled(model, tokenizer, prompts, *, max_new_tokens, sampling, **kwargs):
+        seeds.append(sampling.seed)
+        right = sampling.seed % 2 == 0  # even seeds answer every problem, odd seeds none
+        return Generation(prompts, [f" A: {2 if right else 3}"] * len(prompts), [4, max_new_tokens])
+
+    monkeypatch.setattr(bench, "generate_sampled", fake_sampled)
+    items = [BenchItem("a", "Q: 1+1=?", "2"), BenchItem("b", "Q: 3-1=?", "2")]
+    sampling = SamplingConfig(seed=10, n_samples=4)
+    scores, generation, correct = evaluate_items(None, None, items, benchmark="organism", max_new_tokens=9,
+                                                 sampling=sampling)
+    assert seeds == [10, 11, 12, 13] and len(generation.responses) == len(correct) == 8
+    assert scores["accuracy"] == 0.5 and scores["n_samples"] == 4
+    assert scores["accuracy_ci"] == [0.5, 0.5]  # every problem is right on exactly half its samples
+    assert scores["hit_budget_share"] == 0.5  # one response of each pair ran into the 9-token budget
+    mean, interval = bench.pass_at_1([[True, False, True], [True, False, False]], n_bootstrap=2000)
+    assert mean == 0.5 and interval[0] < 0.5 < interval[1]
+    with pytest.raises(ValueError, match="n_samples"):
+        SamplingConfig(n_samples=0)

@@ -20,7 +20,8 @@ def test_paper_pairs_are_bf16_on_cuda_with_their_data_and_benchmarks():
     assert (seven.base, seven.target) == ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
     assert (seven.dtype, seven.device, seven.kind) == ("bfloat16", "cuda", pairs.HUB)
     assert seven.hub.train_data == "open-thoughts/OpenThoughts3-1.2M"
-    assert seven.hub.benchmarks == ("MATH-500", "AIME 2024", "GSM8K")
+    assert seven.hub.benchmarks == ("MATH-500", "AMC23", "GPQA Diamond", "AIME 2025")  # the paper's figure 4
+    assert seven.max_new_tokens == 32_768 and seven.hub.notebooks["03"]["n_samples"] > 1
     assert seven.artifacts("train").name == "paper-7b"
     small = resolve_pair("paper-1.5b")
     assert small.target == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and small.base == "Qwen/Qwen2.5-Math-1.5B"
@@ -258,3 +259,5 @@ def test_the_pipeline_prints_the_plan_without_running_anything(capsys):
     pipeline.main(["--config", "paper-7b", "--plan"])
     out = capsys.readouterr().out
     assert "8192 features per layer" in out and "50,000 steps x 1 sequences of up to 10,000 tokens" in out
+    assert "MATH-500, AMC23, GPQA Diamond, AIME 2025" in out and "pass@1 over 4 samples" in out
+    assert "up to 32,768 new tokens" in out and "AIME 2025: 30 problems x 4 samples x 10 models" in out
