@@ -545,6 +545,30 @@ def sweep_checks(models: dict) -> dict[str, bool]:
     }
 
 
+PAPER_L0 = 1.4
+"""Held-out L0 of the adapter the paper analyses (of its sweep's five)."""
+
+
+def study_model(train_results: dict, choice: str | None = None) -> str:
+    """The adapter notebooks 04-06 study, from notebook 01's results: ``None`` the sweep's ``analysis_model`` (the
+    rule in ``analysis_models``); ``"paper_l0"`` the adapter whose held-out L0 is nearest the paper's (``PAPER_L0``,
+    on a log scale); else a trained run's name."""
+    import math
+
+    models = train_results["models"]
+    if choice is None:
+        return train_results["analysis_model"]
+    if choice == "paper_l0":
+        adapters = [n for n, m in models.items() if m.get("kind") == "adapter" and m.get("l0")]
+        if not adapters:
+            raise ValueError("no adapter with a held-out L0 in 01_train.json; run notebook 01 first")
+        return min(adapters, key=lambda n: abs(math.log(models[n]["l0"] / PAPER_L0)))
+    if choice not in models:
+        raise ValueError(f"adapter {choice!r} is not among notebook 01's runs {sorted(models)}; pass None, "
+                         "'paper_l0' or one of those names")
+    return choice
+
+
 def analysis_models(models: dict) -> dict:
     """The adapters later notebooks study, chosen by one rule used everywhere (notebook 01 writes it to
     results/01_train.json; notebooks 02-06 read ``analysis_model`` from there):
