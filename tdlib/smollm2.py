@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .organism import task
+from .gguf import load_gguf, plain_copy, save_plain
 from .organism.build import OrganismPaths
 from .pairs import TrainingDefaults
 from .results import REPO_ROOT, atomic_directory
@@ -209,37 +210,6 @@ def gguf_path() -> Path:
     return path
 
 
-def load_gguf(path: Path):
-    """(model, tokenizer) read from the GGUF by transformers, the model dequantised to float32 (as loaded: its
-    config still names the GGUF quantizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), tokenizer
-
-
-def plain_copy(model):
-    """A plain float32 ``LlamaForCausalLM`` with ``model``'s weights and no ``quantization_config`` (transformers
-    refuses ``save_pretrained`` on a GGUF-loaded model, and a config that keeps the key re-attaches a GGUF
-    quantizer on reload)."""
-    import torch
-
-    values = model.config.to_dict()
-    values.pop("quantization_config", None)
-    values.pop("_name_or_path", None)
-    config = type(model.config).from_dict(values)
-    config.dtype = torch.float32
-    copy = type(model)(config).to(torch.float32)
-    missing, unexpected = copy.load_state_dict(model.state_dict(), strict=False)
-    # the tied head is one tensor: only its alias may be absent
-    if unexpected or any(name != "lm_head.weight" for name in missing):
-        raise RuntimeError(f"copying the GGUF model: missing {missing}, unexpected {unexpected}")
-    copy.tie_weights()
-    return copy.eval()
-
-
 # ------------------------------------------------------------------------------------------------ the target
 
 def supervised_batch(tokenizer, conversations: list[list[dict]]):
@@ -320,14 +290,6 @@ def fine_tune(model, tokenizer, conversations: list[list[dict]], config: SmolLM2
 
 # ------------------------------------------------------------------------------------------------ the build
 
-def _save(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    if "quantization_config" in config:  # never reached with plain_copy; a reload would re-attach a GGUF quantizer
-        raise RuntimeError(f"{folder}/config.json still names a quantizer; the copy must come from plain_copy")
-
-
 def _build(config: SmolLM2Config, staging: Path, progress: bool) -> dict:
     import torch
 
@@ -338,14 +300,14 @@ def _build(config: SmolLM2Config, staging: Path, progress: bool) -> dict:
     counts = write_data(config, paths)
     started = time.time()
     gguf_model, tokenizer = load_gguf(source)
-    model = plain_copy(gguf_model)
+    model = plain_copy(gguf_model)  # the same conversion `python -m tdlib.gguf` runs on any GGUF file
     del gguf_model
     load_seconds = time.time() - started
-    _save(model, tokenizer, paths.base)
+    save_plain(model, tokenizer, paths.base)
     torch.manual_seed(config.seed)
     conversations = read_conversations(paths.train)
     cost = fine_tune(model, tokenizer, conversations, config, progress=progress)
-    _save(model, tokenizer, paths.target)
+    save_plain(model, tokenizer, paths.target)
     return {"config": asdict(config), "key": config.key, "recipe": RECIPE_VERSION, "source": GGUF_FILE,
             "records": counts, "n_params": sum(p.numel() for p in model.parameters()),
             "torch_threads": torch.get_num_threads(), "load_seconds": round(load_seconds, 1),
