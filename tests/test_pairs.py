@@ -233,11 +233,14 @@ def test_a_cpu_pair_file_gets_cpu_sized_training_from_its_models_width(tmp_path)
     target.mkdir()
     (target / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {
         "hidden_size": 640, "num_hidden_layers": 18, "intermediate_size": 2048, "vocab_size": 262_144}}))
-    path = _pair_file(tmp_path, device="cpu", target="target", training={"steps": 30})
+    path = _pair_file(tmp_path, device="cpu", target="target", training={"steps": 30},
+                      notebooks={"*": {"n_problems": 8}, "06": {"group_conditions": False}})
     pair = resolve_pair(str(path))
     assert pair.dtype == "float32" and pair.training.steps == 30  # the file's own values win
     assert pair.training.n_features == 256 and pair.training.max_tokens == 256  # sized for d_model 640
     assert not pair.training.gradient_checkpointing and pair.training.kl_chunk_tokens is None
+    assert pair.hub.notebooks["05"]["n_prompts"] == 12 and pair.hub.notebooks["*"] == {"n_problems": 8, "batch_size": 25}
+    assert pair.hub.notebooks["06"]["group_conditions"] is False and pair.hub.notebooks["06"]["n_random_draws"] == 5
     assert pairs.model_shape(str(target))["num_hidden_layers"] == 18 and pairs.model_shape("me/target") == {}
     assert TrainingDefaults.for_cpu(576).n_features == 256  # the SmolLM2 plan it is sized from
     assert TrainingDefaults.for_cpu(128).n_features == 64 and TrainingDefaults.for_cpu(4096).n_features == 1024
