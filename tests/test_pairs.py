@@ -239,7 +239,8 @@ def test_a_cpu_pair_file_gets_cpu_sized_training_from_its_models_width(tmp_path)
     assert pair.dtype == "float32" and pair.training.steps == 30  # the file's own values win
     assert pair.training.n_features == 256 and pair.training.max_tokens == 256  # sized for d_model 640
     assert not pair.training.gradient_checkpointing and pair.training.kl_chunk_tokens is None
-    assert pair.hub.notebooks["05"]["n_prompts"] == 12 and pair.hub.notebooks["*"] == {"n_problems": 8, "batch_size": 25}
+    assert pair.hub.notebooks["*"] == {"n_problems": 8, "batch_size": 25}  # the CPU plan, the file's value wins
+    assert pair.hub.notebooks["05"]["n_prompts"] == 12
     assert pair.hub.notebooks["06"]["group_conditions"] is False and pair.hub.notebooks["06"]["n_random_draws"] == 5
     assert pairs.model_shape(str(target))["num_hidden_layers"] == 18 and pairs.model_shape("me/target") == {}
     assert TrainingDefaults.for_cpu(576).n_features == 256  # the SmolLM2 plan it is sized from
