@@ -15,7 +15,7 @@ else
 STAMP := check-env
 endif
 
-.PHONY: help install check-env test test-slow figures organism smollm2 clean-runs paper bench check-html
+.PHONY: help install check-env test test-slow figures plan organism smollm2 clean-runs paper bench check-html
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
@@ -24,6 +24,7 @@ help:
 	@echo "               PARAMS=\"n_prompts=10 baselines=false 01.steps=50\": notebook parameters (docs/real_models.md)"
 	@echo "               ONLY=\"02 05\": run only these notebooks"
 	@echo "               VENV=/path/to/env or PY=python: use that environment as it is (no .venv, no install)"
+	@echo "make plan      print what make figures would train for CONFIG (features, steps, tokens, a CPU time estimate)"
 	@echo "make test      run the test suite (fast; CI runs this)"
 	@echo "make test-slow run the slow tests too (full-size organism build, notebook execution)"
 	@echo "make organism  build (or load from cache) the model-organism pair only"
@@ -54,6 +55,9 @@ test-slow: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE) $(if $(ONLY),--only $(ONLY)) $(if $(PARAMS),--params '$(PARAMS)')
+
+plan: $(STAMP)
+	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE) --plan
 
 organism: $(STAMP)
 	$(PY) -m tdlib.organism --config $(CONFIG)

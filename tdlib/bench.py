@@ -18,7 +18,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -231,6 +231,8 @@ class BenchmarkSpec:
     subset: str | None = None
     kind: str = "math"
     """"math" (free-form answer) or "multiple_choice"."""
+    n_problems: int | None = None
+    """Rows in the published split (for plans and cost estimates; the loaded file is what counts)."""
 
 
 def _math_item(question_key: str, answer_key: str, id_key: str | None = None, gold=str):
@@ -264,14 +266,18 @@ def _gpqa_item(row: dict, index: int) -> BenchItem:
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "math500": BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", _math_item("problem", "answer", "unique_id")),
+    "math500": BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", "test", _math_item("problem", "answer", "unique_id"),
+                              n_problems=500),
     "gsm8k": BenchmarkSpec("gsm8k", "openai/gsm8k", "test", _math_item("question", "answer", gold=gsm8k_gold),
-                           subset="main"),
-    "aime2024": BenchmarkSpec("aime2024", "Maxwell-Jia/AIME_2024", "train", _math_item("Problem", "Answer", "ID")),
-    "aime2025": BenchmarkSpec("aime2025", "math-ai/aime25", "test", _math_item("problem", "answer", "id")),
-    "amc23": BenchmarkSpec("amc23", "math-ai/amc23", "test", _math_item("question", "answer", "id", _number_text)),
+                           subset="main", n_problems=1319),
+    "aime2024": BenchmarkSpec("aime2024", "Maxwell-Jia/AIME_2024", "train", _math_item("Problem", "Answer", "ID"),
+                              n_problems=30),
+    "aime2025": BenchmarkSpec("aime2025", "math-ai/aime25", "test", _math_item("problem", "answer", "id"),
+                              n_problems=30),
+    "amc23": BenchmarkSpec("amc23", "math-ai/amc23", "test", _math_item("question", "answer", "id", _number_text),
+                           n_problems=40),
     "gpqa_diamond": BenchmarkSpec("gpqa_diamond", "Idavidrein/gpqa", "train", _gpqa_item, subset="gpqa_diamond",
-                                  kind="multiple_choice"),
+                                  kind="multiple_choice", n_problems=198),
 }
 
 
@@ -384,27 +390,24 @@ def benchmark_key(name: str) -> str:
 def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None = None, limit: int | None = None,
                    max_new_tokens: int | None = None) -> EvalSet:
     """The items a pair is evaluated on. ``benchmark=None``: the organism's held-out problems for the organism, the
-    first of ``pair.hub.benchmarks`` for a hub pair. ``path`` (else the pair's ``benchmark_files`` entry) reads a
+    first of ``pair.benchmarks`` for a hub pair. ``path`` (else the pair's ``benchmark_files`` entry) reads a
     local file instead of the hub. ``max_new_tokens=None``: the pair's budget."""
     budget = max_new_tokens or pair.max_new_tokens
     if benchmark is None:
-        if pair.organism:
-            benchmark = "organism"
-        elif pair.hub.benchmarks:
-            benchmark = pair.hub.benchmarks[0]
-        else:
+        if not pair.benchmarks:
             raise ValueError(f"pair {pair.name!r} lists no benchmarks; set its `benchmarks` or pass benchmark=")
+        benchmark = pair.benchmarks[0]
     key = benchmark_key(benchmark)
     if key == "organism":
-        if not pair.organism:
+        if not pair.kind.has_ground_truth:
             raise ValueError(f"benchmark 'organism' is the organism's own task; {pair.name!r} is a hub pair: pick "
-                             f"one of its benchmarks {list(pair.hub.benchmarks)}")
+                             f"one of its benchmarks {list(pair.benchmarks)}")
         return EvalSet(key, organism_items(pair.name, limit), budget, f"organism {pair.name} held-out problems")
-    if path is None and pair.hub is not None:
+    if path is None and not pair.kind.has_ground_truth:
         path = next((f for name, f in pair.hub.benchmark_files.items() if benchmark_key(name) == key), None)
     items = load_benchmark(key, path, limit)
     return EvalSet(key, items, budget, pair.portable(path) if path else BENCHMARKS[key].hub_id,
-                   prompt_format=pair.hub.prompt_format)
+                   prompt_format=pair.prompt_format)
 
 
 def check_organism_response(item: BenchItem, response: str) -> bool:
@@ -427,8 +430,13 @@ class SamplingConfig:
     """Nucleus sampling mass."""
     seed: int = 0
     """Seeds ``torch`` before each batch, so a rerun samples the same responses."""
+    n_samples: int = 1
+    """Responses sampled per problem (sample s seeded with ``seed + s``); accuracy is then pass@1, the mean over
+    samples, with a bootstrap interval over problems (``pass_at_1``)."""
 
     def __post_init__(self):
+        if self.n_samples < 1:
+            raise ValueError(f"SamplingConfig.n_samples must be >= 1, got {self.n_samples}")
         if not self.temperature > 0:
             raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -471,42 +479,74 @@ def count_hesitations(text: str, word: str = "wait") -> int:
     return len(re.findall(rf"(?<![A-Za-z]){re.escape(word.strip())}(?![A-Za-z])", text, flags=re.IGNORECASE))
 
 
-def score_responses(correct: list[bool], generation: Generation, hesitation: str = "wait") -> dict:
+def score_responses(correct: list[bool], generation: Generation, hesitation: str = "wait",
+                    max_new_tokens: int | None = None) -> dict:
     """Accuracy (Wilson 95% interval), mean response tokens and the share of responses saying ``hesitation``
-    (as a word, any case)."""
+    (as a word, any case); with ``max_new_tokens``, also the share of responses that ran into that budget (cut
+    before they finished: a truncated answer scores as wrong, and a truncated length understates the model's)."""
     n = len(correct)
     if n == 0:
         raise ValueError("no responses to score")
     successes = sum(bool(c) for c in correct)
-    return {
+    scores = {
         "accuracy": successes / n,
         "accuracy_ci": list(wilson_interval(successes, n)),
         "mean_response_tokens": sum(generation.response_tokens) / n,
         "wait_rate": sum(count_hesitations(r, hesitation) > 0 for r in generation.responses) / n,
         "n_correct": successes,
     }
+    if max_new_tokens is not None:
+        scores["hit_budget_share"] = sum(t >= max_new_tokens for t in generation.response_tokens) / n
+    return scores
+
+
+def pass_at_1(correct_by_sample: list[list[bool]], n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, list]:
+    """pass@1 from k samples per problem (``correct_by_sample[s][i]``: sample s of problem i): the mean over
+    samples and problems, with a 95% percentile interval from resampling problems (a problem's samples are not
+    independent draws of the benchmark, so a Wilson interval over n x k responses would be too narrow)."""
+    import numpy as np
+
+    per_problem = np.asarray(correct_by_sample, dtype=float).mean(0)
+    if per_problem.size == 0:
+        raise ValueError("no problems to score")
+    rng = np.random.default_rng(seed)
+    means = per_problem[rng.integers(0, per_problem.size, size=(n_bootstrap, per_problem.size))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(per_problem.mean()), [float(low), float(high)]
 
 
 def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
                    batch_size: int = 64, sampling: SamplingConfig | None = None, desc: str = "generate",
-                   prompts: list[str] | None = None,
-                   prompt_format: str | None = None) -> tuple[dict, Generation, list[bool]]:
-    """Generate for every item, check the answers, score. ``benchmark="organism"`` uses the organism's own prompts
-    and answer rule; other names are formatted with ``render_prompts`` and checked with ``check_response``."""
+                   prompts: list[str] | None = None, prompt_format: str | None = None,
+                   hesitation_word: str = "wait") -> tuple[dict, Generation, list[bool]]:
+    """Generate for every item (``sampling.n_samples`` times when sampled), check the answers, score (``wait_rate``
+    counts the pair's ``hesitation_word``; ``hit_budget_share`` the responses cut at ``max_new_tokens``). The
+    returned generation and correctness list hold every sample, sample after sample.
+    ``benchmark="organism"`` uses the organism's own prompts and answer rule; other names are formatted with
+    ``render_prompts`` and checked with ``check_response``."""
     kind = BENCHMARKS[benchmark].kind if benchmark in BENCHMARKS else "math"
     if prompts is None:
         prompts = benchmark_prompts(tokenizer, items, benchmark, prompt_format)
     if sampling is None:
-        generation = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, desc=desc)
+        generations = [generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, desc=desc)]
     else:
-        generation = generate_sampled(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      batch_size=batch_size, desc=desc)
+        generations = [generate_sampled(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        sampling=replace(sampling, seed=sampling.seed + s), batch_size=batch_size,
+                                        desc=desc if sampling.n_samples == 1 else f"{desc} sample {s + 1}")
+                       for s in range(sampling.n_samples)]
     if benchmark == "organism":
-        correct = [check_organism_response(i, r) for i, r in zip(items, generation.responses)]
+        by_sample = [[check_organism_response(i, r) for i, r in zip(items, g.responses)] for g in generations]
     else:
-        correct = [check_response(i, r, kind) for i, r in zip(items, generation.responses)]
-    return score_responses(correct, generation), generation, correct
+        by_sample = [[check_response(i, r, kind) for i, r in zip(items, g.responses)] for g in generations]
+    generation = Generation([p for g in generations for p in g.prompts], [r for g in generations for r in g.responses],
+                            [t for g in generations for t in g.response_tokens])
+    correct = [c for sample in by_sample for c in sample]
+    scores = score_responses(correct, generation, hesitation_word, max_new_tokens)
+    if len(by_sample) > 1:  # pass@1 over the samples, its interval over problems
+        scores["accuracy"], scores["accuracy_ci"] = pass_at_1(by_sample)
+        scores["n_samples"] = len(by_sample)
+    return scores, generation, correct
 
 
 def recovered_gain(accuracy: float, base_accuracy: float, target_accuracy: float) -> float | None:
@@ -587,7 +627,8 @@ def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: 
         model = load_named(pair, name)
         results[name], generations[name], _ = evaluate_items(
             model, tokenizer, items, benchmark=benchmark, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            sampling=sampling, desc=name, prompt_format=pair.hub.prompt_format if pair.hub else None)
+            sampling=sampling, desc=name, prompt_format=pair.prompt_format,
+            hesitation_word=pair.hesitation_word)
         del model
     if "base" in results and "target" in results:
         recovered_gains(results)
@@ -654,43 +695,3 @@ def benchmark_checks(models: dict[str, dict], train_results: dict) -> dict:
         checks["hybrid_recovers_far_less"] = (gain is not None and hybrid_gain is not None
                                               and hybrid_gain < 0.5 * gain)
     return checks
-
-
-def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, train_results: dict | None = None,
-                     decoding: str = "greedy decoding"):
-    """Fig. 4 style: accuracy (Wilson 95% interval) and mean response length per model, side by side, with the
-    base and target levels drawn across both panels; ``decoding`` (how the responses were generated) is in the
-    title."""
-    import matplotlib.pyplot as plt
-
-    from .plots import MODEL_COLORS, model_kind
-
-    names = list(models)
-    colors = [MODEL_COLORS.get(model_kind(n, train_results), "grey") for n in names]
-    labels = [n.replace("adapter_l1_", "adapter\nl1=") for n in names]
-    fig, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(names)), 4.5))
-    accuracy = [100 * models[n]["accuracy"] for n in names]
-    errors = [[max(0.0, 100 * (models[n]["accuracy"] - models[n]["accuracy_ci"][0])) for n in names],
-              [max(0.0, 100 * (models[n]["accuracy_ci"][1] - models[n]["accuracy"])) for n in names]]
-    accuracy_axis.bar(labels, accuracy, yerr=errors, capsize=3, color=colors)
-    length_axis.bar(labels, [models[n]["mean_response_tokens"] for n in names], color=colors)
-    for reference, style in (("target", "--"), ("base", ":")):
-        if reference in models:
-            accuracy_axis.axhline(100 * models[reference]["accuracy"], color=MODEL_COLORS[reference],
-                                  linestyle=style, label=f"{reference} accuracy")
-            length_axis.axhline(models[reference]["mean_response_tokens"], color=MODEL_COLORS[reference],
-                                linestyle=style, label=f"{reference} length")
-    for x, n in enumerate(names):
-        gain = models[n].get("recovered_gain")
-        if gain is not None and n not in ("base", "target"):
-            accuracy_axis.annotate(f"{100 * gain:.0f}%", (x, accuracy[x]), textcoords="offset points",
-                                   xytext=(0, 12), ha="center", fontsize=7)
-    accuracy_axis.set(ylabel="accuracy (%)", ylim=(0, 105),
-                      title="Accuracy (95% Wilson interval; label: recovered gain)")
-    length_axis.set(ylabel="mean response length (tokens)", title="Response length")
-    for axis in (accuracy_axis, length_axis):
-        axis.tick_params(axis="x", labelsize=7, rotation=30)
-        axis.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, {decoding}")
-    fig.tight_layout()
-    return fig

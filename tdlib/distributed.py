@@ -126,22 +126,41 @@ def init_from_env() -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def run_config(pair, l1_weight: float | None = None, world_size: int = 1, steps: int | None = None,
+               batch_size: int | None = None, kl_chunk_tokens: int | None = None,
+               gradient_checkpointing: bool | None = None) -> TrainConfig:
+    """The ``TrainConfig`` of one data-parallel adapter run: notebook 01's run at ``l1_weight`` for this pair
+    (``tdlib.sweep.default_plan``; None: its first), with ``batch_size`` global (default: ``world_size`` x the
+    pair's) and each given option in place of the pair's default."""
+    from dataclasses import replace
+
+    from .sweep import adapter_run_name, default_plan
+
+    plan = default_plan(pair)
+    l1_weight = plan.l1_weights[0] if l1_weight is None else l1_weight
+    wanted = adapter_run_name(l1_weight)
+    spec = next((spec for spec in plan.specs if spec.name == wanted), None)
+    config = spec.config if spec else replace(plan.specs[0].config, l1_weight=l1_weight)
+    chosen = {"steps": steps, "batch_size": batch_size or world_size * config.batch_size,
+              "kl_chunk_tokens": kl_chunk_tokens, "gradient_checkpointing": gradient_checkpointing}
+    return replace(config, **{k: v for k, v in chosen.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train one adapter run of a pair data-parallel; rank 0 saves it where ``tdlib.sweep`` finds it."""
     import dataclasses
-    import json
     import time
 
     from .adapter import AdapterSet
     from .models import load_tokenizer
-    from .pairs import data_for, resolve_pair, training_defaults
-    from .results import atomic_write_text
+    from .pairs import data_for, resolve_pair
     from .splice import attach_adapters
-    from .sweep import RUN_FILE, adapter_run_name, run_dir, spliced_target
+    from .sweep import adapter_run_name, run_dir, spliced_target, write_run_info
 
     parser = argparse.ArgumentParser(description="data-parallel adapter training (launch with torchrun)")
     parser.add_argument("--config", default="organism", help="pair configuration (tdlib.pairs)")
-    parser.add_argument("--l1-weight", type=float, default=1e-3)
+    parser.add_argument("--l1-weight", type=float, default=None, help="default: the first of the pair's "
+                        "sweep; a value of the sweep trains notebook 01's run of that name, any other a new run")
     parser.add_argument("--steps", type=int, default=None, help="default: the pair's training default")
     parser.add_argument("--batch-size", type=int, default=None, help="GLOBAL sequences per step (default: W x the "
                         "pair's per-process default)")
@@ -157,17 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     pair = resolve_pair(args.config, build=rank == 0)
     dist.barrier()
     pair = dataclasses.replace(resolve_pair(args.config), device=device)
-    defaults = training_defaults(pair)
-    values = {"kind": "adapter", "n_features": defaults["n_features"], "lr": defaults["lr"],
-              "l1_weight": args.l1_weight, "batch_size": args.batch_size or world * defaults["batch_size"]}
-    if args.steps or "steps" in defaults:
-        values["steps"] = args.steps or defaults["steps"]
-    chosen = {"kl_chunk_tokens": args.kl_chunk_tokens, "gradient_checkpointing":
-              None if args.gradient_checkpointing is None else bool(args.gradient_checkpointing)}
-    for name, value in chosen.items():
-        if value is not None or name in defaults:
-            values[name] = defaults[name] if value is None else value
-    config = TrainConfig(**values)
+    config = run_config(pair, args.l1_weight, world, steps=args.steps, batch_size=args.batch_size,
+                        kl_chunk_tokens=args.kl_chunk_tokens, gradient_checkpointing=None
+                        if args.gradient_checkpointing is None else bool(args.gradient_checkpointing))
     model = spliced_target(pair)
     adapters = AdapterSet.for_model(model, config.n_features, seed=config.seed,
                                     meta={"run": adapter_run_name(config.l1_weight), "train_config": asdict(config)})
@@ -183,10 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     result = train_data_parallel(model, data, config, directory)
     if rank == 0:
         adapters.save(directory / "adapters")
-        atomic_write_text(directory / RUN_FILE, json.dumps({
-            "name": name, "kind": config.kind, "pair": pair.name, "train_config": asdict(config),
-            "train_seconds": round(time.time() - started, 1), "world_size": world,
-            "tokens_since_fired": {str(k): v.tolist() for k, v in result.tokens_since_fired.items()}}))
+        write_run_info(directory, pair, name, config, result, time.time() - started, world_size=world)
     dist.barrier()
     dist.destroy_process_group()
 

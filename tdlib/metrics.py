@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import find_layers
-from .residual import capture_features, capture_residuals
+from .residual import capture_features, capture_mlp_inputs, capture_residuals
 from .splice import mlp_choice, mlp_difference, spliced_mlps
 
 
@@ -204,13 +204,6 @@ def dead_fraction_train(tokens_since_fired: Mapping, dead_after_tokens: int, tra
 
 # -------------------------------------------------------------------------------------- held-out evaluation
 
-def _capture_mlp_inputs(mlps) -> tuple[dict, list]:
-    inputs: dict[int, torch.Tensor] = {}
-    handles = [mlp.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-               for i, mlp in enumerate(mlps)]
-    return inputs, handles
-
-
 @torch.no_grad()
 def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") -> dict:
     """Held-out metrics of the spliced ``model`` run with MLP ``choice`` against the same model run as the target.
@@ -242,21 +235,12 @@ def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") ->
             fired_half = {layer: f.clone() for layer, f in fired.items()}
         ids, mask = batch["input_ids"], batch["attention_mask"]
         real, scored = mask.bool(), next_token_mask(mask)
-        target_inputs, handles = _capture_mlp_inputs(mlps)
-        try:
-            with mlp_choice(model, "target"), capture_residuals(model) as target_residuals:
-                target_logits = model(input_ids=ids, attention_mask=mask).logits
-        finally:
-            for handle in handles:
-                handle.remove()
-        inputs, handles = _capture_mlp_inputs(mlps)
-        try:
-            with mlp_choice(model, choice), capture_residuals(model) as residuals, \
-                    capture_features(model) as features:
-                logits = model(input_ids=ids, attention_mask=mask).logits
-        finally:
-            for handle in handles:
-                handle.remove()
+        with mlp_choice(model, "target"), capture_residuals(model) as target_residuals, \
+                capture_mlp_inputs(model) as target_inputs:
+            target_logits = model(input_ids=ids, attention_mask=mask).logits
+        with mlp_choice(model, choice), capture_residuals(model) as residuals, capture_features(model) as features, \
+                capture_mlp_inputs(model) as inputs:
+            logits = model(input_ids=ids, attention_mask=mask).logits
         kl_sum += float((token_kl(target_logits, logits) * scored).sum())
         top1_sum += float((token_top1_disagreement(target_logits, logits) * scored).sum())
         n_scored += int(scored.sum())

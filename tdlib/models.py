@@ -54,6 +54,23 @@ def find_layers(model) -> nn.ModuleList:
     return _get_path(unwrap(model), layers_path(model))
 
 
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
+"""Attribute names of a decoder block's attention module (Llama/Qwen/Gemma/Mistral, GPT-2, GPT-NeoX)."""
+
+
+def attention_name(block: nn.Module) -> str | None:
+    """The attribute name of ``block``'s attention module, or None when the block has none of ``ATTENTION_NAMES``."""
+    return next((name for name in ATTENTION_NAMES if isinstance(getattr(block, name, None), nn.Module)), None)
+
+
+def attention_of(block: nn.Module) -> nn.Module:
+    """``block``'s attention module; a clear error when it has none of ``ATTENTION_NAMES``."""
+    name = attention_name(block)
+    if name is None:
+        raise ValueError(f"cannot find the attention of {type(block).__name__} (looked for {ATTENTION_NAMES})")
+    return getattr(block, name)
+
+
 def mlp_name(model) -> str:
     """Attribute name of the MLP inside a decoder block (``"mlp"`` for Qwen2, Llama, Gemma, GPT-2, NeoX)."""
     block = find_layers(model)[0]

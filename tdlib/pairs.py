@@ -36,7 +36,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 @dataclass(frozen=True)
 class TrainingDefaults:
-    """Per-pair defaults for ``tdlib.train.TrainConfig`` and the data loader (the paper's 7B values by default)."""
+    """How a pair's adapters are trained: the one place notebook 01's sweep (``tdlib.sweep.default_plan``), the
+    data-parallel trainer (``tdlib.distributed``) and the data loader (``data_for``) read. The paper's 7B values by
+    default; every pair carries one (``Pair.training``: ``ORGANISM_TRAINING`` for the organism, a pair file's
+    ``training`` for a hub pair)."""
 
     n_features: int = 8192
     """Adapter features per layer (the paper: 8192 at d_model 3584)."""
@@ -44,8 +47,8 @@ class TrainingDefaults:
     """Peak learning rate (the paper: 8e-4)."""
     batch_size: int = 1
     """Sequences per step (the paper: 1)."""
-    max_tokens: int = 10_000
-    """Longest training sequence in tokens (the paper: up to 10k)."""
+    max_tokens: int | None = 10_000
+    """Longest training sequence in tokens (the paper: up to 10k); None: no cap (the organism's traces are short)."""
     steps: int = 50_000
     """Optimiser steps: one epoch of the paper's ~50k traces at batch 1."""
     warmup: float = 0.05
@@ -60,15 +63,37 @@ class TrainingDefaults:
     checkpoint_every: int = 200
     """Steps between resumable checkpoints (``TrainConfig.checkpoint_every``); a short CPU run sets fewer so an
     interrupted run loses minutes, not the run. Does not change the trained weights."""
+    dead_after_tokens: int = 10_000_000
+    """A feature counts as dead after this many training tokens without firing (``TrainConfig.dead_after_tokens``;
+    the paper's 10M). Changes only the report."""
+    n_validation_batches: int = 8
+    """Held-out batches (of ``batch_size`` sequences) for notebook 01's final metrics (``SweepPlan``)."""
 
     def __post_init__(self):
-        for name in ("n_features", "batch_size", "max_tokens", "steps", "checkpoint_every"):
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"TrainingDefaults.max_tokens must be None or >= 1, got {self.max_tokens}")
+        for name in ("n_features", "batch_size", "steps", "checkpoint_every", "dead_after_tokens",
+                     "n_validation_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainingDefaults.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise ValueError(f"TrainingDefaults.lr must be in (0, 1), got {self.lr}")
         if not self.l1_weights or any(w < 0 for w in self.l1_weights):
             raise ValueError(f"TrainingDefaults.l1_weights must be non-empty and >= 0, got {self.l1_weights}")
+
+    @classmethod
+    def for_cpu(cls, d_model: int, **overrides) -> "TrainingDefaults":
+        """Training sized for two CPU cores, from the SmolLM2-135M plan that ran end to end there (docs/real_models.md,
+        "SmolLM2": 256 features at d_model 576, 100 steps of 4 traces cut at 256 tokens, L1 0.3 / 0.1 / 0.03, a
+        checkpoint every 20 steps, no memory-saving recomputation): the feature count scales with the width (the
+        power of two nearest d_model / 2, 64-1024); ``overrides`` win."""
+        import math
+
+        n_features = min(1024, max(64, 2 ** round(math.log2(max(d_model, 2) / 2))))
+        values = {"n_features": n_features, "lr": 8e-4, "batch_size": 4, "max_tokens": 256, "steps": 100,
+                  "l1_weights": (0.3, 0.1, 0.03), "gradient_checkpointing": False, "kl_chunk_tokens": None,
+                  "checkpoint_every": 20}
+        return cls(**{**values, **overrides})
 
     def train_config(self, **overrides):
         """A ``tdlib.train.TrainConfig`` with these defaults (``overrides`` win)."""
@@ -77,7 +102,7 @@ class TrainingDefaults:
         values = {"n_features": self.n_features, "lr": self.lr, "batch_size": self.batch_size,
                   "steps": self.steps, "warmup": self.warmup, "l1_weight": self.l1_weights[0],
                   "gradient_checkpointing": self.gradient_checkpointing, "kl_chunk_tokens": self.kl_chunk_tokens,
-                  "checkpoint_every": self.checkpoint_every}
+                  "checkpoint_every": self.checkpoint_every, "dead_after_tokens": self.dead_after_tokens}
         return TrainConfig(**{**values, **overrides})
 
 
@@ -235,7 +260,15 @@ BENCHMARKS = {
 id, split and schema of each benchmark live."""
 
 OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"
-PAPER_BENCHMARKS = ("MATH-500", "AIME 2024", "GSM8K")
+PAPER_BENCHMARKS = ("MATH-500", "AMC23", "GPQA Diamond", "AIME 2025")
+"""The paper's figure 4 benchmarks, in its order (notebook 03 runs the first unless told ``benchmark=``)."""
+PAPER_BUDGET = 32_768
+"""New tokens per response for the paper's pairs: the budget R1-Distill models are evaluated with (DeepSeek-R1's
+report: 32,768); the paper's adapter model writes ~7,800 tokens on average, so a 4k cap would cut most responses."""
+PAPER_DECODING = {"03": {"sampled": True, "temperature": 0.6, "top_p": 0.95, "n_samples": 4}}
+"""Notebook 03 on the paper's pairs: sampled as R1-Distill models are evaluated (temperature 0.6, top-p 0.95),
+pass@1 over 4 samples per problem (AIME and AMC have 30-40 problems: one greedy pass leaves intervals of about
++-15 points)."""
 
 HUB_PAIRS: dict[str, HubPairConfig] = {}
 
@@ -261,12 +294,12 @@ def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig
 
 register_pair(HubPairConfig(
     "paper-7b", base="Qwen/Qwen2.5-Math-7B", target="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
-    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS,
+    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS, max_new_tokens=PAPER_BUDGET, notebooks=PAPER_DECODING,
     training=TrainingDefaults(n_features=8192),
     notes="arXiv 2602.20904: 8192 features x 28 layers, lr 8e-4, batch 1 x up to 10k tokens, ~50k traces"))
 register_pair(HubPairConfig(
     "paper-1.5b", base="Qwen/Qwen2.5-Math-1.5B", target="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
-    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS,
+    train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS, max_new_tokens=PAPER_BUDGET, notebooks=PAPER_DECODING,
     training=TrainingDefaults(n_features=4096),
     notes="the 7B recipe; features scaled with the width (1536 vs 3584) and rounded up to a power of two"))
 
@@ -279,6 +312,22 @@ def parse_hub_config(config: str) -> HubPairConfig:
                          "'hub:Qwen/Qwen2.5-Math-1.5B->deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B'")
     base, target = (part.strip() for part in body.split("->"))
     return HubPairConfig(config, base=base, target=target, train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS)
+
+
+CPU_NOTEBOOKS = {
+    "*": {"n_problems": 50, "batch_size": 25},
+    "01": {"baselines": False},
+    "02": {"n_rollouts": 12, "batch_size": 12, "cache_target": True, "subset_plan": "paper", "subset_ks": [2, 8],
+           "n_bootstrap": 200},
+    "03": {"include_local_mse": False},
+    "04": {"n_batches": 4, "batch_size": 16, "units_per_layer": 8, "min_fires": 5, "top_k": 10, "n_uniform": 5},
+    "05": {"n_prompts": 12, "search_problems": 40, "max_feature_nodes": 512, "n_linearity_nodes": 10,
+           "batch_size": 64},
+    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16},
+}
+"""Every notebook's work sized for two CPU cores: the plan that ran end to end for SmolLM2-135M in about an hour
+(docs/real_models.md, "SmolLM2"). A CPU pair file starts from it; its own ``notebooks`` block wins per
+parameter."""
 
 
 def load_pair_file(path: str | Path) -> HubPairConfig:
@@ -316,7 +365,31 @@ def load_pair_file(path: str | Path) -> HubPairConfig:
             values[role] = local(values[role])
     values["benchmark_files"] = {k: local(v) for k, v in values.get("benchmark_files", {}).items()}
     values.setdefault("name", path.stem)
-    return HubPairConfig(**values, training=TrainingDefaults(**training), origin=str(path.parent.resolve()))
+    if values.get("device") == "cpu":  # a CPU pair: CPU-sized work and float32 unless the file says otherwise
+        values.setdefault("dtype", "float32")
+        own = values.get("notebooks", {})
+        if isinstance(own, dict):
+            values["notebooks"] = {scope: {**CPU_NOTEBOOKS.get(scope, {}), **own.get(scope, {})}
+                                   for scope in {**CPU_NOTEBOOKS, **own}}
+        defaults = TrainingDefaults.for_cpu(model_shape(values.get("target", "")).get("hidden_size", 576), **training)
+    else:
+        defaults = TrainingDefaults(**training)
+    return HubPairConfig(**values, training=defaults, origin=str(path.parent.resolve()))
+
+
+def model_shape(model: str) -> dict:
+    """``hidden_size``, ``num_hidden_layers``, ``intermediate_size`` and ``vocab_size`` of a local model folder (its
+    config.json; Gemma 3's nested ``text_config`` too); {} for a hub id or an unreadable folder (nothing is
+    downloaded)."""
+    import json
+
+    path = Path(model) / "config.json" if model else None
+    if path is None or not path.exists():
+        return {}
+    config = json.loads(path.read_text())
+    config = {**config.get("text_config", {}), **{k: v for k, v in config.items() if k != "text_config"}}
+    return {k: config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+            if isinstance(config.get(k), int)}
 
 
 def is_pair_file(config: str) -> bool:
@@ -348,6 +421,27 @@ def known_configurations() -> list[str]:
 
 
 @dataclass(frozen=True)
+class PairKind:
+    """What kind of pair a configuration names, and so what the pipeline can do with it; asked as
+    ``pair.kind.<capability>`` (the kinds: ``ORGANISM``, ``BUILT``, ``HUB``)."""
+
+    name: str
+    has_ground_truth: bool
+    """The built-in organism: its task, answer key and planted mechanisms, and its own prompts, traces and
+    benchmark (no data files; ``Pair.hub`` is None)."""
+    built_here: bool
+    """Built by this project on a CPU from a recipe and cached under ``artifacts/`` (the organism, smollm2); its key
+    is the build's hash, so a rebuilt pair never reuses stale runs."""
+
+
+ORGANISM = PairKind("organism", has_ground_truth=True, built_here=True)
+BUILT = PairKind("built", has_ground_truth=False, built_here=True)
+"""A real pretrained pair the project builds (``BUILT_PAIRS``: smollm2); its data and benchmarks are files."""
+HUB = PairKind("hub", has_ground_truth=False, built_here=False)
+"""A pair named by hub ids, local folders or a pair file."""
+
+
+@dataclass(frozen=True)
 class Pair:
     """Where a (base, target) pair lives and how to load it."""
 
@@ -363,19 +457,39 @@ class Pair:
     """Weights dtype to load in."""
     device: str = "cpu"
     """Device to load on."""
-    organism: bool = True
-    """True for the built-in organism (its task, problems and traces are available)."""
+    kind: PairKind = ORGANISM
+    """What kind of pair this is (``PairKind``): what it has and what can be done with it."""
     hub: HubPairConfig | None = None
-    """The hub pair's data, benchmarks and training defaults (None for the organism)."""
+    """The pair's data files, benchmarks and settings (None for the organism)."""
     max_new_tokens: int = 200
     """Generation budget per response."""
     hesitation_word: str = " wait"
     """The single-token hesitation word (notebooks 05 and 06)."""
+    training: TrainingDefaults | None = None
+    """How this pair's adapters are trained; None: the hub config's ``training``, or the organism's table."""
+
+    def __post_init__(self):
+        if self.kind.has_ground_truth != (self.hub is None):
+            raise ValueError(f"Pair {self.name!r}: a {self.kind.name} pair needs "
+                             + ("no HubPairConfig" if self.kind.has_ground_truth else "its HubPairConfig (hub=...)"))
+        if self.training is None:
+            object.__setattr__(self, "training", ORGANISM_TRAINING["organism"] if self.hub is None
+                               else self.hub.training)
+
+    @property
+    def benchmarks(self) -> tuple[str, ...]:
+        """What the pair is evaluated on: ("organism",) for the organism, else its config's benchmark names."""
+        return ("organism",) if self.hub is None else tuple(self.hub.benchmarks)
+
+    @property
+    def prompt_format(self) -> str | None:
+        """How its prompts become text (``HubPairConfig.prompt_format``); None for the organism's own prompts."""
+        return None if self.hub is None else self.hub.prompt_format
 
     def portable(self, value: str | Path | None) -> str | None:
         """How results files name a model folder or data file of this pair (``portable_path``): relative to the
         pair file for a pair file's paths, never an absolute path of this machine."""
-        return portable_path(value, self.hub.origin if self.hub is not None else None)
+        return portable_path(value, None if self.hub is None else self.hub.origin)
 
     def artifacts(self, stage: str) -> Path:
         """``artifacts/<stage>/<key>/``: the folder a pipeline stage writes for this pair (git-ignored)."""
@@ -413,29 +527,31 @@ def resolve_pair(config: str, build: bool = True) -> Pair:
     if config in CONFIGS:
         organism = get_config(config)
         paths = build_pair(organism) if build else OrganismPaths(DEFAULT_CACHE / f"{organism.name}-{organism.key}")
+        training = ORGANISM_TRAINING.get(config, ORGANISM_TRAINING["organism"])
         return Pair(organism.name, str(paths.base), str(paths.target), key=f"{organism.name}-{organism.key}",
-                    max_new_tokens=organism.max_new_tokens)
+                    max_new_tokens=organism.max_new_tokens, training=training)
     hub = pair_config(config)
     key = Path(hub.base).parent.name if config in BUILT_PAIRS else hub.key
-    return Pair(hub.name, hub.base, hub.target, key=key, dtype=hub.dtype, device=hub.device, organism=False,
+    kind = BUILT if config in BUILT_PAIRS else HUB
+    return Pair(hub.name, hub.base, hub.target, key=key, dtype=hub.dtype, device=hub.device, kind=kind,
                 hub=hub, max_new_tokens=hub.max_new_tokens, hesitation_word=hub.hesitation_word)
 
 
 # ----------------------------------------------------------------------------------------- training & data
 
-ORGANISM_TRAINING = {"n_features": 512, "lr": 8e-4, "batch_size": 8, "max_tokens": None}
-
-
-def training_defaults(pair: Pair) -> dict:
-    """Training defaults for a pair: ``n_features``, ``lr``, ``batch_size``, ``max_tokens`` (None: the organism's
-    traces are short), plus ``steps``, ``warmup``, ``l1_weights`` and the memory settings for hub pairs."""
-    if pair.hub is None:
-        return dict(ORGANISM_TRAINING)
-    training = pair.hub.training
-    return {"n_features": training.n_features, "lr": training.lr, "batch_size": training.batch_size,
-            "max_tokens": training.max_tokens, "steps": training.steps, "warmup": training.warmup,
-            "l1_weights": list(training.l1_weights), "gradient_checkpointing": training.gradient_checkpointing,
-            "kl_chunk_tokens": training.kl_chunk_tokens, "checkpoint_every": training.checkpoint_every}
+# The organism's training, per organism config. On the organism (hybrid KL ~1.1 nats/token) 250-step trials at lr
+# 3e-3 gave held-out L0 0.25 / 3.4 / 8.1 / 19.6 / 37 at l1 1.0 / 0.3 / 0.1 / 0.03 / 0.01; this sweep spans L0 ~0.2
+# to ~20 with points inside the paper's range (1-10). Its L1 weights are ~30x the paper's: the organism's features
+# are few and its activations small, so the same weight buys much less sparsity. A CPU organism run sees well under
+# a million tokens, hence the short dead-feature window. Smoke only exercises every code path in seconds.
+ORGANISM_TRAINING = {
+    "organism": TrainingDefaults(n_features=512, lr=3e-3, batch_size=16, max_tokens=None, steps=1000,
+                                 l1_weights=(1.0, 0.5, 0.3, 0.1, 0.03), gradient_checkpointing=False,
+                                 kl_chunk_tokens=None, dead_after_tokens=100_000),
+    "smoke": TrainingDefaults(n_features=64, lr=8e-4, batch_size=8, max_tokens=None, steps=20,
+                              l1_weights=(1e-2, 1e-3), gradient_checkpointing=False, kl_chunk_tokens=None,
+                              dead_after_tokens=2_000, n_validation_batches=2),
+}
 
 
 def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None = None, seed: int = 0):
@@ -445,12 +561,11 @@ def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None
 
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    defaults = training_defaults(pair)
-    batch_size = batch_size or defaults["batch_size"]
-    if pair.hub is None:
+    batch_size = batch_size or pair.training.batch_size
+    if pair.kind.has_ground_truth:
         return OrganismTraces(tokenizer, config=pair.name, batch_size=batch_size, seed=seed, split=split)
     path = trace_file(pair.hub, split)
-    return ReasoningTraces(path, tokenizer, batch_size=batch_size, max_tokens=defaults["max_tokens"], seed=seed,
+    return ReasoningTraces(path, tokenizer, batch_size=batch_size, max_tokens=pair.training.max_tokens, seed=seed,
                            prompt_format=pair.hub.prompt_format)
 
 
@@ -458,7 +573,7 @@ def reference_responses(pair: Pair, tokenizer, limit: int | None = None) -> list
     """Held-out (prompt, response) texts of the reasoning the target imitates: the organism's reference traces
     for its evaluation problems, or a hub pair's validation traces (the chat-templated conversation up to the
     last assistant turn, and that turn's text)."""
-    if pair.hub is None:
+    if pair.kind.has_ground_truth:
         from .organism import task
         from .organism.build import eval_problems, get_config
 

@@ -237,6 +237,36 @@ def pair_notebook_block(config: str, smoke: bool = False) -> dict:
     return dict(hub.notebooks)
 
 
+def plan_lines(config: str, smoke: bool = False) -> list[str]:
+    """The training plan of ``config`` (``tdlib.sweep.describe_plan``), without building anything it lacks."""
+    from .pairs import resolve_pair
+    from .sweep import default_plan, describe_plan
+
+    pair = resolve_pair("smoke" if smoke else config, build=False)
+    plan = default_plan(pair)
+    return describe_plan(pair, plan) + evaluation_plan(pair, len(plan.run_names) + 3)
+
+
+def evaluation_plan(pair, n_models: int) -> list[str]:
+    """Notebook 03's benchmarks, decoding and budget for ``pair``, with the most tokens it could generate."""
+    from .bench import BENCHMARKS, benchmark_key
+
+    decoding = {**pair.hub.notebooks.get("*", {}), **pair.hub.notebooks.get("03", {})} if pair.hub else {}
+    samples = decoding.get("n_samples", 1) if decoding.get("sampled") else 1
+    how = (f"sampled (T={decoding.get('temperature', 0.6)}, top-p {decoding.get('top_p', 0.95)}), pass@1 over "
+           f"{samples} samples" if decoding.get("sampled") else "greedy")
+    lines = [f"benchmarks: {', '.join(pair.benchmarks)} (notebook 03 runs the first unless given benchmark=); "
+             f"{how}; up to {pair.max_new_tokens:,} new tokens per response; {n_models} models"]
+    for name in pair.benchmarks:
+        spec = BENCHMARKS.get(benchmark_key(name))
+        if spec is not None and spec.n_problems:
+            problems = decoding.get("n_problems") or spec.n_problems
+            most = problems * samples * n_models * pair.max_new_tokens
+            lines.append(f"  {name}: {problems} problems x {samples} samples x {n_models} models: at most "
+                         f"{most / 1e6:,.0f}M generated tokens")
+    return lines
+
+
 def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] | None = None,
                  run_dir: Path | None = None, output_dir: Path | None = None,
                  params: dict[str, dict] | None = None) -> Path:
@@ -256,6 +286,10 @@ def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] 
     run_dir = run_dir or REPO_ROOT / "runs" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = run_parameters(config, smoke, run_dir, output_dir)
+    for line in plan_lines(config, smoke):
+        print(f"[pipeline] {line}", flush=True)
+    if overrides.get("01_train"):
+        print(f"[pipeline] notebook 01 runs with {overrides['01_train']} in place of those defaults", flush=True)
     for notebook in notebooks:
         executed = run_dir / notebook.name
         started = time.time()
@@ -282,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="folder for results/ and figures/ (default: the committed ones for the organism and "
                              "smollm2, runs/<config>/ for any other pair)")
+    parser.add_argument("--plan", action="store_true", help="print what notebook 01 would train and exit")
     parser.add_argument("--params", nargs="*", default=[],
                         help="notebook parameters, name=value (every notebook that has it) or NN.name=value (one "
                              "notebook); values are Python/JSON literals or true/false/none; they win over the "
@@ -292,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         params = parse_params(args.params)
     except ValueError as error:
         parser.error(str(error))
+    if args.plan:
+        print("\n".join(plan_lines(args.config, bool(args.smoke))))
+        return
     try:
         run_dir = run_pipeline(args.config, bool(args.smoke), args.only, output_dir=output_dir, params=params)
     except ValueError as error:  # a pair file or parameter refused before any notebook ran

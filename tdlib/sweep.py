@@ -148,14 +148,20 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
         state = {f"{i}.{name}": p.detach().cpu().contiguous()
                  for i, mlp in enumerate(spliced_mlps(model)) for name, p in mlp.base_mlp.state_dict().items()}
         save_file(state, directory / BASE_MLPS_FILE)
-    since_fired = {str(k): v.tolist() for k, v in result.tokens_since_fired.items()}
-    atomic_write_text(directory / RUN_FILE, json.dumps({
-        "name": spec.name, "kind": spec.config.kind, "pair": pair.name, "train_config": asdict(spec.config),
-        "train_seconds": round(time.time() - started, 1), "tokens_since_fired": since_fired}))
+    write_run_info(directory, pair, spec.name, spec.config, result, time.time() - started)
     # finished: later notebooks need the weights and run.json, not the optimiser state (2x the weights, in fp32)
     (directory / "checkpoint.pt").unlink(missing_ok=True)
     set_mlp_choice(model, spec.config.replacement)
     return model, result
+
+
+def write_run_info(directory: Path, pair: Pair, name: str, config: TrainConfig, result: TrainResult,
+                   seconds: float, **extra) -> None:
+    """Write a finished run's ``run.json`` (what ``read_run`` and ``load_named`` read), atomically."""
+    since_fired = {str(k): v.tolist() for k, v in result.tokens_since_fired.items()}
+    atomic_write_text(directory / RUN_FILE, json.dumps({
+        "name": name, "kind": config.kind, "pair": pair.name, "train_config": asdict(config),
+        "train_seconds": round(seconds, 1), "tokens_since_fired": since_fired, **extra}))
 
 
 def _stale_checkpoint(directory: Path, config: TrainConfig) -> bool:
@@ -306,30 +312,42 @@ class SweepPlan:
         return self.calibration_steps or max(1, self.base.steps // 5)
 
 
-# Per-configuration defaults. On the organism (hybrid KL ~1.1 nats/token) 250-step trials at lr 3e-3 gave held-out
-# L0 0.25 / 3.4 / 8.1 / 19.6 / 37 at l1 1.0 / 0.3 / 0.1 / 0.03 / 0.01; this sweep spans L0 ~0.2 to ~20 with points
-# inside the paper's range (1-10). Its L1 weights are ~30x the paper's: the organism's features are few and its
-# activations small, so the same weight buys much less sparsity. Smoke only exercises every code path in seconds.
-DEFAULT_PLANS = {
-    "organism": SweepPlan(l1_weights=(1.0, 0.5, 0.3, 0.1, 0.03),
-                          base=TrainConfig(n_features=512, steps=1000, batch_size=16, lr=3e-3,
-                                           dead_after_tokens=100_000)),
-    "smoke": SweepPlan(l1_weights=(1e-2, 1e-3), base=TrainConfig(n_features=64, steps=20, batch_size=8,
-                                                                 dead_after_tokens=2_000),
-                       n_validation_batches=2),
-}
-
-
-def default_plan(pair: Pair, n_validation_batches: int = 8) -> SweepPlan:
-    """The organism's measured plan (``DEFAULT_PLANS``), or for a hub pair one built from its training defaults
-    (``tdlib.pairs.TrainingDefaults``: the paper's L1 sweep and optimiser unless the pair file says otherwise)."""
-    if pair.name in DEFAULT_PLANS:
-        return DEFAULT_PLANS[pair.name]
-    if pair.hub is None:
-        raise ValueError(f"no default sweep for {pair.name!r}; pass a SweepPlan (known: {sorted(DEFAULT_PLANS)})")
-    training = pair.hub.training
+def default_plan(pair: Pair, n_validation_batches: int | None = None) -> SweepPlan:
+    """The sweep notebook 01 trains for ``pair``, from its training defaults (``pair.training``: the organism's
+    measured table ``tdlib.pairs.ORGANISM_TRAINING``, or a hub pair's, the paper's unless its pair file says
+    otherwise)."""
+    training = pair.training
     return SweepPlan(l1_weights=tuple(training.l1_weights), base=training.train_config(),
-                     n_validation_batches=n_validation_batches)
+                     n_validation_batches=n_validation_batches or training.n_validation_batches)
+
+
+CPU_SECONDS_PER_TOKEN_PARAMETER = 6.5 / (460 * 134.5e6)
+"""Adapter training cost on two CPU cores, measured on SmolLM2-135M (134.5M parameters): 6.5 s per step of 4
+traces, ~460 tokens (docs/real_models.md, "SmolLM2"). Scaled by tokens x parameters it gives a rough estimate for
+another CPU pair of that size class; overheads dominate far below it."""
+
+
+def describe_plan(pair: Pair, plan: SweepPlan) -> list[str]:
+    """What notebook 01 will train, as printed when a run starts (``python -m tdlib.pipeline --plan``)."""
+    from .pairs import model_shape
+
+    training, base = pair.training, plan.base
+    runs = plan.run_names
+    cap = training.max_tokens
+    tokens = base.steps * base.batch_size * cap if cap else None
+    lines = [f"pair {pair.name} ({pair.kind.name}): {pair.target} on {pair.device}, {pair.dtype}",
+             f"training: {len(runs)} runs ({', '.join(runs)}), {base.n_features} features per layer, "
+             f"{base.steps:,} steps x {base.batch_size} sequences"
+             + (f" of up to {cap:,} tokens ({tokens:,} tokens per run at most)" if cap else "")
+             + f", lr {base.lr:g}, L1 weights {', '.join(f'{w:g}' for w in plan.l1_weights)}"]
+    shape = model_shape(pair.target) if pair.hub is not None else {}
+    if pair.device == "cpu" and tokens and {"hidden_size", "num_hidden_layers", "vocab_size"} <= set(shape):
+        d, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
+        parameters = layers * (4 * d * d + 3 * d * shape.get("intermediate_size", 4 * d)) + vocab * d
+        hours = len(runs) * tokens * parameters * CPU_SECONDS_PER_TOKEN_PARAMETER / 3600
+        lines.append(f"estimated training time: ~{hours:.1f} h on two CPU cores ({parameters / 1e6:.0f}M parameters, "
+                     "at the rate measured on SmolLM2-135M; sequences shorter than the cap cost less)")
+    return lines
 
 
 def validation_batches(pair: Pair, plan: SweepPlan, tokenizer) -> list[dict]:
@@ -525,6 +543,30 @@ def sweep_checks(models: dict) -> dict[str, bool]:
         f"analysis adapter L0 in [{low:g}, {high:g}]": chosen["analysis_in_range"],
         "analysis adapter KL <= hybrid KL / 10": analysis["kl"] <= models["hybrid"]["kl"] / 10,
     }
+
+
+PAPER_L0 = 1.4
+"""Held-out L0 of the adapter the paper analyses (of its sweep's five)."""
+
+
+def study_model(train_results: dict, choice: str | None = None) -> str:
+    """The adapter notebooks 04-06 study, from notebook 01's results: ``None`` the sweep's ``analysis_model`` (the
+    rule in ``analysis_models``); ``"paper_l0"`` the adapter whose held-out L0 is nearest the paper's (``PAPER_L0``,
+    on a log scale); else a trained run's name."""
+    import math
+
+    models = train_results["models"]
+    if choice is None:
+        return train_results["analysis_model"]
+    if choice == "paper_l0":
+        adapters = [n for n, m in models.items() if m.get("kind") == "adapter" and m.get("l0")]
+        if not adapters:
+            raise ValueError("no adapter with a held-out L0 in 01_train.json; run notebook 01 first")
+        return min(adapters, key=lambda n: abs(math.log(models[n]["l0"] / PAPER_L0)))
+    if choice not in models:
+        raise ValueError(f"adapter {choice!r} is not among notebook 01's runs {sorted(models)}; pass None, "
+                         "'paper_l0' or one of those names")
+    return choice
 
 
 def analysis_models(models: dict) -> dict:

@@ -1,8 +1,13 @@
 """Tiny, seeded, randomly initialised models of several decoder families (built in memory, no hub)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the measurement scripts' helpers
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from families import with_random_adapters
 from tdlib import attribution as A
-from tdlib.graph_export import frontend_graph, plot_graph, plot_hesitation
+from tdlib.attribution.graph_export import frontend_graph, plot_graph, plot_hesitation
 from tdlib.splice import set_mlp_choice
 
 TOKEN = 5

@@ -191,6 +191,9 @@ def test_scoring_and_classification_on_smoke(cache, scored):
     assert summary["adapter"]["n_scored"] == len(scored[scored["kind"] == "adapter"])
     assert summary["adapter"]["detection_top"] > 0.5  # explanations from max-activating contexts beat chance
     assert set(scored["category"]) <= {"language", "domain", "reasoning", "uninterpretable"}
+    is_reasoning = scored["category"] == "reasoning"
+    assert scored.loc[~is_reasoning, "mechanism"].isna().all()  # the second level only for reasoning units
+    assert set(scored.loc[is_reasoning, "mechanism"].dropna()) <= {"output", "input_simple", "input_abstract"}
     truth = ground_truth_check(scored, cache)
     assert math.isclose(sum(truth["token_share"].values()), 1.0)
     for kind in ("adapter", "neuron"):
@@ -259,3 +262,16 @@ def test_cache_is_reused_only_for_the_same_config_and_run(smoke, monkeypatch, tm
     changed = CacheConfig(**{**CONFIG.__dict__, "top_k": 4})
     run.cached_or_built(pair, RUN, model, tokenizer, data, changed, progress=False)
     assert len(built) == 2
+
+
+def test_the_offline_mechanism_rule():
+    from tdlib.autointerp.backends import MechanismJob
+
+    writes_wait = [Context(["1", "+", "2", " wait"], 2, [0, 0, 1.0, 0]),
+                   Context(["3", "-", "9", " wait"], 2, [0, 0, 2.0, 0])]
+    on_one_token = [Context(["a", " wait", ","], 1, [0, 1.0, 0]), Context(["b", " wait", " no"], 1, [0, 1.0, 0])]
+    mixed = [Context(["a", "x", "c"], 1, [0, 1.0, 0]), Context(["a", "y", "d"], 1, [0, 1.0, 0]),
+             Context(["a", "z", "e"], 1, [0, 1.0, 0])]
+    jobs = [MechanismJob("u", writes_wait, [" wait", ","]), MechanismJob("v", on_one_token, ["A"]),
+            MechanismJob("w", mixed, ["q"]), MechanismJob("x", [], ["q"])]
+    assert OfflineBackend().mechanism(jobs) == ["output", "input_simple", "input_abstract", None]

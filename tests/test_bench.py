@@ -304,7 +304,7 @@ def test_benchmark_checks_pass_and_fail_on_the_numbers():
 
 
 def test_benchmark_figure_draws_every_model(tmp_path):
-    from tdlib.bench import benchmark_figure
+    from tdlib.plots import benchmark_figure
     from tdlib.plots import save_figure
 
     models = {"base": _entry(0.5, 5), "target": _entry(0.9, 50), "hybrid": _entry(0.0, 30),
@@ -342,3 +342,60 @@ def test_pair_checks_ask_the_organism_for_its_design_and_a_real_pair_for_a_diffe
     assert not organism["target accuracy >= base + 0.30"] and not organism["target length >= 3x base length"]
     real = pair_checks(results, organism=False)
     assert real["target is more accurate than base"] and not real["target says wait more often than base"]
+
+
+def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
+    """A pair whose word is "Hmm" reports how often it says "Hmm", not "wait" (benchmarks, pair evaluation and
+    notebook 06's conditions), and a "wait" in the text does not count for it."""
+    import dataclasses
+
+    import tdlib.bench as bench
+    import tdlib.models as models
+    import tdlib.sweep as sweep
+    from tdlib.generate import Generation
+    from tdlib.pairs import resolve_pair
+    from tdlib.steer import run_condition
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        return Generation(prompts, ["Hmm, so 2.", "wait, 2."], [4, 3])
+
+    monkeypatch.setattr(bench, "generate_greedy", fake_generate)
+    items = [BenchItem("a", "Q: 1+1=?", "2"), BenchItem("b", "Q: 3-1=?", "2")]
+    scores = evaluate_items(None, None, items, benchmark="organism", max_new_tokens=5, hesitation_word="Hmm")[0]
+    assert scores["wait_rate"] == 0.5
+    evalset = bench.EvalSet("organism", items, 5, "test")
+    metrics, _ = run_condition(None, None, evalset, word="Hmm")
+    assert metrics["wait_rate"] == 0.5 and metrics["n_wait"] == 1
+    pair = dataclasses.replace(resolve_pair("smoke", build=False), hesitation_word="Hmm")
+    monkeypatch.setattr(models, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(sweep, "load_named", lambda pair, name: None)
+    results, _ = bench.run_benchmark(pair, ["base"], items, benchmark="organism", max_new_tokens=5, progress=False)
+    assert results["base"]["wait_rate"] == 0.5
+    assert bench.run_benchmark(dataclasses.replace(pair, hesitation_word="Oh"), ["base"], items,
+                               benchmark="organism", max_new_tokens=5, progress=False)[0]["base"]["wait_rate"] == 0
+
+
+def test_pass_at_1_over_samples_with_an_interval_over_problems_and_the_budget_counter(monkeypatch):
+    import tdlib.bench as bench
+    from tdlib.generate import Generation
+
+    seeds = []
+
+    def fake_sampled(model, tokenizer, prompts, *, max_new_tokens, sampling, **kwargs):
+        seeds.append(sampling.seed)
+        right = sampling.seed % 2 == 0  # even seeds answer every problem, odd seeds none
+        return Generation(prompts, [f" A: {2 if right else 3}"] * len(prompts), [4, max_new_tokens])
+
+    monkeypatch.setattr(bench, "generate_sampled", fake_sampled)
+    items = [BenchItem("a", "Q: 1+1=?", "2"), BenchItem("b", "Q: 3-1=?", "2")]
+    sampling = SamplingConfig(seed=10, n_samples=4)
+    scores, generation, correct = evaluate_items(None, None, items, benchmark="organism", max_new_tokens=9,
+                                                 sampling=sampling)
+    assert seeds == [10, 11, 12, 13] and len(generation.responses) == len(correct) == 8
+    assert scores["accuracy"] == 0.5 and scores["n_samples"] == 4
+    assert scores["accuracy_ci"] == [0.5, 0.5]  # every problem is right on exactly half its samples
+    assert scores["hit_budget_share"] == 0.5  # one response of each pair ran into the 9-token budget
+    mean, interval = bench.pass_at_1([[True, False, True], [True, False, False]], n_bootstrap=2000)
+    assert mean == 0.5 and interval[0] < 0.5 < interval[1]
+    with pytest.raises(ValueError, match="n_samples"):
+        SamplingConfig(n_samples=0)

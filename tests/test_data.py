@@ -7,7 +7,7 @@ import pytest
 
 from tdlib.data import ReasoningTraces, encode_trace, read_conversations, render_trace
 from tdlib.organism.tokenizer import train_tokenizer
-from tdlib.pairs import HUB_PAIRS, Pair, data_for, load_pair_file
+from tdlib.pairs import HUB, HUB_PAIRS, Pair, data_for, load_pair_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRACES = FIXTURES / "openthoughts3_sample.jsonl"
@@ -85,7 +85,7 @@ def test_a_pair_file_selects_the_plain_format(tmp_path):
     (tmp_path / "pair.json").write_text(json.dumps(values))
     hub = load_pair_file(tmp_path / "pair.json")
     assert hub.prompt_format == "plain"
-    pair = Pair(hub.name, hub.base, hub.target, key=hub.key, organism=False, hub=hub)
+    pair = Pair(hub.name, hub.base, hub.target, key=hub.key, kind=HUB, hub=hub)
     data = data_for(pair, tokenizer(None), batch_size=1)
     assert data.prompt_format == "plain" and data.batch(0)["input_ids"].shape[0] == 1
     (tmp_path / "pair.json").write_text(json.dumps({**values, "prompt_format": "jinja"}))

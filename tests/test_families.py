@@ -6,9 +6,9 @@ import tempfile
 import pytest
 import torch
 
+from measure_placement import RandomTokens
 from families import FAMILIES, family_model
 from tdlib.adapter import AdapterSet
-from tdlib.placement import RandomTokens
 from tdlib.splice import build_hybrid_copy, mlp_choice, splice
 from tdlib.train import TrainConfig, train
 

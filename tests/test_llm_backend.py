@@ -211,3 +211,27 @@ def test_scoring_through_the_llm_backend_on_smoke(api, tmp_path):
     assert (table["detection_top"] == 0.5).all() and (table["detection_uniform"] == 0.5).all()
     assert set(table["category"]) == {"domain"} and set(table["explanation"]) == {"digits"}
     assert not any(math.isnan(v) for v in table["detection"])
+
+
+def test_two_level_classification_shows_the_promoted_tokens_and_asks_reasoning_units_for_a_mechanism(api, tmp_path):
+    from tdlib.autointerp.backends import MechanismJob
+
+    def judge(body):
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        if system.startswith("You classify"):
+            return "It fires before re-checks.\nCategory: reasoning" if '" wait"' in user else "Category: domain"
+        return "It promotes the word directly.\nMechanism: output"
+
+    api.answer = judge
+    backend = backend_for(api, tmp_path)
+    examples = [Context(["1", "+", "2"], 2, [0, 0, 1.0])]
+    jobs = [ClassifyJob("a", "before checks", examples, 0.9, None, (" wait", ",")),
+            ClassifyJob("b", "digits", examples, 0.9, None, ("7",))]
+    assert backend.classify(jobs) == ["reasoning", "domain"]
+    user = api.requests[0]["body"]["messages"][1]["content"]
+    assert 'Tokens its output direction promotes most: " wait", ","' in user
+    system = api.requests[0]["body"]["messages"][0]["content"]
+    assert "not enough" in system and "Category:" in system
+    assert backend.mechanism([MechanismJob("a", examples, [" wait"])]) == ["output"]
+    assert "direct effect" not in api.requests[-1]["body"]["messages"][1]["content"]  # no studied logit here
+    assert parse_category("reasoning? no.\nCategory: language") == "language"

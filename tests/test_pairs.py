@@ -7,8 +7,7 @@ import pytest
 
 import tdlib.pairs as pairs
 from tdlib.organism.tokenizer import train_tokenizer
-from tdlib.pairs import (HubPairConfig, TrainingDefaults, data_for, register_pair, resolve_pair,
-                         training_defaults)
+from tdlib.pairs import HubPairConfig, TrainingDefaults, data_for, register_pair, resolve_pair
 from tdlib.sweep import default_plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "openthoughts3_sample.jsonl"
@@ -19,23 +18,24 @@ TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] 
 def test_paper_pairs_are_bf16_on_cuda_with_their_data_and_benchmarks():
     seven = resolve_pair("paper-7b")
     assert (seven.base, seven.target) == ("Qwen/Qwen2.5-Math-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
-    assert (seven.dtype, seven.device, seven.organism) == ("bfloat16", "cuda", False)
+    assert (seven.dtype, seven.device, seven.kind) == ("bfloat16", "cuda", pairs.HUB)
     assert seven.hub.train_data == "open-thoughts/OpenThoughts3-1.2M"
-    assert seven.hub.benchmarks == ("MATH-500", "AIME 2024", "GSM8K")
+    assert seven.hub.benchmarks == ("MATH-500", "AMC23", "GPQA Diamond", "AIME 2025")  # the paper's figure 4
+    assert seven.max_new_tokens == 32_768 and seven.hub.notebooks["03"]["n_samples"] > 1
     assert seven.artifacts("train").name == "paper-7b"
     small = resolve_pair("paper-1.5b")
     assert small.target == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and small.base == "Qwen/Qwen2.5-Math-1.5B"
-    defaults = training_defaults(seven)
-    assert defaults["n_features"] == 8192 and defaults["lr"] == 8e-4 and defaults["batch_size"] == 1
-    assert defaults["max_tokens"] == 10_000 and defaults["l1_weights"][0] == 0.01
-    assert training_defaults(small)["n_features"] == 4096
+    defaults = seven.training
+    assert defaults.n_features == 8192 and defaults.lr == 8e-4 and defaults.batch_size == 1
+    assert defaults.max_tokens == 10_000 and defaults.l1_weights[0] == 0.01
+    assert small.training.n_features == 4096
     config = seven.hub.training.train_config(steps=10)
     assert (config.n_features, config.lr, config.batch_size, config.steps) == (8192, 8e-4, 1, 10)
 
 
 def test_hub_pair_by_name_and_its_errors():
     pair = resolve_pair("hub:Qwen/Qwen2.5-0.5B->Qwen/Qwen2.5-0.5B-Instruct")
-    assert (pair.base, pair.target, pair.organism) == ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", False)
+    assert (pair.base, pair.target, pair.kind) == ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", pairs.HUB)
     assert "/" not in pair.key and ">" not in pair.key
     with pytest.raises(ValueError, match="hub:BASE->TARGET"):
         resolve_pair("hub:Qwen/Qwen2.5-0.5B")
@@ -74,16 +74,16 @@ def test_registered_pair_resolves_and_refuses_silent_replacement():
 
 def test_organism_pair_is_unchanged_and_loads_organism_traces():
     pair = resolve_pair("smoke")
-    assert pair.organism and pair.hub is None and pair.dtype == "float32" and pair.device == "cpu"
+    assert pair.kind.has_ground_truth and pair.hub is None and pair.dtype == "float32" and pair.device == "cpu"
     tokenizer = train_tokenizer(["Q: 1+2=? 1+2=3; A: 3", "wait, check: ok"])
     data = data_for(pair, tokenizer, "validation", batch_size=3)
     assert type(data).__name__ == "OrganismTraces" and data.batch(0)["input_ids"].shape[0] == 3
-    assert training_defaults(pair)["max_tokens"] is None
+    assert pair.training.max_tokens is None
 
 
 def test_hub_pair_data_holds_out_validation_traces_from_a_local_jsonl(tmp_path, monkeypatch):
     monkeypatch.setattr(pairs, "ARTIFACTS", tmp_path)
-    pair = pairs.Pair("t", "me/base", "me/target", key="t", organism=False, hub=HubPairConfig(
+    pair = pairs.Pair("t", "me/base", "me/target", key="t", kind=pairs.HUB, hub=HubPairConfig(
         "t", base="me/base", target="me/target", train_data=str(FIXTURE), n_validation=1,
         training=TrainingDefaults(batch_size=2, max_tokens=40)))
     tokenizer = train_tokenizer([json.dumps(json.loads(line)) for line in FIXTURE.read_text().splitlines()])
@@ -94,10 +94,10 @@ def test_hub_pair_data_holds_out_validation_traces_from_a_local_jsonl(tmp_path, 
     assert train.batch(0)["input_ids"].shape[0] == 2 and train.batch(0)["input_ids"].shape[1] <= 40
     too_many = HubPairConfig("u", base="me/base", target="me/target", train_data=str(FIXTURE), n_validation=5)
     with pytest.raises(ValueError, match="n_validation"):
-        data_for(pairs.Pair("u", "me/base", "me/target", key="u", organism=False, hub=too_many), tokenizer)
+        data_for(pairs.Pair("u", "me/base", "me/target", key="u", kind=pairs.HUB, hub=too_many), tokenizer)
     missing = HubPairConfig("v", base="me/base", target="me/target", train_data=str(tmp_path / "none.jsonl"))
     with pytest.raises(FileNotFoundError, match="no reasoning-trace file"):
-        data_for(pairs.Pair("v", "me/base", "me/target", key="v", organism=False, hub=missing), tokenizer)
+        data_for(pairs.Pair("v", "me/base", "me/target", key="v", kind=pairs.HUB, hub=missing), tokenizer)
 
 
 def test_hub_pairs_give_a_sweep_plan_with_the_papers_values():
@@ -106,6 +106,22 @@ def test_hub_pairs_give_a_sweep_plan_with_the_papers_values():
     assert (plan.base.n_features, plan.base.lr, plan.base.batch_size, plan.base.steps) == (8192, 8e-4, 1, 50_000)
     assert [spec.name for spec in plan.specs][:2] == ["adapter_l1_0.01", "adapter_l1_0.003"]
     assert default_plan(resolve_pair("smoke", build=False)).base.n_features == 64  # the organism's own table
+
+
+@pytest.mark.parametrize("config", ["organism", "smoke", "paper-7b", "paper-1.5b"])
+def test_the_data_parallel_trainer_and_notebook_01_train_the_same_run(config):
+    from tdlib.distributed import run_config
+
+    pair = resolve_pair(config, build=False)
+    plan = default_plan(pair)
+    for spec in plan.specs:
+        if spec.config.kind == "adapter":
+            assert run_config(pair, spec.config.l1_weight) == spec.config
+    assert run_config(pair) == plan.specs[0].config
+    doubled = run_config(pair, plan.l1_weights[-1], world_size=2, steps=7, gradient_checkpointing=True)
+    assert (doubled.batch_size, doubled.steps, doubled.gradient_checkpointing) == (
+        2 * plan.base.batch_size, 7, True)
+    assert run_config(pair, 0.123).l1_weight == 0.123 and run_config(pair, 0.123).lr == plan.base.lr
 
 
 def test_a_pair_configuration_knows_nothing_of_sweeps():
@@ -135,8 +151,8 @@ def _pair_file(tmp_path, **changes) -> Path:
 
 def test_a_pair_file_is_a_configuration_with_paths_relative_to_it(tmp_path):
     pair = resolve_pair(str(_pair_file(tmp_path)))
-    assert (pair.name, pair.base, pair.organism, pair.max_new_tokens, pair.hesitation_word) == (
-        "mine", "me/base", False, 64, " wait")
+    assert (pair.name, pair.base, pair.kind, pair.max_new_tokens, pair.hesitation_word) == (
+        "mine", "me/base", pairs.HUB, 64, " wait")
     assert pair.hub.train_data == str(tmp_path / "data" / "traces.jsonl")  # relative to the file, not the cwd
     assert pair.hub.benchmarks == ("GSM8K", "math500")
     assert pair.hub.training.l1_weights == (0.1, 0.01) and pair.hub.training.n_features == 32
@@ -198,3 +214,54 @@ def test_results_name_a_pair_files_paths_relative_to_it(tmp_path):
     assert pairs.portable_path("/somewhere/else/entirely/model") == "model"  # never this machine's layout
     smoke = resolve_pair("smoke", build=False)
     assert not Path(smoke.portable(smoke.base)).is_absolute()
+
+
+def test_a_pairs_kind_says_what_it_has():
+    organism, seven = resolve_pair("smoke", build=False), resolve_pair("paper-7b")
+    assert organism.kind is pairs.ORGANISM and organism.kind.has_ground_truth and organism.kind.built_here
+    assert organism.benchmarks == ("organism",) and organism.prompt_format is None
+    assert seven.kind is pairs.HUB and not seven.kind.has_ground_truth and not seven.kind.built_here
+    assert seven.benchmarks == seven.hub.benchmarks and seven.prompt_format == "chat"
+    with pytest.raises(ValueError, match="needs its HubPairConfig"):
+        pairs.Pair("x", "a", "b", key="x", kind=pairs.HUB)
+    with pytest.raises(ValueError, match="needs no HubPairConfig"):
+        pairs.Pair("x", "a", "b", key="x", hub=seven.hub)
+
+
+def test_a_cpu_pair_file_gets_cpu_sized_training_from_its_models_width(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {
+        "hidden_size": 640, "num_hidden_layers": 18, "intermediate_size": 2048, "vocab_size": 262_144}}))
+    path = _pair_file(tmp_path, device="cpu", target="target", training={"steps": 30},
+                      notebooks={"*": {"n_problems": 8}, "06": {"group_conditions": False}})
+    pair = resolve_pair(str(path))
+    assert pair.dtype == "float32" and pair.training.steps == 30  # the file's own values win
+    assert pair.training.n_features == 256 and pair.training.max_tokens == 256  # sized for d_model 640
+    assert not pair.training.gradient_checkpointing and pair.training.kl_chunk_tokens is None
+    assert pair.hub.notebooks["*"] == {"n_problems": 8, "batch_size": 25}  # the CPU plan, the file's value wins
+    assert pair.hub.notebooks["05"]["n_prompts"] == 12
+    assert pair.hub.notebooks["06"]["group_conditions"] is False and pair.hub.notebooks["06"]["n_random_draws"] == 5
+    assert pairs.model_shape(str(target))["num_hidden_layers"] == 18 and pairs.model_shape("me/target") == {}
+    assert TrainingDefaults.for_cpu(576).n_features == 256  # the SmolLM2 plan it is sized from
+    assert TrainingDefaults.for_cpu(128).n_features == 64 and TrainingDefaults.for_cpu(4096).n_features == 1024
+    (tmp_path / "gpu").mkdir()
+    gpu = resolve_pair(str(_pair_file(tmp_path / "gpu", training={})))
+    assert gpu.training == TrainingDefaults()  # a GPU pair file keeps the paper's defaults
+
+    from tdlib.sweep import describe_plan
+
+    lines = describe_plan(pair, default_plan(pair))
+    assert "256 features per layer" in lines[1] and "30 steps x 4 sequences of up to 256 tokens" in lines[1]
+    assert lines[2].startswith("estimated training time: ~") and "on two CPU cores" in lines[2]
+    assert len(describe_plan(gpu, default_plan(gpu))) == 2  # no CPU estimate for a GPU pair
+
+
+def test_the_pipeline_prints_the_plan_without_running_anything(capsys):
+    from tdlib import pipeline
+
+    pipeline.main(["--config", "paper-7b", "--plan"])
+    out = capsys.readouterr().out
+    assert "8192 features per layer" in out and "50,000 steps x 1 sequences of up to 10,000 tokens" in out
+    assert "MATH-500, AMC23, GPQA Diamond, AIME 2025" in out and "pass@1 over 4 samples" in out
+    assert "up to 32,768 new tokens" in out and "AIME 2025: 30 problems x 4 samples x 10 models" in out

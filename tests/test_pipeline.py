@@ -47,6 +47,9 @@ def test_results_are_written_atomically_with_their_config(tmp_path):
         write_results("00_pair", {}, config="", results_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="make figures"):
         read_results("01_train", tmp_path)
+    assert read_results("00_pair", tmp_path, config="smoke")["n_problems"] == 3
+    with pytest.raises(ValueError, match="is for config 'smoke', not 'organism': run notebook 00 with"):
+        read_results("00_pair", tmp_path, config="organism")
 
 
 def test_results_never_record_an_absolute_path_of_this_machine(tmp_path):
@@ -191,7 +194,7 @@ def test_command_line_values_are_read_as_literals():
 def test_parameters_cells_are_read_with_their_defaults():
     declared = {p.stem: pipeline.notebook_parameters(p) for p in pipeline.numbered_notebooks()}
     assert declared["01_train"]["baselines"] is True and declared["05_attribution"]["n_prompts"] == 60
-    assert declared["04_autointerp"]["before"] == 12 and declared["04_autointerp"]["after"] == 4  # a, b = 12, 4
+    assert declared["04_autointerp"]["before"] is None and declared["04_autointerp"]["after"] is None
 
 
 def test_overrides_apply_where_declared_and_the_command_line_wins():

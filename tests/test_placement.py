@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from measure_placement import measure
 from families import family_model
 from tdlib.adapter import AdapterSet
-from tdlib.placement import measure
 from tdlib.splice import get_placement, mlp_choice, set_mlp_choice, set_placement, splice
 from tdlib.steer import add_feature_directions
 

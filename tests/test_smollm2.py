@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tdlib import bench, smollm2
+from tdlib.gguf import load_gguf
 from tdlib.organism import task
 from tdlib.pairs import BUILT_PAIRS, HubPairConfig, known_configurations, pair_config
 
@@ -143,7 +144,7 @@ def test_tiny_build_is_a_plain_float32_copy_of_the_gguf_and_fine_tunes(tmp_path)
     target = AutoModelForCausalLM.from_pretrained(paths.target, dtype=torch.float32).eval()
     assert getattr(base, "hf_quantizer", None) is None
     assert base.dtype == torch.float32
-    gguf_model, tokenizer = smollm2.load_gguf(smollm2.gguf_path())
+    gguf_model, tokenizer = load_gguf(smollm2.gguf_path())
     ids = tokenizer(smollm2.user_message(EXAMPLE), return_tensors="pt")["input_ids"]
     with torch.no_grad():
         reference = gguf_model(ids).logits

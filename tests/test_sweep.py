@@ -113,3 +113,16 @@ def test_the_sweep_trains_the_local_mse_transcoder_at_the_calibrated_l1(smoke_ru
     info = json.loads((run_dir(pair, "local_mse") / RUN_FILE).read_text())
     assert info["train_config"]["l1_weight"] == calibration["l1_weight"]
     assert calibration["l1_weight"] in [t["l1_weight"] for t in calibration["trials"]]
+
+
+def test_the_studied_adapter_is_a_parameter():
+    from tdlib.sweep import study_model
+
+    train = {"analysis_model": "adapter_l1_0.03", "models": {
+        "hybrid": {"kind": "hybrid"}, "adapter_l1_1": {"kind": "adapter", "l0": 0.02},
+        "adapter_l1_0.3": {"kind": "adapter", "l0": 0.9}, "adapter_l1_0.03": {"kind": "adapter", "l0": 8.9}}}
+    assert study_model(train) == "adapter_l1_0.03"
+    assert study_model(train, "paper_l0") == "adapter_l1_0.3"  # L0 0.9 is nearest 1.4 on a log scale
+    assert study_model(train, "adapter_l1_1") == "adapter_l1_1"
+    with pytest.raises(ValueError, match="not among notebook 01's runs"):
+        study_model(train, "adapter_l1_7")

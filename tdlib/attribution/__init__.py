@@ -50,7 +50,7 @@ from .hesitation import (GROUPS, MECHANISMS, FeatureEvidence, HesitationPrompt, 
                          decoder_logit_effect, decoder_top_tokens, hesitation_prompts, hesitation_study,
                          hesitation_token, judge_mechanisms, rule_positions, select_features, set_overlap,
                          shared_prefix_length,
-                         summarise, trace_prompts)
+                         summarize_study, trace_prompts)
 from .interventions import agreement, intervention_records, rank_correlation, removal_effects
 from .replay import MODES, FrozenPrompt, Replay, freeze
 
@@ -60,6 +60,7 @@ __all__ = [
     "normalize_rows", "propagate", "prune", "total_effects", "GROUPS", "MECHANISMS", "FeatureEvidence",
     "HesitationPrompt", "StudyConfig", "cut_at_token", "decoder_logit_effect", "decoder_top_tokens",
     "hesitation_prompts", "hesitation_study", "hesitation_token", "rule_positions", "select_features",
-    "judge_mechanisms", "set_overlap", "shared_prefix_length", "summarise", "trace_prompts", "agreement", "intervention_records",
+    "judge_mechanisms", "set_overlap", "shared_prefix_length", "summarize_study", "trace_prompts",
+    "agreement", "intervention_records",
     "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze",
 ]

@@ -14,22 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import find_layers, get_mlp, unwrap
+from ..models import attention_of, find_layers, get_mlp, unwrap
 from ..splice import PostMLPNorm, SplicedMLP
-
-ATTENTION_NAMES = ("self_attn", "attention", "attn")
-
 
 class NotReplayable(ValueError):
     """The model has a feature the frozen replay cannot reproduce (the message names it)."""
-
-
-def attention_of(block: nn.Module) -> nn.Module:
-    for name in ATTENTION_NAMES:
-        module = getattr(block, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise NotReplayable(f"cannot find the attention of {type(block).__name__} (looked for {ATTENTION_NAMES})")
 
 
 def _is_norm(module: nn.Module) -> bool:

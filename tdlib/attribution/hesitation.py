@@ -266,7 +266,7 @@ def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: i
                            "p_wait": graph.probability,
                            "wait_is_top1": bool(graph.state.logits.argmax() == token)})
         del graph, influence
-    study = summarise(stats, per_prompt, config, len(find_layers(unwrap(model))), _width(model), model, token,
+    study = summarize_study(stats, per_prompt, config, len(find_layers(unwrap(model))), _width(model), model, token,
                       token_counts, tokenizer)
     study["mode"] = config.mode
     study["shared_prefix_tokens"] = prefix
@@ -351,7 +351,7 @@ def mechanism_label(group: str, token_share: float, reliability: float, config: 
     return "input_simple" if simple else "input_abstract"
 
 
-def summarise(stats, per_prompt, config: StudyConfig, n_layers: int, width: int, model, token: int,
+def summarize_study(stats, per_prompt, config: StudyConfig, n_layers: int, width: int, model, token: int,
               token_counts: dict[int, int], tokenizer) -> dict:
     selected = select_features(stats, config.influence_mass)
     total_influence = sum(s.influence for s in stats.values())

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ..models import POST_MLP_NORM_NAMES, find_layers, get_mlp, unwrap
-from ..splice import mlp_choice
+from ..models import get_mlp, unwrap
+from ..splice import mlp_choice, write_site
 from .graph import AttributionGraph
 
 
@@ -70,7 +70,6 @@ def _removed(model, graph: AttributionGraph, nodes: list[int]):
     for row, (node, (layer, pos, feature)) in enumerate(zip(nodes, features.tolist())):
         by_layer.setdefault(layer, []).append((row, pos, feature, float(state.activations[node])))
     handles = []
-    blocks = find_layers(model)
     try:
         for layer, entries in by_layer.items():
             mlp = get_mlp(model, layer)
@@ -80,10 +79,8 @@ def _removed(model, graph: AttributionGraph, nodes: list[int]):
                 continue
             writes = mlp.adapter.W_dec.T[ids] * torch.tensor(values, dtype=mlp.adapter.W_dec.dtype,
                                                               device=mlp.adapter.W_dec.device)[:, None]
-            module = mlp
-            if mlp.placement == "residual":
-                module = next(getattr(blocks[layer], n) for n in POST_MLP_NORM_NAMES if hasattr(blocks[layer], n))
-            handles.append(module.register_forward_hook(_subtracting(rows, positions, writes)))
+            handles.append(write_site(model, layer, mlp.placement).register_forward_hook(
+                _subtracting(rows, positions, writes)))
         yield
     finally:
         for handle in handles:

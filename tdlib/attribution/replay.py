@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import POST_MLP_NORM_NAMES, find_layers, get_mlp, unwrap
+from ..models import POST_MLP_NORM_NAMES, attention_of, find_layers, get_mlp, unwrap
 from ..splice import PostMLPNorm, mlp_choice
-from .capture import FrozenNorm, NotReplayable, attention_of, capture, check_replayable, fit_norm, tolerance
+from .capture import FrozenNorm, NotReplayable, capture, check_replayable, fit_norm, tolerance
 
 MODES = ("frozen", "relp", "target")
 """How the replay treats each base MLP (module docstring): a constant error node, passed through linearly by the

@@ -73,6 +73,8 @@ class ClassifyJob:
     """Mean detection score of the unit's explanation (balanced accuracy)."""
     mass_shares: dict[str, float] | None = None
     """Share of the unit's activation mass per organism trace segment (None off the organism)."""
+    promoted_tokens: tuple[str, ...] = ()
+    """The tokens the unit's output direction promotes most through the unembedding (``page.logit_effects``)."""
 
 
 @dataclass
@@ -83,7 +85,8 @@ class MechanismJob:
     unit: str
     contexts: list[Context]
     promoted_tokens: list[str]
-    direct_share: float
+    direct_share: float | None = None
+    """Share of its influence on a studied logit that is direct (attribution only; None in autointerp)."""
 
 
 MECHANISMS = ("output", "input_simple", "input_abstract")
@@ -193,6 +196,28 @@ class OfflineBackend:
                        [any(ends_with(c, p) for p in patterns) for c in job.contexts])
         return out
 
+    def mechanism(self, jobs: list[MechanismJob]) -> list[str | None]:
+        """A rule in place of a judge: "output" when a token the unit's output direction promotes most (top 3) is
+        the token that follows its activation in most of its contexts (it writes what comes next);
+        "input_simple" when one token carries most of its activations (at least 60% of contexts);
+        "input_abstract" otherwise. None without contexts."""
+        labels = []
+        for job in jobs:
+            if not job.contexts:
+                labels.append(None)
+                continue
+            following = [c.tokens[c.center + 1] for c in job.contexts if c.center + 1 < len(c.tokens)]
+            at = [c.tokens[c.center] for c in job.contexts]
+            top_next = max(set(following), key=following.count) if following else None
+            promoted = {t.strip() for t in job.promoted_tokens[:3]}
+            if top_next is not None and top_next.strip() in promoted and following.count(top_next) * 2 > len(following):
+                labels.append("output")
+            elif max(at.count(t) for t in set(at)) >= 0.6 * len(at):
+                labels.append("input_simple")
+            else:
+                labels.append("input_abstract")
+        return labels
+
     def classify(self, jobs: list[ClassifyJob]) -> list[str | None]:
         """Off the organism there are no segment labels to classify by: those units get None (unclassified), and
         notebook 04 says to use the LLM back end for categories."""
@@ -268,7 +293,11 @@ CLASSIFY_SYSTEM = ("You classify units of a language model that was fine-tuned t
                    "Categories: language (syntax, formatting, common words, punctuation), domain (subject-matter "
                    "content such as numbers, arithmetic, code, science), reasoning (reasoning behaviour: "
                    "hesitation, self-checking, verification, backtracking, planning), uninterpretable (no clear "
-                   "pattern). Reply with exactly one word: language, domain, reasoning or uninterpretable.")
+                   "pattern). You see the unit's explanation, how well it predicted activations, its strongest "
+                   "examples (active tokens in << >>) and the tokens its output direction promotes most. "
+                   "Firing inside reasoning text is not enough for 'reasoning': the examples must show the unit "
+                   "tracking or producing the reasoning behaviour itself, not the words that happen to surround it. "
+                   "Think in at most two sentences, then end with a line 'Category: <one of the four>'.")
 
 
 MECHANISM_SYSTEM = (
@@ -277,7 +306,7 @@ MECHANISM_SYSTEM = (
     "word), input_simple (it fires on specific input tokens whatever the context), input_abstract (whether it fires "
     "depends on broader context, not on the token itself). A feature that merely co-occurs with a word is not an "
     "output feature: look at the tokens its decoder promotes. Reply with exactly one label: output, input_simple "
-    "or input_abstract.")
+    "or input_abstract, on a last line 'Mechanism: <label>'.")
 
 
 def _query(context: Context) -> str:
@@ -308,16 +337,25 @@ def parse_detection(content: str | None, n: int) -> list[bool] | None:
 
 
 def parse_mechanism(content: str | None) -> str | None:
+    """The label after 'Mechanism:' when present, else the first label named in the reply."""
     if not content:
         return None
-    found = re.findall(r"input_simple|input_abstract|output", content.lower())
-    return found[0] if found else None
+    text = content.lower()
+    tagged = re.findall(r"mechanism\s*:\s*\**\s*(input_simple|input_abstract|output)", text)
+    found = tagged or re.findall(r"input_simple|input_abstract|output", text)
+    return found[-1] if tagged else (found[0] if found else None)
 
 
 def parse_category(content: str | None) -> str | None:
+    """The category after 'Category:' when present (the last such line), else the first category word."""
     if not content:
         return None
-    words = re.findall(r"[a-z]+", content.lower())
+    text = content.lower()
+    tagged = re.findall(r"category\s*:\s*\**\s*([a-z]+)", text)
+    tagged = [w for w in tagged if w in CATEGORIES]
+    if tagged:
+        return tagged[-1]
+    words = re.findall(r"[a-z]+", text)
     return next((w for w in words if w in CATEGORIES), None)
 
 
@@ -420,9 +458,12 @@ class LLMBackend:
         conversations = []
         for job in jobs:
             examples = "\n".join(f"- {_mark(c)}" for c in job.examples)
+            promoted = ", ".join(json.dumps(t) for t in job.promoted_tokens) or "(not given)"
             conversations.append([{"role": "system", "content": CLASSIFY_SYSTEM},
                                   {"role": "user", "content": f"Explanation: {job.explanation}\n"
                                                               f"Detection score: {job.detection:.2f}\n"
+                                                              f"Tokens its output direction promotes most: "
+                                                              f"{promoted}\n"
                                                               f"Examples:\n{examples}"}])
         return [parse_category(reply) for reply in self.chat_many(conversations)]
 
@@ -433,11 +474,12 @@ class LLMBackend:
         for job in jobs:
             examples = "\n".join(f"- {_mark(c)}" for c in job.contexts)
             promoted = ", ".join(json.dumps(t) for t in job.promoted_tokens)
+            direct = ("" if job.direct_share is None else
+                      f"\nShare of its influence on the studied word that is a direct effect: {job.direct_share:.2f}")
             conversations.append([{"role": "system", "content": MECHANISM_SYSTEM},
                                   {"role": "user", "content": f"Contexts (active tokens in << >>):\n{examples}\n"
-                                                              f"Tokens its decoder promotes most: {promoted}\n"
-                                                              f"Share of its influence on the studied word that is "
-                                                              f"a direct effect: {job.direct_share:.2f}"}])
+                                                              f"Tokens its decoder promotes most: {promoted}"
+                                                              + direct}])
         return [parse_mechanism(reply) for reply in self.chat_many(conversations)]
 
 

@@ -51,7 +51,7 @@ from ..splice import is_spliced, mlp_choice
 from .segments import SEGMENTS, batch_segments
 
 SELECTIONS = ("top", "uniform", "negative")
-KINDS = ("adapter", "neuron")
+UNIT_KINDS = ("adapter", "neuron")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class CacheConfig:
     """Context tokens kept before the selected token (the paper: 50; an organism sequence is < 200 tokens)."""
     after: int = 4
     """Context tokens kept after the selected token (the paper: 20)."""
-    kinds: tuple = KINDS
+    kinds: tuple = UNIT_KINDS
     """Which units to cache: "adapter" (features of the spliced adapter model), "neuron" (the target's MLP
     neurons act(gate(x)) * up(x), the inputs of down_proj)."""
 
@@ -86,9 +86,9 @@ class CacheConfig:
                 raise ValueError(f"CacheConfig.{name} must be a positive integer, got {value!r}")
         if self.before < 0 or self.after < 0:
             raise ValueError("CacheConfig.before and .after must be >= 0")
-        unknown = set(self.kinds) - set(KINDS)
+        unknown = set(self.kinds) - set(UNIT_KINDS)
         if not self.kinds or unknown:
-            raise ValueError(f"CacheConfig.kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+            raise ValueError(f"CacheConfig.kinds must be a non-empty subset of {UNIT_KINDS}, got {self.kinds}")
 
     @property
     def window(self) -> int:
@@ -222,7 +222,7 @@ class ActivationCache:
 
     @property
     def units(self) -> list[tuple[str, int]]:
-        return sorted(self.records, key=lambda kl: (KINDS.index(kl[0]), kl[1]))
+        return sorted(self.records, key=lambda kl: (UNIT_KINDS.index(kl[0]), kl[1]))
 
     def frequency(self, kind: str, layer: int) -> torch.Tensor:
         return self.records[(kind, layer)].fires.double() / max(self.n_tokens, 1)

@@ -1,5 +1,5 @@
-"""Classification of scored units into language / domain / reasoning / uninterpretable, and the organism's
-ground-truth check.
+"""Classification of scored units in two levels, language / domain / reasoning / uninterpretable and then, for
+reasoning units, a mechanism (output / input_simple / input_abstract), and the organism's ground-truth check.
 
 The back end judges each unit (``backend.classify``): the LLM judge reads the explanation and examples; the
 offline back end applies ``backends.classify_by_segments`` (on the organism: plurality of activation mass in
@@ -18,33 +18,50 @@ import math
 
 import pandas as pd
 
-from .backends import CATEGORIES, ClassifyJob, Context
+from .backends import CATEGORIES, MECHANISMS, ClassifyJob, Context, MechanismJob
 from .cache import ActivationCache
 from .segments import ADDED_BY_DISTILLATION, SEGMENTS
 
 
-def classify_units(table: pd.DataFrame, cache: ActivationCache, backend, n_examples: int = 5) -> pd.DataFrame:
-    """``table`` with a ``category`` column (None where the back end gave no usable answer)."""
-    jobs = []
+def classify_units(table: pd.DataFrame, cache: ActivationCache, backend, n_examples: int = 5,
+                   promoted: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """``table`` with the two levels of the classification: ``category`` (language / domain / reasoning /
+    uninterpretable; None where the back end gave no usable answer) and, for reasoning units, ``mechanism``
+    (``backends.MECHANISMS``: output / input_simple / input_abstract; None for the others). ``promoted``: unit
+    name -> the tokens its output direction promotes most (``page.logit_effects``), shown to the judge."""
+    promoted = promoted or {}
+    jobs, examples_by_unit = [], {}
     for row in table.itertuples():
         shares = {name: getattr(row, f"mass_{name}") for name in SEGMENTS}
         has_segments = any(v == v for v in shares.values())
         examples = [Context(cache.strings(e.tokens), e.center, e.acts)
                     for e in cache.examples(row.kind, row.layer, row.unit, "top")[:n_examples]]
+        examples_by_unit[row.name] = examples
         jobs.append(ClassifyJob(row.name, row.explanation or "", examples, float(row.detection),
-                                shares if has_segments else None))
+                                shares if has_segments else None, tuple(promoted.get(row.name, ()))))
     out = table.copy()
     out["category"] = backend.classify(jobs)
+    reasoning = out.index[out["category"] == "reasoning"]
+    mechanisms = backend.mechanism([MechanismJob(out.at[i, "name"], examples_by_unit[out.at[i, "name"]],
+                                                 list(promoted.get(out.at[i, "name"], ()))) for i in reasoning])
+    out["mechanism"] = None
+    for i, label in zip(reasoning, mechanisms):
+        out.at[i, "mechanism"] = label
     return out
 
 
 def category_shares(table: pd.DataFrame) -> dict:
-    """{kind: {category: share of classified units}}."""
+    """{kind: {category: share of classified units, "n_classified", "mechanisms": {label: share of the labelled
+    reasoning units}, "n_mechanism_labelled"}}."""
     shares = {}
     for kind, group in table.groupby("kind", sort=False):
         classified = group["category"].dropna()
         shares[kind] = {c: float((classified == c).mean()) if len(classified) else math.nan for c in CATEGORIES}
         shares[kind]["n_classified"] = int(len(classified))
+        labelled = group["mechanism"].dropna() if "mechanism" in group else pd.Series(dtype=object)
+        shares[kind]["mechanisms"] = {m: float((labelled == m).mean()) if len(labelled) else math.nan
+                                      for m in MECHANISMS}
+        shares[kind]["n_mechanism_labelled"] = int(len(labelled))
     return shares
 
 

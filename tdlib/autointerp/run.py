@@ -46,9 +46,18 @@ def cached_or_built(pair: Pair, model_name: str, model, tokenizer, data, config:
     return cache
 
 
-def score_and_classify(cache: ActivationCache, backend, config: ScoringConfig) -> pd.DataFrame:
+def score_and_classify(cache: ActivationCache, backend, config: ScoringConfig, model=None,
+                       n_promoted: int = 10) -> pd.DataFrame:
+    """Score every sampled unit, then classify it in two levels; with ``model``, each unit's ``n_promoted`` most
+    promoted tokens (``page.logit_effects``) go to the judge."""
+    from .page import logit_effects
+
     table = score_units(cache, backend, config)
-    return classify_units(table, cache, backend)
+    promoted = None
+    if model is not None:
+        effects = logit_effects(model, table, cache.vocab, k=n_promoted)
+        promoted = {name: [token for token, _ in effect["up"]] for name, effect in effects.items()}
+    return classify_units(table, cache, backend, promoted=promoted)
 
 
 def summary(table: pd.DataFrame, cache: ActivationCache, backend_name: str, model_name: str,
@@ -64,7 +73,13 @@ def summary(table: pd.DataFrame, cache: ActivationCache, backend_name: str, mode
         results[kind]["n_fired"] = int(sum(int((f > 0).sum()) for f in fires))
         results[kind]["n_alive"] = int(sum(int((f >= scoring_config.min_fires).sum()) for f in fires))
     adapter = categories.get("adapter", {})
+    comparable = backend_name == "llm"
     results.update({
+        "comparable_to_paper": comparable,
+        "comparability": ("an LLM explainer, scorer and judge, as in the paper" if comparable else
+                          f"the {backend_name} back end (pattern explanations, a rule in place of the judge): its "
+                          "detection scores and category shares are not comparable with the paper's LLM-judged "
+                          "numbers (e.g. its ~8% reasoning features)"),
         "reasoning_share": adapter.get("reasoning", float("nan")),
         "neuron_reasoning_share": categories.get("neuron", {}).get("reasoning", float("nan")),
         "backend": backend_name,

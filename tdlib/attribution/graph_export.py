@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from .attribution import AttributionGraph, PrunedGraph
-from .attribution.graph_page import ERROR_MEANING
-from .results import atomic_write_text, resolve
+from . import AttributionGraph, PrunedGraph
+from .graph_page import ERROR_MEANING
+from ..results import atomic_write_text, resolve
 
 
 def _token_text(tokenizer, token: int) -> str:

@@ -1,6 +1,6 @@
 """Measuring where an adapter should add its output in blocks with a post-MLP norm (Gemma 2 / 3).
 
-``python -m tdlib.placement`` trains adapters on tiny Gemma 2 and Gemma 3 pairs with both placements and the
+``python scripts/measure_placement.py`` trains adapters on tiny Gemma 2 and Gemma 3 pairs with both placements and the
 default ``TrainConfig`` and prints the KL to the target before and after, plus how strongly each layer's
 post-MLP norm rescales a small change of the MLP's output (the factor an adapter placed before the norm is
 multiplied by). docs/real_models.md records the numbers and the choice they support.
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from .adapter import AdapterSet
-from .models import find_layers, post_mlp_norm_name
-from .splice import mlp_choice, set_mlp_choice, splice
-from .train import TrainConfig, token_kl, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tdlib.adapter import AdapterSet  # noqa: E402
+from tdlib.models import find_layers, post_mlp_norm_name  # noqa: E402
+from tdlib.splice import mlp_choice, set_mlp_choice, splice  # noqa: E402
+from tdlib.train import TrainConfig, token_kl, train  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
