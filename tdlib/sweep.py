@@ -555,9 +555,9 @@ def study_model(train_results: dict, choice: str | None = None) -> str:
     on a log scale); else a trained run's name."""
     import math
 
-    models = train_results["models"]
     if choice is None:
         return train_results["analysis_model"]
+    models = train_results["models"]
     if choice == "paper_l0":
         adapters = [n for n, m in models.items() if m.get("kind") == "adapter" and m.get("l0")]
         if not adapters:

@@ -170,7 +170,8 @@ def test_every_notebook_runs_on_a_pair_file(local_pair_run):
                                                 "target responses are longer than base's",
                                                 "target says wait more often than base"}
     assert all(pair_check[m]["mean_response_tokens"] <= 48 for m in ("base", "target", "hybrid"))  # the pair's budget
-    assert results["02_faithfulness"]["benchmark"] == "gsm8k" and results["02_faithfulness"]["n_sequences"] == 24
+    # a CPU pair file runs the CPU plan where its own block is silent: 12 rollouts in 02 (tdlib.pairs.CPU_NOTEBOOKS)
+    assert results["02_faithfulness"]["benchmark"] == "gsm8k" and results["02_faithfulness"]["n_sequences"] == 12
     assert results["03_benchmarks"]["benchmark"] == "gsm8k" and results["03_benchmarks"]["max_new_tokens"] == 48
     assert results["04_autointerp"]["ground_truth"] == {}  # no organism segments off the organism
     assert results["04_autointerp"]["adapter"]["categories"]["n_classified"] == 0
@@ -210,7 +211,7 @@ def test_overrides_apply_where_declared_and_the_command_line_wins():
 
 
 @pytest.mark.parametrize("words, message", [
-    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: mode, compare_modes, n_check_features"),
+    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: adapter, mode, compare_modes, n_check_features"),
     (["01.n_prompts=3"], r"unknown notebook parameter 'n_prompts' for '01'.*01_train: l1_weights, steps"),
     (["baselines=0"], r"baselines=0 \(int\) where the default is True"),
     (["n_prompts=many"], r"n_prompts='many' \(str\) where the default is 60"),
