@@ -79,7 +79,7 @@ PAPER_L0_FROM = $(if $(filter smollm2,$(CONFIG)),results/smollm2,results)
 paper-l0: $(STAMP)
 	mkdir -p $(PAPER_L0_FROM)/paper_l0/results
 	cp $(PAPER_L0_FROM)/01_train.json $(PAPER_L0_FROM)/paper_l0/results/01_train.json
-	$(PY) -m tdlib.pipeline --config $(CONFIG) --only 05 06 --output-dir $(PAPER_L0_FROM)/paper_l0 --params adapter=paper_l0
+	$(PY) -m tdlib.pipeline --config $(CONFIG) --only 05 06 --output-dir $(PAPER_L0_FROM)/paper_l0 --params adapter=paper_l0 $(PARAMS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_train.py --config $(CONFIG)
