@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compact", action="store_true", help="instead: the adapter model's greedy responses at "
+                        "their natural lengths, plain generate against compact decoding (tdlib.generate."
+                        "greedy_compact), checked identical")
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = pair_benchmark(pair, limit=args.batch_size).prompts(tokenizer)  # as the notebooks render them
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(target.parameters()).device)
 
+    if args.compact:
+        return compare_compact(adapted, tokenizer, prompts, args.new_tokens, args.repeats)
     speeds = {"target": [], name: []}
     for model in (target, adapted):  # warm-up
         tokens_per_second(model, batch, min(8, args.new_tokens), tokenizer.pad_token_id)
@@ -85,6 +90,38 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name:16s}: {adapted_speed:10.1f} tokens/s")
     print(f"ratio adapters/target: {ratio:.3f} (bar >= 0.7: {'met' if ratio >= 0.7 else 'MISSED'})")
     return {"target": target_speed, name: adapted_speed, "ratio": ratio}
+
+
+def compare_compact(model, tokenizer, prompts: list[str], budget: int, repeats: int) -> dict:
+    """Tokens/s of the same greedy responses (natural lengths, up to ``budget``) from plain ``generate`` and from
+    compact decoding, interleaved, medians; refuses to time two paths that write different tokens."""
+    from tdlib.generate import generate_greedy
+
+    def run(compact):
+        started = time.perf_counter()
+        out = generate_greedy(model, tokenizer, prompts, max_new_tokens=budget, batch_size=len(prompts),
+                              progress=False, compact=compact)
+        return out, time.perf_counter() - started
+
+    plain, _ = run(False)
+    compact, _ = run(True)
+    if plain.responses != compact.responses:
+        raise SystemExit("compact decoding wrote different tokens from generate; nothing timed")
+    tokens = sum(plain.response_tokens)
+    seconds = {False: [], True: []}
+    for _ in range(repeats):
+        for mode in (False, True):
+            seconds[mode].append(run(mode)[1])
+    plain_speed, compact_speed = (tokens / statistics.median(seconds[m]) for m in (False, True))
+    lengths = sorted(plain.response_tokens)
+    print(f"{len(prompts)} prompts, budget {budget}: response lengths {lengths[0]}-{lengths[-1]} tokens "
+          f"(median {lengths[len(lengths) // 2]}), identical tokens on both paths, median of {repeats}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"generate : {plain_speed:10.1f} tokens/s")
+    print(f"compact  : {compact_speed:10.1f} tokens/s")
+    print(f"speed-up : {compact_speed / plain_speed:.2f}x")
+    return {"generate": plain_speed, "compact": compact_speed, "speedup": compact_speed / plain_speed,
+            "tokens": tokens}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Batched greedy generation with left padding, at plain ``generate`` speed."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,12 @@ class Generation:
 def generate_greedy(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
     progress: bool = True, desc: str = "generate", banned_tokens: list[int] | None = None,
+    compact: bool = False,
 ) -> Generation:
     """Greedy continuations of ``prompts``; batches are left-padded so every prompt ends at the same column.
-    ``banned_tokens`` are never generated (e.g. the hesitation word, to measure what hesitating changes)."""
+    ``banned_tokens`` are never generated (e.g. the hesitation word, to measure what hesitating changes).
+    ``compact``: decode with ``greedy_compact``, which drops each finished row from the batch and its KV cache
+    (worth it when response lengths vary, as a reasoning model's do); else plain ``generate``."""
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
@@ -52,15 +56,70 @@ def generate_greedy(
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = left_padded(tokenizer, prompts[start:start + batch_size], device)
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            **({"bad_words_ids": [[t] for t in banned_tokens]} if banned_tokens else {}),
-        )
-        for text, length in decode_responses(tokenizer, output, batch["input_ids"].shape[1]):
+        if compact:
+            rows = greedy_compact(model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                  banned_tokens=banned_tokens)
+            decoded = [_decode_row(tokenizer, row) for row in rows]
+        else:
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                **({"bad_words_ids": [[t] for t in banned_tokens]} if banned_tokens else {}),
+            )
+            decoded = decode_responses(tokenizer, output, batch["input_ids"].shape[1])
+        for text, length in decoded:
             responses.append(text)
             lengths.append(length)
     return Generation(list(prompts), responses, lengths)
+
+
+@torch.no_grad()
+def greedy_compact(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
+                   banned_tokens: list[int] | None = None) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch that removes a row from the batch, and from the KV cache
+    (``DynamicCache.batch_select_indices``), once it has written end-of-sequence: every step computes only the
+    rows still writing, so a batch whose responses differ in length costs what its responses cost, not its
+    longest response times its size. Returns each row's generated ids (end-of-sequence included when written).
+    Positions and masks are those ``generate`` uses for left padding; the forward hooks of the model (steering,
+    ablation) run as in any forward."""
+    from transformers import DynamicCache
+
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache()
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, **keep_last)  # the prompt's last logits only, not [batch, prompt, vocab]
+    cache, logits, last = out.past_key_values, out.logits[:, -1], positions[:, -1]
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    generated: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    # as generate's bad_words_ids: the end-of-sequence token is never banned
+    banned = torch.tensor([t for t in banned_tokens or [] if t != eos_token_id], dtype=torch.long, device=mask.device)
+    for step in range(max_new_tokens):
+        if banned.numel():
+            logits[:, banned] = -torch.inf
+        tokens = logits.argmax(-1)
+        for row, token in zip(rows.tolist(), tokens.tolist()):
+            generated[row].append(token)
+        keep = (tokens != eos_token_id).nonzero().squeeze(-1)
+        if step == max_new_tokens - 1 or keep.numel() == 0:
+            break
+        if keep.numel() < rows.numel():
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, last = rows[keep], tokens[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        last = last + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return generated
+
+
+def _decode_row(tokenizer, row: list[int]) -> tuple[str, int]:
+    """(text, token count) of one generated row, cut at end-of-sequence."""
+    if tokenizer.eos_token_id in row:
+        row = row[:row.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(row), len(row)
 
 
 def decode_responses(tokenizer, output: torch.Tensor, prompt_width: int) -> list[tuple[str, int]]:

@@ -1,0 +1,70 @@
+"""Compact greedy decoding (finished rows leave the batch and its KV cache) writes exactly what ``generate`` writes:
+on every architecture family, with rows finishing at different steps, with banned tokens and under steering hooks."""
+import pytest
+import torch
+
+from families import FAMILIES, family_model
+from tdlib.generate import greedy_compact
+
+
+def left_padded_ids(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [7, 4, 9, 6]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, -length:] = torch.randint(1, 96, (length,), generator=generator)
+        mask[row, -length:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def reference(model, batch, steps, eos, banned=None):
+    output = model.generate(**batch, max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                            **({"bad_words_ids": [[t] for t in banned]} if banned else {}))
+    rows = []
+    for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        rows.append(row[:row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def an_eos_that_ends_rows_at_different_steps(model, batch, steps):
+    """A token some rows write early and others late or never, so that rows finish at different steps."""
+    free = model.generate(**batch, max_new_tokens=steps, do_sample=False, pad_token_id=0)[:, batch["input_ids"].shape[1]:]
+    counts = torch.bincount(free[:, 1:steps // 2].flatten(), minlength=96)
+    return int(counts.argmax())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compact_decoding_writes_what_generate_writes(family):
+    model = family_model(family)
+    batch = left_padded_ids()
+    eos = an_eos_that_ends_rows_at_different_steps(model, batch, 12)
+    expected = reference(model, batch, 12, eos)
+    assert len({len(r) for r in expected}) > 1  # rows finish at different steps
+    assert greedy_compact(model, batch, max_new_tokens=12, eos_token_id=eos) == expected
+    banned = [expected[0][0]]
+    assert greedy_compact(model, batch, max_new_tokens=12, eos_token_id=eos, banned_tokens=banned) == \
+        reference(model, batch, 12, eos, banned)
+
+
+def test_compact_decoding_under_steering_hooks_and_on_the_organism():
+    from tdlib.generate import generate_greedy
+    from tdlib.models import load_tokenizer
+    from tdlib.organism.build import eval_problems, get_config
+    from tdlib.pairs import resolve_pair
+    from tdlib.sweep import load_named
+
+    pair = resolve_pair("smoke")
+    model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)
+    prompts = [p.prompt for p in eval_problems(get_config("smoke"))[:12]]
+    plain = generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False)
+    compact = generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False, compact=True)
+    assert compact == plain
+    layer = next(iter(model.model.layers)).mlp
+    handle = layer.register_forward_hook(lambda module, args, output: output * 1.5)
+    try:
+        steered = generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False)
+        assert generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False,
+                               compact=True) == steered
+    finally:
+        handle.remove()
