@@ -120,7 +120,8 @@ def test_a_comparison_configuration_fills_its_own_column_and_section(tmp_path):
 def test_the_committed_results_build_with_every_number_traced(tmp_path):
     results = ROOT / "results"
     out = build(results, tmp_path / "README.md", TEMPLATE, PAPER_VALUES, ROOT / "figures")
-    values = [v for path in [*results.glob("*.json"), *results.glob("smollm2/*.json")]
+    values = [v for path in [*results.glob("*.json"), *results.glob("smollm2/*.json"),
+                             *results.glob("paper_l0/results/*.json"), *results.glob("smollm2/paper_l0/results/*.json")]
               for v in numeric_values(json.loads(path.read_text()))]
     values += numeric_values(json.loads(PAPER_VALUES.read_text()))
     assert untraced_numbers(out.read_text(), values, format_specs(TEMPLATE.read_text())) == []
