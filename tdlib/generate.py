@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ def left_padded(tokenizer, prompts: list[str], device=None) -> dict[str, torch.T
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+COMPACT_ENV = "TDLIB_COMPACT_GENERATION"
+"""Set to "1" to make compact decoding the default of ``generate_greedy`` (e.g. for a GPU run at long budgets)."""
+
+
 @dataclass
 class Generation:
     prompts: list[str]
@@ -43,12 +48,16 @@ class Generation:
 def generate_greedy(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
     progress: bool = True, desc: str = "generate", banned_tokens: list[int] | None = None,
-    compact: bool = False,
+    compact: bool | None = None,
 ) -> Generation:
     """Greedy continuations of ``prompts``; batches are left-padded so every prompt ends at the same column.
     ``banned_tokens`` are never generated (e.g. the hesitation word, to measure what hesitating changes).
     ``compact``: decode with ``greedy_compact``, which drops each finished row from the batch and its KV cache
-    (worth it when response lengths vary, as a reasoning model's do); else plain ``generate``."""
+    (worth it when response lengths vary, as a reasoning model's do); else plain ``generate``. None: the
+    environment variable ``TDLIB_COMPACT_GENERATION`` ("1": compact), so a whole ``make figures`` run can switch
+    every notebook's greedy generation at once."""
+    if compact is None:
+        compact = os.environ.get(COMPACT_ENV, "0") == "1"
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

@@ -68,3 +68,24 @@ def test_compact_decoding_under_steering_hooks_and_on_the_organism():
                                compact=True) == steered
     finally:
         handle.remove()
+
+
+def test_the_environment_switches_every_greedy_generation_to_compact(monkeypatch):
+    import tdlib.generate as generate
+    from tdlib.organism.build import eval_problems, get_config
+
+    calls = []
+    real = generate.greedy_compact
+    monkeypatch.setattr(generate, "greedy_compact", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = family_model("qwen2")
+    from tdlib.models import load_tokenizer
+    from tdlib.pairs import resolve_pair
+
+    tokenizer = load_tokenizer(resolve_pair("smoke").target)
+    model.resize_token_embeddings(len(tokenizer))
+    prompts = [p.prompt for p in eval_problems(get_config("smoke"))[:3]]
+    plain = generate.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, progress=False)
+    assert calls == []
+    monkeypatch.setenv(generate.COMPACT_ENV, "1")
+    assert generate.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, progress=False) == plain
+    assert calls == [1]
