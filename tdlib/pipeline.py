@@ -237,31 +237,39 @@ def pair_notebook_block(config: str, smoke: bool = False) -> dict:
     return dict(hub.notebooks)
 
 
-def plan_lines(config: str, smoke: bool = False) -> list[str]:
-    """The training plan of ``config`` (``tdlib.sweep.describe_plan``), without building anything it lacks."""
+def plan_lines(config: str, smoke: bool = False, overrides: dict[str, dict] | None = None) -> list[str]:
+    """What ``config`` would train (``tdlib.sweep.describe_plan``) and generate in notebook 03, without building
+    anything it lacks. ``overrides``: ``notebook_overrides``' result (None: the pair's own ``notebooks`` block)."""
     from .pairs import resolve_pair
     from .sweep import default_plan, describe_plan
 
     pair = resolve_pair("smoke" if smoke else config, build=False)
     plan = default_plan(pair)
-    return describe_plan(pair, plan) + evaluation_plan(pair, len(plan.run_names) + 3)
+    notebooks = numbered_notebooks()
+    if overrides is None:
+        overrides = notebook_overrides(notebooks, dict(pair.hub.notebooks) if pair.hub is not None else {})
+    benchmarks = next(p for p in notebooks if p.name.startswith("03"))
+    settings = {**notebook_parameters(benchmarks), **overrides.get(benchmarks.stem, {})}
+    return describe_plan(pair, plan) + evaluation_plan(pair, len(plan.run_names) + 3, settings)
 
 
-def evaluation_plan(pair, n_models: int) -> list[str]:
-    """Notebook 03's benchmarks, decoding and budget for ``pair``, with the most tokens it could generate."""
+def evaluation_plan(pair, n_models: int, settings: dict) -> list[str]:
+    """Notebook 03's benchmarks, decoding and budget for ``pair`` under its parameters ``settings`` (defaults and
+    overrides), with the most tokens it could generate."""
     from .bench import BENCHMARKS, benchmark_key
 
-    decoding = {**pair.hub.notebooks.get("*", {}), **pair.hub.notebooks.get("03", {})} if pair.hub else {}
-    samples = decoding.get("n_samples", 1) if decoding.get("sampled") else 1
-    how = (f"sampled (T={decoding.get('temperature', 0.6)}, top-p {decoding.get('top_p', 0.95)}), pass@1 over "
-           f"{samples} samples" if decoding.get("sampled") else "greedy")
+    sampled = settings["sampled"]
+    samples = settings["n_samples"] if sampled else 1
+    budget = settings["max_new_tokens"] or pair.max_new_tokens
+    how = (f"sampled (T={settings['temperature']}, top-p {settings['top_p']}), pass@1 over {samples} samples"
+           if sampled else "greedy")
     lines = [f"benchmarks: {', '.join(pair.benchmarks)} (notebook 03 runs the first unless given benchmark=); "
-             f"{how}; up to {pair.max_new_tokens:,} new tokens per response; {n_models} models"]
+             f"{how}; up to {budget:,} new tokens per response; {n_models} models"]
     for name in pair.benchmarks:
         spec = BENCHMARKS.get(benchmark_key(name))
         if spec is not None and spec.n_problems:
-            problems = decoding.get("n_problems") or spec.n_problems
-            most = problems * samples * n_models * pair.max_new_tokens
+            problems = min(settings["n_problems"] or spec.n_problems, spec.n_problems)
+            most = problems * samples * n_models * budget
             lines.append(f"  {name}: {problems} problems x {samples} samples x {n_models} models: at most "
                          f"{most / 1e6:,.0f}M generated tokens")
     return lines
@@ -286,7 +294,7 @@ def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] 
     run_dir = run_dir or REPO_ROOT / "runs" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = run_parameters(config, smoke, run_dir, output_dir)
-    for line in plan_lines(config, smoke):
+    for line in plan_lines(config, smoke, overrides):
         print(f"[pipeline] {line}", flush=True)
     if overrides.get("01_train"):
         print(f"[pipeline] notebook 01 runs with {overrides['01_train']} in place of those defaults", flush=True)
