@@ -62,10 +62,10 @@ def random_adapter_model(shape: str, n_features: int, l0: float, ids: torch.Tens
 def pair_adapter_model(config: str, run: str | None, prompt_tokens: int | None):
     """(adapter model, prompt ids, run name) of a built pair: 01's analysis model (else the first adapter run) and
     the first prompt of the pair's benchmark."""
-    from tdlib.bench import pair_benchmark
+    from tdlib.problems import pair_benchmark
     from tdlib.models import load_tokenizer
     from tdlib.results import read_results
-    from tdlib.sweep import load_named, trained_runs
+    from tdlib.runs import load_named, trained_runs
 
     pair = pair_or_exit(config)
     if run is None:

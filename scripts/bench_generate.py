@@ -34,11 +34,11 @@ def tokens_per_second(model, batch, new_tokens: int, pad_token_id: int) -> float
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tdlib.bench import pair_benchmark
+    from tdlib.problems import pair_benchmark
     from tdlib.models import load_tokenizer
     from tdlib.results import read_results
     from tdlib.splice import get_mlp_choice
-    from tdlib.sweep import load_named, trained_runs
+    from tdlib.runs import load_named, trained_runs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="organism", help="a built pair: organism, smoke, smollm2, a pair file")

@@ -46,7 +46,7 @@ def capture_with_hooks(model, batch) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tdlib.bench import pair_benchmark
+    from tdlib.problems import pair_benchmark
     from tdlib.models import load_hf, load_model
     from tdlib.remote import collect
 

@@ -93,7 +93,7 @@ def smoke_page(directory: Path) -> Path:
                                   logit_effects, organism_batches, score_units, write_feature_page)
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     pair = resolve_pair("smoke")
     model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)

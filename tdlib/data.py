@@ -90,7 +90,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
 
 PROMPT_FORMATS = ("chat", "plain")
 """How a conversation becomes text: "chat" through the tokenizer's chat template, "plain" without one (each turn's
-text followed by a newline before the response, as ``tdlib.bench.render_prompts`` prompts a template-less model)."""
+text followed by a newline before the response, as ``tdlib.problems.render_prompts`` prompts a template-less model)."""
 
 
 def check_prompt_format(tokenizer, prompt_format: str) -> None:

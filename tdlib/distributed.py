@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     from .models import load_tokenizer
     from .pairs import data_for, resolve_pair
     from .splice import attach_adapters
-    from .sweep import adapter_run_name, run_dir, spliced_target, write_run_info
+    from .sweep import adapter_run_name
+    from .runs import run_dir, spliced_target, write_run_info
 
     parser = argparse.ArgumentParser(description="data-parallel adapter training (launch with torchrun)")
     parser.add_argument("--config", default="organism", help="pair configuration (tdlib.pairs)")

@@ -19,6 +19,7 @@ The figures of these numbers are in ``tdlib.plots``.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +30,8 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import pad_batch
 from .generate import encode_prompt, generate_greedy
-from .residual import capture_features, capture_residuals
-from .splice import is_spliced, mlp_choice
+from .residual import capture_features, capture_mlp_inputs, capture_residuals
+from .splice import is_spliced, mlp_choice, mlp_difference, spliced_mlps
 
 
 @dataclass(frozen=True)
@@ -127,29 +128,31 @@ class TargetPass:
     whose next token is real (``metrics.next_token_mask``)."""
     uncertain: torch.Tensor
     """True on scored positions where the target's top probability is <= the threshold."""
+    mlp_inputs: dict[int, torch.Tensor] | None = None
+    """{layer: the target's MLP input}, kept only when asked (``target_pass(..., mlp_inputs=True)``): the inputs
+    at which ``compare`` measures an adapter's FVU the usual transcoder way."""
 
 
-def _forward(model, batch):
-    with capture_residuals(model) as residuals, capture_features(model) as features:
+def _forward(model, batch, mlp_inputs: bool = False):
+    with capture_residuals(model) as residuals, capture_features(model) as features, \
+            (capture_mlp_inputs(model) if mlp_inputs else nullcontext({})) as inputs:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits, list(residuals), dict(features)
+    return logits, list(residuals), dict(features), dict(inputs)
 
 
 @torch.no_grad()
-def target_pass(target, batch: dict, uncertain_threshold: float = 0.8) -> TargetPass:
+def target_pass(target, batch: dict, uncertain_threshold: float = 0.8, mlp_inputs: bool = False) -> TargetPass:
     """The target's outputs on one batch (``target``: a plain model, or a spliced one switched to "target").
 
-    Scored positions: ``batch["score_mask"]`` when present (``onpolicy_batches``), else ``next_token_mask``."""
-    if is_spliced(target):
-        with mlp_choice(target, "target"):
-            logits, residuals, _ = _forward(target, batch)
-    else:
-        logits, residuals, _ = _forward(target, batch)
+    Scored positions: ``batch["score_mask"]`` when present (``onpolicy_batches``), else ``next_token_mask``.
+    ``mlp_inputs``: also keep the target's MLP inputs (for the FVU of ``compare(..., adapter_details=True)``)."""
+    with mlp_choice(target, "target") if is_spliced(target) else nullcontext():
+        logits, residuals, _, inputs = _forward(target, batch, mlp_inputs)
     log_probs = F.log_softmax(logits.float(), dim=-1)
     real = batch["attention_mask"].bool()
     scored = batch.get("score_mask", metrics.next_token_mask(batch["attention_mask"])).bool() & real
     uncertain = scored & (log_probs.max(-1).values.exp() <= uncertain_threshold)
-    return TargetPass(log_probs, residuals, real, scored, uncertain)
+    return TargetPass(log_probs, residuals, real, scored, uncertain, inputs if mlp_inputs else None)
 
 
 class RecomputedPasses:
@@ -194,17 +197,78 @@ class Comparison:
     """Every hidden state (index 0 the embedding output), over every real position."""
     l0: float | None
     """Active features per real token per layer with features; None for a model without adapters."""
+    real_tokens: int = 0
+    """Real positions of the text (where NMSE and L0 count)."""
+    adapter: AdapterDetails | None = None
+    """Per-layer feature statistics and FVU, when ``compare`` was asked for them (``adapter_details``)."""
+
+
+@dataclass
+class AdapterDetails:
+    """What ``compare(..., adapter_details=True)`` adds for a model with adapters, over every real position."""
+
+    l0_by_layer: list[float]
+    """Active features per real token, every layer (0 where a layer has no adapter)."""
+    fired: dict[int, torch.Tensor]
+    """{layer: bool [n_features]}, True where the feature fired on at least one real token."""
+    fired_first_half: dict[int, torch.Tensor]
+    """The same on the first half of the batches (how stable the dead share is)."""
+    fvu_by_layer: list[float]
+    """Adapter output against the MLP difference at the MLP inputs the compared model itself produces."""
+    fvu_target_inputs_by_layer: list[float]
+    """The same at the target's own MLP inputs (the usual transcoder convention)."""
+
+
+class _AdapterTally:
+    """Running sums behind ``AdapterDetails``, one batch at a time."""
+
+    def __init__(self, model, n_batches: int):
+        self.mlps, self.n_batches, self.batches = spliced_mlps(model), n_batches, 0
+        self.active = torch.zeros(len(self.mlps))
+        self.fired: dict[int, torch.Tensor] = {}
+        self.fired_half: dict[int, torch.Tensor] = {}
+        self.fvu_own: dict[int, metrics.RunningFVU] = {}
+        self.fvu_target: dict[int, metrics.RunningFVU] = {}
+
+    def add(self, features: dict, inputs: dict, reference: TargetPass) -> None:
+        if reference.mlp_inputs is None:
+            raise ValueError("adapter_details needs the target's MLP inputs: make the passes with "
+                             "target_pass(..., mlp_inputs=True)")
+        if self.batches == (self.n_batches + 1) // 2:
+            self.fired_half = {layer: f.clone() for layer, f in self.fired.items()}
+        self.batches += 1
+        real = reference.real
+        for layer, acts in features.items():
+            acts = acts[real]
+            self.active[layer] += float(metrics.active_per_token(acts).sum())
+            self.fired[layer] = self.fired.get(layer, torch.zeros(acts.shape[-1], dtype=torch.bool)) | (acts > 0).any(0)
+            mlp = self.mlps[layer]
+            for store, source in ((self.fvu_own, inputs), (self.fvu_target, reference.mlp_inputs)):
+                x = source[layer][real]
+                store.setdefault(layer, metrics.RunningFVU()).add(mlp.adapter(x).out, mlp_difference(mlp, x))
+
+    def details(self, real_tokens: int) -> AdapterDetails | None:
+        if not self.fired:
+            return None
+        layers = sorted(self.fired)
+        return AdapterDetails((self.active / real_tokens).tolist(), self.fired, self.fired_half or self.fired,
+                              [self.fvu_own[i].value() for i in layers], [self.fvu_target[i].value() for i in layers])
 
 
 @torch.no_grad()
-def compare(model, batches: list[dict], passes: list[TargetPass]) -> Comparison:
-    """Compare ``model`` (with whatever MLP choice it has) with the cached target passes, sequence by sequence:
-    KL and top-1 over each pass's scored positions, NMSE and L0 over its real positions (``tdlib.metrics``)."""
+def compare(model, batches: list[dict], passes, adapter_details: bool = False) -> Comparison:
+    """Compare ``model`` (with whatever MLP choice it has) with the target passes (a list, ``RecomputedPasses`` or
+    any iterable yielding one ``TargetPass`` per batch, in order), sequence by sequence: KL and top-1 over each
+    pass's scored positions (the token set is the passes': ``score_mask`` or every next-token position), NMSE and
+    L0 over its real positions (``tdlib.metrics``). The project's one evaluation loop: notebook 02 on on-policy
+    responses, ``evaluate_replacement`` on held-out traces. ``adapter_details``: also ``AdapterDetails`` (the
+    passes must keep the target's MLP inputs)."""
     sums = {k: [] for k in ("kl", "top1", "tokens", "kl_uncertain", "top1_uncertain", "tokens_uncertain")}
     nmse_num = nmse_den = 0
-    active, feature_tokens, n_layers_with_features = 0.0, 0, 0
+    active, feature_tokens, n_layers_with_features, real_tokens = 0.0, 0, 0, 0
+    tally = _AdapterTally(model, len(batches)) if adapter_details else None
     for batch, reference in zip(batches, passes):
-        logits, residuals, features = _forward(model, batch)
+        logits, residuals, features, inputs = _forward(model, batch, mlp_inputs=adapter_details)
         log_probs = F.log_softmax(logits.float(), dim=-1)
         per_token_kl = metrics.kl_from_log_probs(reference.log_probs, log_probs)
         disagree = metrics.token_top1_disagreement(reference.log_probs, log_probs)
@@ -215,13 +279,69 @@ def compare(model, batches: list[dict], passes: list[TargetPass]) -> Comparison:
             sums["tokens" + suffix].append(keep.sum(-1))
         errors, norms = metrics.nmse_sums(residuals, reference.residuals, reference.real)
         nmse_num, nmse_den = nmse_num + errors, nmse_den + norms
+        real_tokens += int(reference.real.sum())
+        if tally is not None and features:
+            tally.add(features, inputs, reference)
         if features:
             n_layers_with_features = len(features)
             active += sum(float(metrics.active_per_token(acts[reference.real]).sum()) for acts in features.values())
             feature_tokens += int(reference.real.sum())
     arrays = {k: torch.cat(v).double().numpy() for k, v in sums.items()}
     l0 = active / (feature_tokens * n_layers_with_features) if feature_tokens else None
-    return Comparison(**arrays, nmse_by_layer=(nmse_num / nmse_den).tolist(), l0=l0)
+    return Comparison(**arrays, nmse_by_layer=(nmse_num / nmse_den).tolist(), l0=l0, real_tokens=real_tokens,
+                      adapter=tally.details(real_tokens) if tally is not None else None)
+
+
+HELDOUT_TEXT = "held-out traces of the training distribution (prompt and response, teacher-forced)"
+"""What ``evaluate_replacement`` (notebook 01) runs on; notebook 02's text is on-policy (``onpolicy_batches``)."""
+
+
+def scored_positions_description(include_prompt: bool) -> str:
+    """The results files' words for the KL / top-1 token set (``response_positions``)."""
+    if include_prompt:
+        return "every position whose next token is real (prompt and response)"
+    return "positions predicting a response token or the end-of-sequence after it"
+
+
+@torch.no_grad()
+def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") -> dict:
+    """Held-out metrics of the spliced ``model`` run with MLP ``choice`` against the same model run as the target
+    (``compare`` with target passes made batch by batch from ``model`` itself), on ``HELDOUT_TEXT``:
+
+    * ``kl``, ``top1_error``: over the KL token set of ``batches`` (their ``score_mask``, else
+      ``next_token_mask``: every position whose next token is real); ``n_tokens`` is the number of those positions;
+    * ``nmse_by_layer`` (index 0 the embedding output), ``nmse_layers`` (headline, embedding excluded),
+      ``nmse_with_embedding``: over every real position (``n_real_tokens``);
+    * adapters only: ``l0_by_layer``/``l0`` (every real position), ``dead_fraction_heldout`` (never fired on these
+      tokens) and ``dead_fraction_heldout_half`` (the same on the first half of the batches: close to the full
+      value when the held-out set is large enough for the share to be stable), ``fvu_by_layer`` (adapter output
+      against the MLP difference at the adapter's placement, ``tdlib.splice.mlp_difference``:
+      target_mlp(x) - base_mlp(x), both passed through the block's post-MLP norm under "residual", at the MLP
+      inputs x the replacement model itself produces) and ``fvu_target_inputs_by_layer`` (the same at the target's
+      own MLP inputs, the usual transcoder convention).
+    """
+    details = choice == "adapter"
+    passes = (target_pass(model, batch, mlp_inputs=details) for batch in batches)
+    with mlp_choice(model, choice):
+        c = compare(model, batches, passes, adapter_details=details)
+    n_scored = c.tokens.sum()
+    result = {
+        "kl": float(c.kl.sum() / n_scored),
+        "top1_error": float(c.top1.sum() / n_scored),
+        "nmse_by_layer": c.nmse_by_layer,
+        "nmse_layers": metrics.nmse_layers(c.nmse_by_layer),
+        "nmse_with_embedding": metrics.nmse_with_embedding(c.nmse_by_layer),
+        "n_tokens": int(n_scored),
+        "n_real_tokens": c.real_tokens,
+    }
+    if c.adapter is not None:
+        result["l0_by_layer"] = c.adapter.l0_by_layer
+        result["l0"] = sum(c.adapter.l0_by_layer) / len(c.adapter.l0_by_layer)
+        result["dead_fraction_heldout"] = metrics.dead_fraction_heldout(c.adapter.fired)
+        result["dead_fraction_heldout_half"] = metrics.dead_fraction_heldout(c.adapter.fired_first_half)
+        result["fvu_by_layer"] = c.adapter.fvu_by_layer
+        result["fvu_target_inputs_by_layer"] = c.adapter.fvu_target_inputs_by_layer
+    return result
 
 
 def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, n_bootstrap: int = 1000,
@@ -355,7 +475,7 @@ def evaluate_faithfulness(pair, names: list[str], batches: list[dict], config: F
                           passes: list[TargetPass] | None = None, progress: bool = True) -> dict[str, dict]:
     """{name: summary} for each model, comparing with one cached target pass per batch (``passes``, computed here
     when not given)."""
-    from .sweep import load_named
+    from .runs import load_named
 
     if passes is None:
         passes = target_passes(load_named(pair, "target"), batches, config.uncertain_threshold, config.cache_target)

@@ -1,4 +1,4 @@
-"""Batched greedy generation with left padding, at plain ``generate`` speed."""
+"""Batched generation with left padding: greedy (plain ``generate``, or compact decoding that drops finished rows) and sampled with a seed."""
 from __future__ import annotations
 
 import inspect
@@ -125,18 +125,57 @@ def greedy_compact(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int
 
 
 def _decode_row(tokenizer, row: list[int]) -> tuple[str, int]:
-    """(text, token count) of one generated row, cut at end-of-sequence."""
+    """(text, token count) of one generated row, cut at end-of-sequence, padding dropped."""
     if tokenizer.eos_token_id in row:
         row = row[:row.index(tokenizer.eos_token_id)]
+    row = [t for t in row if t != tokenizer.pad_token_id]
     return tokenizer.decode(row), len(row)
 
 
 def decode_responses(tokenizer, output: torch.Tensor, prompt_width: int) -> list[tuple[str, int]]:
-    """(text, token count) of each generated row, cut at end-of-sequence, padding dropped."""
-    decoded = []
-    for row in output[:, prompt_width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[:row.index(tokenizer.eos_token_id)]
-        row = [t for t in row if t != tokenizer.pad_token_id]
-        decoded.append((tokenizer.decode(row), len(row)))
-    return decoded
+    """(text, token count) of each generated row of ``generate``'s ``output`` (prompt columns dropped)."""
+    return [_decode_row(tokenizer, row) for row in output[:, prompt_width:].tolist()]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampled decoding (optional; greedy is the default)."""
+
+    temperature: float = 0.6
+    """Softmax temperature (the R1-distill recommendation)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Seeds ``torch`` before each batch, so a rerun samples the same responses."""
+    n_samples: int = 1
+    """Responses sampled per problem (sample s seeded with ``seed + s``); accuracy is then pass@1, the mean over
+    samples, with a bootstrap interval over problems (``pass_at_1``)."""
+
+    def __post_init__(self):
+        if self.n_samples < 1:
+            raise ValueError(f"SamplingConfig.n_samples must be >= 1, got {self.n_samples}")
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+
+@torch.no_grad()
+def generate_sampled(model, tokenizer, prompts: list[str], *, max_new_tokens: int, sampling: SamplingConfig,
+                     batch_size: int = 64, progress: bool = True, desc: str = "sample") -> Generation:
+    """Like ``generate_greedy`` (left padding, plain ``generate``) but sampled, seeded per batch."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    responses, lengths = [], []
+    for number, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress,
+                                        leave=False)):
+        batch = left_padded(tokenizer, prompts[start:start + batch_size], device)
+        torch.manual_seed(sampling.seed * 1_000_003 + number)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True,
+                                temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for text, length in decode_responses(tokenizer, output, batch["input_ids"].shape[1]):
+            responses.append(text)
+            lengths.append(length)
+    return Generation(list(prompts), responses, lengths)

@@ -27,9 +27,6 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .models import find_layers
-from .residual import capture_features, capture_mlp_inputs, capture_residuals
-from .splice import mlp_choice, mlp_difference, spliced_mlps
 
 
 # ------------------------------------------------------------------------------------------------ positions
@@ -200,78 +197,3 @@ def dead_fraction_train(tokens_since_fired: Mapping, dead_after_tokens: int, tra
         return None
     counts = torch.cat([torch.as_tensor(v).flatten() for v in tokens_since_fired.values()])
     return (counts >= dead_after_tokens).float().mean().item()
-
-
-# -------------------------------------------------------------------------------------- held-out evaluation
-
-@torch.no_grad()
-def evaluate_replacement(model, batches: list[dict], choice: str = "adapter") -> dict:
-    """Held-out metrics of the spliced ``model`` run with MLP ``choice`` against the same model run as the target.
-
-    * ``kl``, ``top1_error``: over the KL token set (``next_token_mask``: position t counts when token t+1 is real);
-      ``n_tokens`` is the number of those positions;
-    * ``nmse_by_layer`` (index 0 the embedding output), ``nmse_layers`` (headline, embedding excluded),
-      ``nmse_with_embedding``: over every real position;
-    * adapters only: ``l0_by_layer``/``l0`` (every real position), ``dead_fraction_heldout`` (never fired on these
-      tokens) and ``dead_fraction_heldout_half`` (the same on the first half of the batches: close to the full
-      value when the held-out set is large enough for the share to be stable), ``fvu_by_layer`` (adapter output
-      against the MLP difference at the adapter's placement, ``tdlib.splice.mlp_difference``:
-      target_mlp(x) - base_mlp(x), both passed through the block's post-MLP norm under "residual", at the MLP
-      inputs x the replacement model itself produces) and ``fvu_target_inputs_by_layer`` (the same at the target's
-      own MLP inputs, the usual transcoder convention).
-    """
-    n_layers = len(find_layers(model))
-    mlps = spliced_mlps(model)
-    kl_sum = top1_sum = 0.0
-    n_scored = n_real = 0
-    nmse_errors = nmse_norms = 0
-    l0_sum = torch.zeros(n_layers)
-    fired: dict[int, torch.Tensor] = {}
-    fired_half: dict[int, torch.Tensor] = {}
-    fvu_own: dict[int, RunningFVU] = {}
-    fvu_target: dict[int, RunningFVU] = {}
-    for number, batch in enumerate(batches):
-        if number == (len(batches) + 1) // 2:
-            fired_half = {layer: f.clone() for layer, f in fired.items()}
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        real, scored = mask.bool(), next_token_mask(mask)
-        with mlp_choice(model, "target"), capture_residuals(model) as target_residuals, \
-                capture_mlp_inputs(model) as target_inputs:
-            target_logits = model(input_ids=ids, attention_mask=mask).logits
-        with mlp_choice(model, choice), capture_residuals(model) as residuals, capture_features(model) as features, \
-                capture_mlp_inputs(model) as inputs:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        kl_sum += float((token_kl(target_logits, logits) * scored).sum())
-        top1_sum += float((token_top1_disagreement(target_logits, logits) * scored).sum())
-        n_scored += int(scored.sum())
-        n_real += int(real.sum())
-        errors, norms = nmse_sums(residuals, target_residuals, mask)
-        nmse_errors, nmse_norms = nmse_errors + errors, nmse_norms + norms
-        if choice != "adapter":
-            continue
-        for layer, acts in features.items():
-            acts = acts[real]
-            l0_sum[layer] += float(active_per_token(acts).sum())
-            fired[layer] = fired.get(layer, torch.zeros(acts.shape[-1], dtype=torch.bool)) | (acts > 0).any(0)
-            mlp = mlps[layer]
-            for store, source in ((fvu_own, inputs), (fvu_target, target_inputs)):
-                x = source[layer][real]
-                store.setdefault(layer, RunningFVU()).add(mlp.adapter(x).out, mlp_difference(mlp, x))
-    by_layer = (nmse_errors / nmse_norms).tolist()
-    result = {
-        "kl": kl_sum / n_scored,
-        "top1_error": top1_sum / n_scored,
-        "nmse_by_layer": by_layer,
-        "nmse_layers": nmse_layers(by_layer),
-        "nmse_with_embedding": nmse_with_embedding(by_layer),
-        "n_tokens": n_scored,
-        "n_real_tokens": n_real,
-    }
-    if choice == "adapter" and fired:
-        result["l0_by_layer"] = (l0_sum / n_real).tolist()
-        result["l0"] = sum(result["l0_by_layer"]) / n_layers
-        result["dead_fraction_heldout"] = dead_fraction_heldout(fired)
-        result["dead_fraction_heldout_half"] = dead_fraction_heldout(fired_half or fired)
-        result["fvu_by_layer"] = [fvu_own[i].value() for i in sorted(fired)]
-        result["fvu_target_inputs_by_layer"] = [fvu_target[i].value() for i in sorted(fired)]
-    return result

@@ -14,7 +14,7 @@
   selects your own pair, local folders and data files included: see ``docs/real_models.md``.
 
 Hub configurations download nothing here: ``resolve_pair`` only returns names; models load lazily in
-``tdlib.sweep.load_named`` (``tdlib.models.load_hf`` takes hub ids). Every later stage asks this module where
+``tdlib.runs.load_named`` (``tdlib.models.load_hf`` takes hub ids). Every later stage asks this module where
 the pair lives and where its artifacts go, so switching pairs changes a parameter, not code.
 """
 from __future__ import annotations
@@ -256,7 +256,7 @@ BENCHMARKS = {
     "GPQA Diamond": "gpqa_diamond",
     **{key: key for key in ("math500", "aime2024", "gsm8k", "amc23", "aime2025", "gpqa_diamond")},
 }
-"""Benchmark name (as the paper writes it, or the loader's key) -> ``tdlib.bench.BENCHMARKS`` key, where the hub
+"""Benchmark name (as the paper writes it, or the loader's key) -> ``tdlib.problems.BENCHMARKS`` key, where the hub
 id, split and schema of each benchmark live."""
 
 OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"

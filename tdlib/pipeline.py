@@ -256,7 +256,7 @@ def plan_lines(config: str, smoke: bool = False, overrides: dict[str, dict] | No
 def evaluation_plan(pair, n_models: int, settings: dict) -> list[str]:
     """Notebook 03's benchmarks, decoding and budget for ``pair`` under its parameters ``settings`` (defaults and
     overrides), with the most tokens it could generate."""
-    from .bench import BENCHMARKS, benchmark_key
+    from .problems import BENCHMARKS, benchmark_key
 
     sampled = settings["sampled"]
     samples = settings["n_samples"] if sampled else 1

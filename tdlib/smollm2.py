@@ -136,8 +136,8 @@ def question(problem: task.Problem) -> str:
 
 
 def user_message(problem: task.Problem) -> str:
-    """The user turn, exactly as ``tdlib.bench`` prompts a GSM8K item: the question and the usual instruction."""
-    from .bench import MATH_INSTRUCTION
+    """The user turn, exactly as ``tdlib.problems`` prompts a GSM8K item: the question and the usual instruction."""
+    from .problems import MATH_INSTRUCTION
 
     return f"{question(problem)}\n{MATH_INSTRUCTION}"
 

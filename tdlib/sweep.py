@@ -1,13 +1,7 @@
-"""Train, store and load the replacement models of one (base, target) pair; what notebook 01 calls.
-
-Each run lives in its own folder ``artifacts/train/<pair key>/<run name>/``: ``checkpoint.pt`` while training
-(an interrupted run resumes from it; deleted once the run is finished), ``log.csv``, the final weights
-(``adapters/`` as safetensors + JSON, or ``base_mlps.safetensors`` for the dense skyline) and ``run.json``, written
-last, which marks the run finished.
-``train_run`` on a finished run with the same config loads it instead of training.
-
-Later notebooks get any model by name with ``load_named(pair, name)``: ``"base"``, ``"target"``,
-``"hybrid"`` or a run name from the sweep (``"adapter_l1_0.001"``, ``"mlp_finetune"``, ``"local_mse"``).
+"""The sweep of one (base, target) pair, what notebook 01 calls: which runs to train (``SweepPlan``,
+``default_plan``), training each (``train_run``: trains, loads when finished, resumes when interrupted; run folders
+and ``load_named`` are ``tdlib.runs``), the local-MSE transcoder's calibration, held-out evaluation and the choice
+of the analysis adapter (``analysis_models``, ``study_model``).
 """
 from __future__ import annotations
 
@@ -17,18 +11,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .adapter import AdapterSet
-from .models import load_hf
 from .pairs import Pair
 from .results import atomic_write_text
-from .splice import attach_adapters, set_mlp_choice, splice, spliced_mlps
+from .runs import (BASE_MLPS_FILE, DamagedRunError, checkpoint_is_stale, load_named, read_run, run_dir,
+                   spliced_target, train_root, write_run_info)
+from .splice import attach_adapters, set_mlp_choice, spliced_mlps
 from .train import TrainConfig, TrainResult, config_from_dict, train, training_identity
 
-RUN_FILE = "run.json"
-BASE_MLPS_FILE = "base_mlps.safetensors"
-REFERENCE_MODELS = ("base", "target", "hybrid")
 LOCAL_MSE = "local_mse"
 CALIBRATION_FILE = "local_mse_calibration.json"
 L0_RANGE = (1.0, 10.0)
@@ -71,53 +63,6 @@ def local_mse_spec(base: TrainConfig, l1_weight: float) -> RunSpec:
     return RunSpec(LOCAL_MSE, TrainConfig(kind="local_mse", l1_weight=l1_weight, **_shared(base)))
 
 
-def train_root(pair: Pair) -> Path:
-    return pair.artifacts("train")
-
-
-def run_dir(pair: Pair, name: str, root: Path | None = None) -> Path:
-    return Path(root or train_root(pair)) / name
-
-
-def spliced_target(pair: Pair, adapters: AdapterSet | None = None):
-    """The target spliced with the base's MLPs (all layers start as "target"), on the pair's device."""
-    base, _ = load_hf(pair.base, pair.dtype, pair.device)
-    target, _ = load_hf(pair.target, pair.dtype, pair.device)
-    model = splice(target, base, adapters)
-    del base
-    return model
-
-
-class DamagedRunError(RuntimeError):
-    """A run folder whose files cannot be read (a truncated weights file, an unreadable run.json): the message
-    names the file and the fix. ``train_run`` retrains such a run; loading one raises this."""
-
-
-def damaged(path: Path, error: BaseException) -> DamagedRunError:
-    directory = Path(path).parent if Path(path).name in (RUN_FILE, BASE_MLPS_FILE, "checkpoint.pt") else \
-        Path(path).parent.parent
-    return DamagedRunError(
-        f"{path} cannot be read ({type(error).__name__}: {error}); the run folder {directory} is damaged (an "
-        f"interrupted copy or a full disk?). Delete it (rm -r '{directory}') and run notebook 01 again (make "
-        "figures), which trains it anew; train_run retrains a damaged run by itself")
-
-
-def read_run(directory: Path) -> dict | None:
-    """The run.json of a finished run; None when the run has not finished (no run.json). An unreadable run.json
-    raises ``DamagedRunError`` naming the file and the fix."""
-    path = Path(directory) / RUN_FILE
-    if not path.exists():
-        return None
-    try:
-        info = json.loads(path.read_text())
-        missing = {"name", "kind", "train_config"} - set(info if isinstance(info, dict) else ())
-        if missing:
-            raise ValueError(f"no {sorted(missing)} in it")
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise damaged(path, error) from None
-    return info
-
-
 def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progress: bool = True):
     """Train (or load when finished, or resume when interrupted) one run; returns (spliced model, TrainResult or
     None when loaded). A finished run whose config differs from ``spec`` is stale and trained again; fields that
@@ -127,7 +72,7 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
         finished = read_run(directory)
         if finished is not None and training_identity(finished["train_config"]) == training_identity(spec.config):
             return load_named(pair, spec.name, root), None
-        stale = finished is not None or _stale_checkpoint(directory, spec.config)
+        stale = finished is not None or checkpoint_is_stale(directory, spec.config)
     except DamagedRunError as error:
         print(f"[sweep] {spec.name}: {error}. Training it again")
         stale = True
@@ -153,96 +98,6 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
     (directory / "checkpoint.pt").unlink(missing_ok=True)
     set_mlp_choice(model, spec.config.replacement)
     return model, result
-
-
-def write_run_info(directory: Path, pair: Pair, name: str, config: TrainConfig, result: TrainResult,
-                   seconds: float, **extra) -> None:
-    """Write a finished run's ``run.json`` (what ``read_run`` and ``load_named`` read), atomically."""
-    since_fired = {str(k): v.tolist() for k, v in result.tokens_since_fired.items()}
-    atomic_write_text(directory / RUN_FILE, json.dumps({
-        "name": name, "kind": config.kind, "pair": pair.name, "train_config": asdict(config),
-        "train_seconds": round(seconds, 1), "tokens_since_fired": since_fired, **extra}))
-
-
-def _stale_checkpoint(directory: Path, config: TrainConfig) -> bool:
-    import torch
-
-    checkpoint = directory / "checkpoint.pt"
-    if not checkpoint.exists():
-        return False
-    try:
-        saved = torch.load(checkpoint, weights_only=False)["config"]
-    except Exception as error:  # noqa: BLE001 - a truncated pickle raises many kinds; all mean "damaged"
-        raise damaged(checkpoint, error) from None
-    return training_identity(saved) != training_identity(config)
-
-
-def trained_runs(pair: Pair, root: Path | None = None) -> dict[str, dict]:
-    """Finished runs of this pair: {name: run.json contents}."""
-    root = Path(root or train_root(pair))
-    runs = {}
-    for directory in sorted(root.glob("*/")) if root.exists() else []:
-        info = read_run(directory)
-        if info is not None:
-            runs[info["name"]] = info
-    return runs
-
-
-def load_named(pair: Pair, name: str, root: Path | None = None):
-    """A model of this pair by name, ready to run (eval mode, on the pair's device).
-
-    ``"base"`` and ``"target"`` are the plain models; ``"hybrid"`` and every trained run are the spliced target
-    with the matching MLP choice set (so ``tdlib.splice.mlp_choice`` can switch it, e.g. to bridges).
-    """
-    if name in ("base", "target"):
-        return load_hf(pair.base if name == "base" else pair.target, pair.dtype, pair.device)[0]
-    if name == "hybrid":
-        model = spliced_target(pair)
-        set_mlp_choice(model, "base")
-        return model.eval()
-    directory = run_dir(pair, name, root)
-    info = read_run(directory)
-    if info is None:
-        known = sorted(trained_runs(pair, root))
-        raise FileNotFoundError(
-            f"no finished run {name!r} in {directory.parent} (finished runs: {known or 'none'}); "
-            "run notebooks/01_train.ipynb first (make figures), or pick one of " + ", ".join(REFERENCE_MODELS))
-    config = config_from_dict(info["train_config"])
-    if config.kind == "mlp_finetune":
-        model = spliced_target(pair)
-        state = _read_weights(directory / BASE_MLPS_FILE)
-        try:
-            for i, mlp in enumerate(spliced_mlps(model)):
-                prefix = f"{i}."
-                mlp.base_mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        except RuntimeError as error:  # missing or misshapen tensors
-            raise damaged(directory / BASE_MLPS_FILE, error) from None
-    else:
-        model = spliced_target(pair, _read_adapters(directory))
-    set_mlp_choice(model, config.replacement)
-    return model.eval()
-
-
-def _read_weights(path: Path) -> dict:
-    try:
-        return load_file(path)
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
-        raise damaged(path, error) from None
-
-
-def _read_adapters(directory: Path) -> AdapterSet:
-    try:
-        return AdapterSet.load(directory / "adapters")
-    except Exception as error:  # noqa: BLE001 - a truncated file, bad JSON or a shape mismatch: all "damaged"
-        raise damaged(directory / "adapters" / "adapters.safetensors", error) from None
-
-
-def load_adapters(pair: Pair, name: str, root: Path | None = None) -> AdapterSet:
-    """Only the adapter weights of a finished run."""
-    directory = run_dir(pair, name, root)
-    if read_run(directory) is None:
-        raise FileNotFoundError(f"no finished run {name!r} in {directory.parent}; run notebooks/01_train.ipynb")
-    return _read_adapters(directory)
 
 
 def seed_variant(pair: Pair, name: str, seed: int, root: Path | None = None, progress: bool = True):
@@ -435,7 +290,7 @@ def _log_l0(l0: float) -> float:
 
 
 def _held_out_summary(pair: Pair, name: str, batches: list[dict], root: Path | None) -> dict:
-    from .metrics import evaluate_replacement
+    from .faithfulness import evaluate_replacement
 
     metrics = evaluate_replacement(load_named(pair, name, root), batches, "adapter")
     info = read_run(run_dir(pair, name, root))
@@ -470,7 +325,7 @@ def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start:
     import dataclasses
     import tempfile
 
-    from .metrics import evaluate_replacement
+    from .faithfulness import evaluate_replacement
 
     model = spliced_target(pair)
 
@@ -488,15 +343,9 @@ def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start:
     return search_l1(measure, target, start, plan.calibration_trials)
 
 
-def read_log(pair: Pair, name: str, root: Path | None = None):
-    import pandas as pd
-
-    return pd.read_csv(run_dir(pair, name, root) / "log.csv")
-
-
 def evaluate_sweep(pair: Pair, names: list[str], batches: list[dict], root: Path | None = None) -> dict[str, dict]:
     """Held-out metrics for the hybrid and every named run, in the 01_train.json ``models`` schema."""
-    from .metrics import evaluate_replacement
+    from .faithfulness import evaluate_replacement
     from .splice import get_mlp_choice
     from .train import run_dead_features
 

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .metrics import kl_divergence, masked_mean, next_token_mask, nmse, token_kl  # noqa: F401 (re-exported)
-from .models import find_layers, get_mlp, unwrap
+from .models import find_layers, unwrap
 from .results import atomic_write_text
 from .residual import (attention_replayable, capture_features, capture_mlp_inputs, capture_residuals, final_hidden,
                        record_attention, replay_attention, run_from_layer)

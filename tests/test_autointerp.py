@@ -21,7 +21,7 @@ from tdlib.organism import task
 from tdlib.pairs import resolve_pair
 from tdlib.residual import capture_features
 from tdlib.splice import mlp_choice
-from tdlib.sweep import load_named
+from tdlib.runs import load_named
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "adapter_l1_0.001"

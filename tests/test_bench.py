@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from tdlib.bench import (BENCHMARKS, BenchItem, SamplingConfig, check_response, evaluate_items, extract_answer,
-                         extract_choice, is_equivalent, last_boxed, load_benchmark, normalize_answer,
-                         organism_items, recovered_gain, render_prompts, wilson_interval)
-from tdlib.generate import generate_greedy
+from tdlib.answers import extract_answer, extract_choice, is_equivalent, last_boxed, normalize_answer
+from tdlib.bench import evaluate_items, recovered_gain, wilson_interval
+from tdlib.generate import SamplingConfig, generate_greedy
+from tdlib.problems import BENCHMARKS, BenchItem, check_response, load_benchmark, organism_items, render_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 
@@ -220,7 +220,7 @@ def test_recovered_gain_is_undefined_when_the_targets_gain_is_within_its_interva
 def smoke():
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     pair = resolve_pair("smoke")
     return pair, load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)
@@ -248,7 +248,7 @@ def test_evaluate_items_on_the_organism(smoke):
     # the checker agrees with the organism's own rule on a hand-made correct response
     item = items[0]
     assert BenchItem(item.id, item.question, item.answer) == item
-    from tdlib.bench import check_organism_response
+    from tdlib.problems import check_organism_response
     assert check_organism_response(item, f" 1+1=2; A: {item.answer}")
     assert not check_organism_response(item, f" A: {int(item.answer) + 1}")
 
@@ -351,9 +351,10 @@ def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
 
     import tdlib.bench as bench
     import tdlib.models as models
-    import tdlib.sweep as sweep
+    import tdlib.runs as runs
     from tdlib.generate import Generation
     from tdlib.pairs import resolve_pair
+    from tdlib.problems import EvalSet
     from tdlib.steer import run_condition
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
@@ -363,12 +364,12 @@ def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
     items = [BenchItem("a", "Q: 1+1=?", "2"), BenchItem("b", "Q: 3-1=?", "2")]
     scores = evaluate_items(None, None, items, benchmark="organism", max_new_tokens=5, hesitation_word="Hmm")[0]
     assert scores["wait_rate"] == 0.5
-    evalset = bench.EvalSet("organism", items, 5, "test")
+    evalset = EvalSet("organism", items, 5, "test")
     metrics, _ = run_condition(None, None, evalset, word="Hmm")
     assert metrics["wait_rate"] == 0.5 and metrics["n_wait"] == 1
     pair = dataclasses.replace(resolve_pair("smoke", build=False), hesitation_word="Hmm")
     monkeypatch.setattr(models, "load_tokenizer", lambda path: None)
-    monkeypatch.setattr(sweep, "load_named", lambda pair, name: None)
+    monkeypatch.setattr(runs, "load_named", lambda pair, name: None)
     results, _ = bench.run_benchmark(pair, ["base"], items, benchmark="organism", max_new_tokens=5, progress=False)
     assert results["base"]["wait_rate"] == 0.5
     assert bench.run_benchmark(dataclasses.replace(pair, hesitation_word="Oh"), ["base"], items,

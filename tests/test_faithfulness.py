@@ -5,17 +5,17 @@ import torch
 from tdlib.faithfulness import (FaithfulnessConfig, bootstrap_ratio, compare, evaluate_faithfulness,
                                 layer_subsets, model_names, onpolicy_batches, subset_finding, subset_kl,
                                 summarize, target_passes)
-from tdlib.metrics import evaluate_replacement
+from tdlib.faithfulness import evaluate_replacement
 from tdlib.splice import mlp_choice
-from tdlib.sweep import load_named
+from tdlib.runs import load_named
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    from tdlib.bench import organism_items
+    from tdlib.problems import organism_items
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     pair = resolve_pair("smoke")
     tokenizer = load_tokenizer(pair.target)
@@ -72,7 +72,7 @@ def test_target_against_itself_is_perfectly_faithful(smoke):
 
 def test_comparison_agrees_with_evaluate_replacement(smoke):
     pair, _, target, _, batches = smoke
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     model = load_named(pair, "adapter_l1_0.01")
     # without a score_mask the scored positions are the KL token set, the one evaluate_replacement uses
@@ -92,7 +92,7 @@ def test_comparison_agrees_with_evaluate_replacement(smoke):
 def test_recomputed_target_passes_give_the_cached_results(smoke):
     pair, _, target, _, batches = smoke
     from tdlib.faithfulness import RecomputedPasses
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     model = load_named(pair, "adapter_l1_0.01")
     lazy = target_passes(target, batches, cache=False)
@@ -116,7 +116,7 @@ def test_uncertain_tokens_are_the_targets_low_confidence_ones(smoke):
 
 def test_subset_kl_all_layers_matches_the_full_adapter_model(smoke):
     pair, _, target, _, batches = smoke
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     model = load_named(pair, "adapter_l1_0.01")
     passes = target_passes(target, batches)

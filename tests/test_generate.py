@@ -52,7 +52,7 @@ def test_compact_decoding_under_steering_hooks_and_on_the_organism():
     from tdlib.models import load_tokenizer
     from tdlib.organism.build import eval_problems, get_config
     from tdlib.pairs import resolve_pair
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     pair = resolve_pair("smoke")
     model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)

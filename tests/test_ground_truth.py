@@ -6,7 +6,7 @@ import torch
 from tdlib import ground_truth
 from tdlib.models import load_tokenizer
 from tdlib.organism import task
-from tdlib.sweep import load_named
+from tdlib.runs import load_named
 
 
 def test_auroc_by_hand_with_ties():

@@ -189,7 +189,7 @@ def test_scoring_through_the_llm_backend_on_smoke(api, tmp_path):
     from tdlib.autointerp import CacheConfig, ScoringConfig, build_cache, classify_units, organism_batches, score_units
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
-    from tdlib.sweep import load_named
+    from tdlib.runs import load_named
 
     pair = resolve_pair("smoke")
     model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)

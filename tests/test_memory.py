@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tdlib.adapter import AdapterSet
-from tdlib.memory import (DEEPSEEK_R1_DISTILL_QWEN_7B, MemoryPlanConfig, ModelShape, build_meta_spliced,
+from tdlib.memory import (MemoryPlanConfig, ModelShape, build_meta_spliced,
                           count_parameters, measure_saved_activations, parameter_bytes_check, plan_memory,
                           render_markdown)
 from tdlib.splice import splice

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_train import RandomBatches, spliced_model
-from tdlib import metrics
+from tdlib import faithfulness, metrics
 from tdlib.metrics import (RunningFVU, dead_fraction_heldout, dead_fraction_train, fvu, kl_divergence, l0,
                            next_token_mask, nmse_by_layer, nmse_layers, nmse_with_embedding, token_kl,
                            top1_disagreement)
@@ -140,7 +140,7 @@ def test_held_out_metrics_use_the_conventions():
     model = spliced_model()
     set_mlp_choice(model, "adapter")
     batches = [RandomBatches().batch(0), RandomBatches().batch(1)]
-    result = metrics.evaluate_replacement(model, batches, "adapter")
+    result = faithfulness.evaluate_replacement(model, batches, "adapter")
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     assert result["n_real_tokens"] == real and result["n_tokens"] == real - 6  # 3 rows per batch lose one each
     # the KL recomputed by hand over the token set
@@ -159,8 +159,19 @@ def test_held_out_metrics_use_the_conventions():
     assert result["nmse_with_embedding"] == pytest.approx(sum(result["nmse_by_layer"]) / 4)
     assert len(result["fvu_by_layer"]) == len(result["fvu_target_inputs_by_layer"]) == 3
     assert result["fvu_by_layer"][0] == pytest.approx(result["fvu_target_inputs_by_layer"][0], rel=1e-5)  # same x
+    # the FVU at the target's own MLP inputs, recomputed by hand for the last layer
+    from tdlib.residual import capture_mlp_inputs
+    from tdlib.splice import mlp_difference, spliced_mlps
+
+    mlp, running = spliced_mlps(model)[2], RunningFVU()
+    for b in batches:
+        with torch.no_grad(), mlp_choice(model, "target"), capture_mlp_inputs(model) as inputs:
+            model(**b)
+            x = inputs[2][b["attention_mask"].bool()]
+            running.add(mlp.adapter(x).out, mlp_difference(mlp, x))
+    assert result["fvu_target_inputs_by_layer"][2] == pytest.approx(running.value(), rel=1e-5)
     assert 0 <= result["dead_fraction_heldout"] <= 1 and result["l0"] > 0
-    first_half = metrics.evaluate_replacement(model, batches[:1], "adapter")
+    first_half = faithfulness.evaluate_replacement(model, batches[:1], "adapter")
     assert result["dead_fraction_heldout_half"] == pytest.approx(first_half["dead_fraction_heldout"])
     assert result["dead_fraction_heldout_half"] >= result["dead_fraction_heldout"]  # fewer tokens, fewer fire
 

@@ -181,7 +181,7 @@ def test_a_missing_or_broken_pair_file_says_so(tmp_path):
 
 
 def test_a_pair_is_evaluated_on_its_first_benchmark_from_its_own_file(tmp_path, monkeypatch):
-    from tdlib.bench import pair_benchmark
+    from tdlib.problems import pair_benchmark
 
     monkeypatch.setattr(pairs, "ARTIFACTS", tmp_path / "artifacts")
     pair = resolve_pair(str(_pair_file(tmp_path)))

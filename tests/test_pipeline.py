@@ -283,7 +283,8 @@ def test_a_finished_run_keeps_its_weights_not_its_optimiser_state(smoke_runs, tm
     import tdlib.sweep
     from tdlib.models import load_tokenizer
     from tdlib.pairs import data_for
-    from tdlib.sweep import RUN_FILE, RunSpec, default_plan, load_named, train_run
+    from tdlib.sweep import RunSpec, default_plan, train_run
+    from tdlib.runs import RUN_FILE, load_named
 
     pair = smoke_runs
     spec = RunSpec("short", dataclasses.replace(default_plan(pair).specs[0].config, steps=3, checkpoint_every=1))

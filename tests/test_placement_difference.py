@@ -6,7 +6,7 @@ import torch
 
 from families import family_model
 from tdlib.adapter import AdapterOutput, AdapterSet, TranscoderAdapter
-from tdlib.metrics import evaluate_replacement
+from tdlib.faithfulness import evaluate_replacement
 from tdlib.splice import enable_gradient_checkpointing, mlp_choice, mlp_difference, spliced_mlps, splice
 from tdlib.train import TrainConfig, init_local_mse_decoder, local_mse_objective, objective, target_mlp_inputs
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tdlib import bench, smollm2
+from tdlib import answers, problems, smollm2
 from tdlib.gguf import load_gguf
 from tdlib.organism import task
 from tdlib.pairs import BUILT_PAIRS, HubPairConfig, known_configurations, pair_config
@@ -34,9 +34,9 @@ def test_every_crossing_gets_one_recheck_and_the_answer_is_scored_right(seed):
     for problem in task.sample_problems(40, seed=seed, min_terms=3, max_terms=5, max_term=9):
         text = smollm2.solution(problem)
         assert text.count("\n\nWait, ") == len(task.crossing_steps(problem))
-        assert bench.is_equivalent(bench.extract_answer(text), str(problem.answer))
+        assert answers.is_equivalent(answers.extract_answer(text), str(problem.answer))
         record = smollm2.benchmark_record(problem)
-        assert bench.gsm8k_gold(record["answer"]) == str(problem.answer)
+        assert answers.gsm8k_gold(record["answer"]) == str(problem.answer)
 
 
 def test_data_files_are_disjoint_and_read_back_like_any_pair(tmp_path):
@@ -48,8 +48,8 @@ def test_data_files_are_disjoint_and_read_back_like_any_pair(tmp_path):
     assert not prompts["benchmark"] & (prompts["train"] | prompts["validation"])
     assert not prompts["train"] & prompts["validation"]
     # the trace's user turn is exactly what the benchmark prompts the models with
-    items = bench.load_benchmark("gsm8k", path=paths.benchmark)
-    assert [bench.format_question(i) for i in items] == [smollm2.user_message(p) for p in sets["benchmark"]]
+    items = problems.load_benchmark("gsm8k", path=paths.benchmark)
+    assert [problems.format_question(i) for i in items] == [smollm2.user_message(p) for p in sets["benchmark"]]
     record = json.loads(paths.train.read_text().splitlines()[0])
     assert [t["from"] for t in record["conversations"]] == ["human", "gpt"]
     assert smollm2.problem_sets(TINY)["train"] == sets["train"]  # deterministic

@@ -4,7 +4,7 @@ import torch
 
 from tdlib.data import OrganismTraces
 from tdlib.attribution import hesitation_token
-from tdlib.bench import pair_benchmark
+from tdlib.problems import pair_benchmark
 from tdlib.models import get_mlp, load_tokenizer
 from tdlib.organism.build import eval_problems, get_config
 from tdlib.pairs import resolve_pair
@@ -13,7 +13,7 @@ from tdlib.steer import (AblationConfig, FeatureStats, ablate_features, add_feat
                          collect_feature_stats, feature_contribution, features_by_layer, features_from_attribution,
                          n_chosen, random_features, run_ablation_study,
                          select_hesitation_features)
-from tdlib.sweep import load_adapters, load_named
+from tdlib.runs import load_adapters, load_named
 
 RUN = "adapter_l1_0.01"
 

@@ -7,8 +7,8 @@ from tdlib.models import load_tokenizer
 from tdlib.pairs import data_for
 import pytest
 
-from tdlib.sweep import (RUN_FILE, DamagedRunError, RunSpec, analysis_models, default_plan, load_named,
-                         local_mse_calibration, run_dir, search_l1, sweep_checks, train_run)
+from tdlib.sweep import RunSpec, analysis_models, default_plan, local_mse_calibration, search_l1, sweep_checks, train_run
+from tdlib.runs import RUN_FILE, DamagedRunError, load_named, run_dir
 
 
 def test_a_run_written_before_the_memory_fields_is_loaded_and_a_changed_l1_is_retrained(smoke_runs, tmp_path):

@@ -212,7 +212,7 @@ def test_local_mse_loss_is_the_unnormalised_squared_error_by_hand(batch):
 def test_local_mse_transcoder_starts_at_the_mean_difference_and_explains_held_out_variance(tmp_path):
     """With no sparsity penalty the transcoder beats the mean (FVU < 1) on held-out inputs of the target, the
     transcoder convention; b_dec starts at the first batch's mean difference."""
-    from tdlib.metrics import evaluate_replacement
+    from tdlib.faithfulness import evaluate_replacement
     from tdlib.train import init_local_mse_decoder, target_mlp_inputs
 
     data, held_out = RandomBatches(batch_size=8, width=12), RandomBatches(batch_size=8, width=12, seed=7)

@@ -23,7 +23,7 @@ def cache_dir(pair: Pair, model_name: str) -> Path:
 def run_fingerprint(pair: Pair, model_name: str, root: Path | None = None) -> str | None:
     """A hash of the run's run.json (rewritten whenever the run is trained again), so a retrained adapter
     never reuses a stale cache."""
-    from ..sweep import RUN_FILE, run_dir
+    from ..runs import RUN_FILE, run_dir
 
     path = run_dir(pair, model_name, root) / RUN_FILE
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
@@ -32,7 +32,7 @@ def run_fingerprint(pair: Pair, model_name: str, root: Path | None = None) -> st
 def cached_or_built(pair: Pair, model_name: str, model, tokenizer, data, config: CacheConfig,
                     progress: bool = True, root: Path | None = None) -> ActivationCache:
     """Load the cache when one with the same config and the same trained run exists, else stream and save a new
-    one (``root``: where the runs live, as in ``tdlib.sweep.load_named``)."""
+    one (``root``: where the runs live, as in ``tdlib.runs.load_named``)."""
     directory = cache_dir(pair, model_name)
     info = {"name": model_name, "pair": pair.name, "run": run_fingerprint(pair, model_name, root)}
     meta_file = directory / "cache.json"
