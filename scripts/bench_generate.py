@@ -4,6 +4,8 @@
     python scripts/bench_generate.py --config smoke     # seconds
     python scripts/bench_generate.py --model adapter_l1_0.001 --batch-size 1
     python scripts/bench_generate.py --config smollm2 --batch-size 8 --new-tokens 64 --threads 1
+    python scripts/bench_generate.py --compact --n-prompts 64 --batch-size 16 --new-tokens 200
+                                                        # generate vs compact vs continuous batching
 
 Both models run plain ``model.generate`` (greedy, KV cache) on the same held-out prompts; the spliced model's
 MLPs are ordinary modules, so there is no per-step Python intervention. Every response is forced to exactly
@@ -43,15 +45,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="organism", help="a built pair: organism, smoke, smollm2, a pair file")
     parser.add_argument("--model", default=None, help="adapter run to time (default: 01's analysis model, else "
-                        "the first trained adapter run)")
+                        "the first trained adapter run); with --compact any named model (target, hybrid)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--n-prompts", type=int, default=None, help="with --compact: prompts to generate for "
+                        "(default: one batch); more than --batch-size is where continuous batching refills rows")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compact", action="store_true", help="instead: the adapter model's greedy responses at "
                         "their natural lengths, plain generate against compact decoding (tdlib.generate."
-                        "greedy_compact), checked identical")
+                        "greedy_compact) and continuous batching (greedy_continuous), checked identical")
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
@@ -68,14 +72,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"no trained adapter run for {pair.name!r}; run notebooks/01_train.ipynb first")
     tokenizer = load_tokenizer(pair.target)
     tokenizer.padding_side = "left"
+    # as the notebooks render them
+    prompts = pair_benchmark(pair, limit=args.n_prompts or args.batch_size).prompts(tokenizer)
+    if args.compact:  # any named model, a reference one included: the methods differ in scheduling only
+        return compare_methods(load_named(pair, name), tokenizer, prompts, args.new_tokens, args.repeats,
+                               args.batch_size)
     target, adapted = load_named(pair, "target"), load_named(pair, name)
     if set(get_mlp_choice(adapted)) != {"adapter"}:
         raise SystemExit(f"{name} is not an all-adapter model (MLP choice {get_mlp_choice(adapted)})")
-    prompts = pair_benchmark(pair, limit=args.batch_size).prompts(tokenizer)  # as the notebooks render them
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(target.parameters()).device)
-
-    if args.compact:
-        return compare_compact(adapted, tokenizer, prompts, args.new_tokens, args.repeats)
     speeds = {"target": [], name: []}
     for model in (target, adapted):  # warm-up
         tokens_per_second(model, batch, min(8, args.new_tokens), tokenizer.pad_token_id)
@@ -92,36 +97,38 @@ def main(argv: list[str] | None = None) -> dict:
     return {"target": target_speed, name: adapted_speed, "ratio": ratio}
 
 
-def compare_compact(model, tokenizer, prompts: list[str], budget: int, repeats: int) -> dict:
-    """Tokens/s of the same greedy responses (natural lengths, up to ``budget``) from plain ``generate`` and from
-    compact decoding, interleaved, medians; refuses to time two paths that write different tokens."""
-    from tdlib.generate import generate_greedy
+def compare_methods(model, tokenizer, prompts: list[str], budget: int, repeats: int,
+                    batch_size: int | None = None) -> dict:
+    """Tokens/s of the same greedy responses (natural lengths, up to ``budget``) from plain ``generate``, compact
+    decoding and continuous batching (``tdlib.generate.GREEDY_METHODS``), interleaved, medians; refuses to time
+    paths that write different tokens. ``batch_size`` (default: every prompt in one batch) is the batch of the
+    two batched paths; continuous batching schedules every prompt itself."""
+    from tdlib.generate import GREEDY_METHODS, generate_greedy
 
-    def run(compact):
+    def run(method):
         started = time.perf_counter()
-        out = generate_greedy(model, tokenizer, prompts, max_new_tokens=budget, batch_size=len(prompts),
-                              progress=False, compact=compact)
+        out = generate_greedy(model, tokenizer, prompts, max_new_tokens=budget,
+                              batch_size=batch_size or len(prompts), progress=False, method=method)
         return out, time.perf_counter() - started
 
-    plain, _ = run(False)
-    compact, _ = run(True)
-    if plain.responses != compact.responses:
-        raise SystemExit("compact decoding wrote different tokens from generate; nothing timed")
+    plain, _ = run("generate")
+    for method in GREEDY_METHODS[1:]:
+        if run(method)[0].responses != plain.responses:
+            raise SystemExit(f"{method} decoding wrote different tokens from generate; nothing timed")
     tokens = sum(plain.response_tokens)
-    seconds = {False: [], True: []}
+    seconds = {m: [] for m in GREEDY_METHODS}
     for _ in range(repeats):
-        for mode in (False, True):
-            seconds[mode].append(run(mode)[1])
-    plain_speed, compact_speed = (tokens / statistics.median(seconds[m]) for m in (False, True))
+        for method in GREEDY_METHODS:
+            seconds[method].append(run(method)[1])
+    speeds = {m: tokens / statistics.median(seconds[m]) for m in GREEDY_METHODS}
     lengths = sorted(plain.response_tokens)
-    print(f"{len(prompts)} prompts, budget {budget}: response lengths {lengths[0]}-{lengths[-1]} tokens "
-          f"(median {lengths[len(lengths) // 2]}), identical tokens on both paths, median of {repeats}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"generate : {plain_speed:10.1f} tokens/s")
-    print(f"compact  : {compact_speed:10.1f} tokens/s")
-    print(f"speed-up : {compact_speed / plain_speed:.2f}x")
-    return {"generate": plain_speed, "compact": compact_speed, "speedup": compact_speed / plain_speed,
-            "tokens": tokens}
+    print(f"{len(prompts)} prompts, budget {budget}, batches of {batch_size or len(prompts)}: response lengths "
+          f"{lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), identical tokens on every "
+          f"path, median of {repeats}, {torch.get_num_threads()} threads")
+    for method in GREEDY_METHODS:
+        print(f"{method:10s}: {speeds[method]:10.1f} tokens/s  {speeds[method] / speeds['generate']:.2f}x")
+    return {**speeds, "speedup": speeds["compact"] / speeds["generate"],
+            "speedup_continuous": speeds["continuous"] / speeds["generate"], "tokens": tokens}
 
 
 if __name__ == "__main__":

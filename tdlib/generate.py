@@ -33,7 +33,10 @@ def left_padded(tokenizer, prompts: list[str], device=None) -> dict[str, torch.T
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
-COMPACT_ENV = "TDLIB_COMPACT_GENERATION"
+GREEDY_METHODS = ("generate", "compact", "continuous")
+"""How ``generate_greedy`` decodes; all three write the same tokens (tests/test_generate.py)."""
+GENERATION_ENV = "TDLIB_GENERATION"
+"""Environment variable naming the ``GREEDY_METHODS`` entry every greedy generation uses when none is given."""
 """Set to "1" to make compact decoding the default of ``generate_greedy`` (e.g. for a GPU run at long budgets)."""
 
 
@@ -48,24 +51,36 @@ class Generation:
 def generate_greedy(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64,
     progress: bool = True, desc: str = "generate", banned_tokens: list[int] | None = None,
-    compact: bool | None = None,
+    method: str | None = None,
 ) -> Generation:
-    """Greedy continuations of ``prompts``; batches are left-padded so every prompt ends at the same column.
-    ``banned_tokens`` are never generated (e.g. the hesitation word, to measure what hesitating changes).
-    ``compact``: decode with ``greedy_compact``, which drops each finished row from the batch and its KV cache
-    (worth it when response lengths vary, as a reasoning model's do); else plain ``generate``. None: the
-    environment variable ``TDLIB_COMPACT_GENERATION`` ("1": compact), so a whole ``make figures`` run can switch
-    every notebook's greedy generation at once."""
-    if compact is None:
-        compact = os.environ.get(COMPACT_ENV, "0") == "1"
+    """Greedy continuations of ``prompts``; ``banned_tokens`` are never generated (e.g. the hesitation word, to
+    measure what hesitating changes). ``method`` (``GREEDY_METHODS``; None: the environment variable
+    ``TDLIB_GENERATION``, else "generate", so a whole ``make figures`` run can switch every notebook at once):
+
+    * "generate": plain ``generate`` on left-padded batches of ``batch_size``; every row waits for the longest;
+    * "compact": ``greedy_compact``, the same batches, but a finished row leaves the batch and its KV cache;
+    * "continuous": ``greedy_continuous``, transformers' continuous batching: a finished row's place is refilled
+      with the next prompt at once (paged KV cache), so no compute waits on the longest response of a batch.
+      Banned tokens are not among the logits processors it supports, so with ``banned_tokens`` it decodes
+      "compact" instead (the same tokens)."""
+    method = method or os.environ.get(GENERATION_ENV) or "generate"
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"greedy generation method {method!r} is not one of {GREEDY_METHODS} (check "
+                         f"{GENERATION_ENV} or the method= argument)")
+    if method == "continuous" and banned_tokens:
+        method = "compact"
     model.eval()
+    if method == "continuous":
+        rows = greedy_continuous(model, tokenizer, prompts, max_new_tokens=max_new_tokens, progress=progress)
+        decoded = [_decode_row(tokenizer, row) for row in rows]
+        return Generation(list(prompts), [t for t, _ in decoded], [n for _, n in decoded])
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     responses, lengths = [], []
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = left_padded(tokenizer, prompts[start:start + batch_size], device)
-        if compact:
+        if method == "compact":
             rows = greedy_compact(model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                   banned_tokens=banned_tokens)
             decoded = [_decode_row(tokenizer, row) for row in rows]
@@ -80,6 +95,28 @@ def generate_greedy(
             responses.append(text)
             lengths.append(length)
     return Generation(list(prompts), responses, lengths)
+
+
+@torch.no_grad()
+def greedy_continuous(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                      progress: bool = True) -> list[list[int]]:
+    """Greedy decoding of every prompt through transformers' continuous batching (``generate_batch``): requests
+    are scheduled into a paged KV cache and a finished one is replaced by the next waiting prompt, so the work
+    follows the responses' own lengths. Returns each prompt's generated ids, in prompt order (end-of-sequence
+    included when written). The model's forward hooks (spliced MLPs, adapters) run as in any forward; sequences
+    are packed along the token axis, so only hooks that act token by token behave as under ``generate``."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    results = model.generate_batch(inputs=[encode_prompt(tokenizer, p) for p in prompts], generation_config=config,
+                                   progress_bar=progress, warmup=False)
+    ordered = sorted(results.values(), key=lambda r: int(r.request_id.rsplit("_", 1)[-1]))
+    if len(ordered) != len(prompts) or any(r.error for r in ordered):
+        errors = sorted({str(r.error) for r in ordered if r.error})
+        raise RuntimeError(f"continuous batching returned {len(ordered)} of {len(prompts)} responses"
+                           + (f" ({errors})" if errors else "") + "; use method='compact'")
+    return [list(r.generated_tokens) for r in ordered]
 
 
 @torch.no_grad()

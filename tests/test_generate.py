@@ -1,5 +1,6 @@
-"""Compact greedy decoding (finished rows leave the batch and its KV cache) writes exactly what ``generate`` writes:
-on every architecture family, with rows finishing at different steps, with banned tokens and under steering hooks."""
+"""Compact greedy decoding (finished rows leave the batch and its KV cache) and continuous batching (finished rows are
+refilled with the next prompt) write exactly what ``generate`` writes: on every architecture family, with rows
+finishing at different steps, with banned tokens and under steering hooks."""
 import pytest
 import torch
 
@@ -58,14 +59,16 @@ def test_compact_decoding_under_steering_hooks_and_on_the_organism():
     model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)
     prompts = [p.prompt for p in eval_problems(get_config("smoke"))[:12]]
     plain = generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False)
-    compact = generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False, compact=True)
-    assert compact == plain
+    for method in ("compact", "continuous"):
+        assert generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=5, progress=False,
+                               method=method) == plain, method
     layer = next(iter(model.model.layers)).mlp
     handle = layer.register_forward_hook(lambda module, args, output: output * 1.5)
     try:
         steered = generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False)
-        assert generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False,
-                               compact=True) == steered
+        for method in ("compact", "continuous"):
+            assert generate_greedy(model, tokenizer, prompts, max_new_tokens=40, batch_size=12, progress=False,
+                                   method=method) == steered, method
     finally:
         handle.remove()
 
@@ -86,6 +89,38 @@ def test_the_environment_switches_every_greedy_generation_to_compact(monkeypatch
     prompts = [p.prompt for p in eval_problems(get_config("smoke"))[:3]]
     plain = generate.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, progress=False)
     assert calls == []
-    monkeypatch.setenv(generate.COMPACT_ENV, "1")
+    monkeypatch.setenv(generate.GENERATION_ENV, "compact")
     assert generate.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, progress=False) == plain
     assert calls == [1]
+    monkeypatch.setenv(generate.GENERATION_ENV, "paged")
+    with pytest.raises(ValueError, match="TDLIB_GENERATION"):
+        generate.generate_greedy(model, tokenizer, prompts, max_new_tokens=5, progress=False)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_continuous_batching_writes_what_generate_writes(family):
+    """More prompts than rows in flight, finishing at different steps: each prompt gets generate's tokens, in
+    prompt order, whatever order they finished in."""
+    from tdlib.generate import generate_greedy
+
+    class Ids:  # a tokenizer over raw ids: "3 5 7" <-> [3, 5, 7]
+        bos_token = None
+        pad_token_id = -1  # never generated
+
+        def __init__(self, eos):
+            self.eos_token_id = eos
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [int(t) for t in text.split()]}
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    model = family_model(family)
+    batch = left_padded_ids()
+    eos = an_eos_that_ends_rows_at_different_steps(model, batch, 12)
+    prompts = [" ".join(str(t) for t, m in zip(row, mask) if m)
+               for row, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())]
+    expected = [Ids(eos).decode(row[:-1] if row and row[-1] == eos else row) for row in reference(model, batch, 12, eos)]
+    continuous = generate_greedy(model, Ids(eos), prompts, max_new_tokens=12, progress=False, method="continuous")
+    assert continuous.responses == expected
