@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,9 @@ def generate_greedy(
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     responses, lengths = [], []
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False)
+    started = time.perf_counter()
+    for start in bar:
         batch = left_padded(tokenizer, prompts[start:start + batch_size], device)
         if method == "compact":
             rows = greedy_compact(model, batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -94,6 +96,7 @@ def generate_greedy(
         for text, length in decoded:
             responses.append(text)
             lengths.append(length)
+        bar.set_postfix_str(f"{sum(lengths) / (time.perf_counter() - started):,.0f} tokens/s")
     return Generation(list(prompts), responses, lengths)
 
 
