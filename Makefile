@@ -58,7 +58,7 @@ figures: $(STAMP)
 	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE) $(if $(ONLY),--only $(ONLY)) $(if $(PARAMS),--params '$(PARAMS)')
 
 plan: $(STAMP)
-	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE) --plan
+	$(PY) -m tdlib.pipeline --config $(CONFIG) --smoke $(SMOKE) --plan $(if $(PARAMS),--params '$(PARAMS)')
 
 organism: $(STAMP)
 	$(PY) -m tdlib.organism --config $(CONFIG)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import replace
+from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -157,7 +158,7 @@ def recovered_gains(results: dict[str, dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Notebook 03: every model on one benchmark
+# Notebook 03: every model on each of the pair's benchmarks
 # ----------------------------------------------------------------------------------------------------------------
 
 def benchmark_model_names(train_results: dict, include_local_mse: bool = True) -> list[str]:
@@ -172,26 +173,85 @@ def benchmark_model_names(train_results: dict, include_local_mse: bool = True) -
     return list(dict.fromkeys(names))
 
 
-def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
-                  batch_size: int = 64, sampling: SamplingConfig | None = None,
-                  progress: bool = True) -> tuple[dict[str, dict], dict[str, Generation]]:
-    """Evaluate every named model of ``pair`` on ``items``; adds ``recovered_gain`` (and its reason when undefined,
-    ``recovered_gains``) against base and target."""
+class BenchmarkRun(NamedTuple):
+    """One benchmark of notebook 03: what it ran on, each model's scores and generations."""
+
+    evalset: EvalSet
+    models: dict[str, dict]
+    generations: dict[str, Generation]
+
+
+def run_benchmarks(pair, names: list[str], evalsets: list[EvalSet], *, batch_size: int = 64,
+                   sampling: SamplingConfig | None = None, progress: bool = True) -> list[BenchmarkRun]:
+    """Evaluate every named model of ``pair`` on every evalset, loading each model once (a 7B load costs more than
+    a small benchmark); adds ``recovered_gain`` (and its reason when undefined, ``recovered_gains``) against base
+    and target per benchmark."""
     from .models import load_tokenizer
     from .runs import load_named
 
     tokenizer = load_tokenizer(pair.target)
-    results, generations = {}, {}
+    runs = [BenchmarkRun(evalset, {}, {}) for evalset in evalsets]
     for name in tqdm(names, desc="models", disable=not progress):
         model = load_named(pair, name)
-        results[name], generations[name], _ = evaluate_items(
-            model, tokenizer, items, benchmark=benchmark, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            sampling=sampling, desc=name, prompt_format=pair.prompt_format,
-            hesitation_word=pair.hesitation_word)
+        for run in runs:
+            evalset = run.evalset
+            run.models[name], run.generations[name], _ = evaluate_items(
+                model, tokenizer, evalset.items, benchmark=evalset.benchmark, max_new_tokens=evalset.max_new_tokens,
+                batch_size=batch_size, sampling=sampling, desc=name if len(runs) == 1 else f"{name} {evalset.benchmark}",
+                prompt_format=pair.prompt_format, hesitation_word=pair.hesitation_word)
         del model
-    if "base" in results and "target" in results:
-        recovered_gains(results)
-    return results, generations
+    for run in runs:
+        if "base" in run.models and "target" in run.models:
+            recovered_gains(run.models)
+    return runs
+
+
+def run_benchmark(pair, names: list[str], items: list[BenchItem], *, benchmark: str, max_new_tokens: int,
+                  batch_size: int = 64, sampling: SamplingConfig | None = None,
+                  progress: bool = True) -> tuple[dict[str, dict], dict[str, Generation]]:
+    """``run_benchmarks`` on one benchmark's ``items``: (scores, generations) by model name."""
+    evalset = EvalSet(benchmark, items, max_new_tokens, source="", prompt_format=pair.prompt_format)
+    (run,) = run_benchmarks(pair, names, [evalset], batch_size=batch_size, sampling=sampling, progress=progress)
+    return run.models, run.generations
+
+
+def benchmark_summary(run: BenchmarkRun, train_results: dict) -> dict:
+    """One benchmark's part of ``03_benchmarks.json``: its models' scores, the target's gain over the base and the
+    paper's benchmark claims as checks."""
+    models = run.models
+    target_gain = accuracy_gain(models["base"], models["target"]) if {"base", "target"} <= set(models) else None
+    return {"benchmark": run.evalset.benchmark, "source": run.evalset.source, "n_problems": len(run.evalset.items),
+            "max_new_tokens": run.evalset.max_new_tokens, "models": models, "target_gain": target_gain,
+            "checks": benchmark_checks(models, train_results) if "target" in models else {}}
+
+
+def target_gain_line(summary: dict) -> str:
+    """The target's gain over the base on one benchmark, with its interval and whether recovered gain is defined."""
+    gain, models = summary["target_gain"], summary["models"]
+    if not gain:
+        return f"{summary['benchmark']}: no base/target pair to compare"
+    verdict = "reported" if gain["resolved"] else "undefined: " + models["target"]["recovered_gain_reason"]
+    return (f"{summary['benchmark']}: target gain over base {gain['gain']:+.1%} (95% interval "
+            f"{gain['gain_ci'][0]:+.1%} to {gain['gain_ci'][1]:+.1%}); recovered gain {verdict}")
+
+
+def benchmark_results(summaries: list[dict], sampling: SamplingConfig | None) -> dict:
+    """``03_benchmarks.json``: the first benchmark's summary at the top (the layout every reader uses) and, when
+    several ran, each one's under ``by_benchmark``; how responses were decoded and which interval accuracy has."""
+    first = summaries[0]
+    results = {
+        "models": first["models"], "benchmark": first["benchmark"], "n_problems": first["n_problems"],
+        "max_new_tokens": first["max_new_tokens"],
+        "decoding": ({"sampled": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                      "seed": sampling.seed, "n_samples": sampling.n_samples} if sampling else {"sampled": False}),
+        "accuracy_interval": ("95% bootstrap over problems of pass@1" if sampling and sampling.n_samples > 1
+                              else "Wilson score 95%"),
+        "target_gain": first["target_gain"],
+        "checks": first["checks"],
+    }
+    if len(summaries) > 1:
+        results["by_benchmark"] = {s["benchmark"]: s for s in summaries}
+    return results
 
 
 def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool = True) -> tuple[dict, dict]:
@@ -206,9 +266,9 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
         raise IncompatiblePairError(f"{pair.base} and {pair.target} have different tokenizer vocabularies "
                                     f"({len(base_tokenizer)} vs {len(target_tokenizer)} tokens); adapters need a "
                                     "fine-tune and the model it was fine-tuned from")
-    models, generations = run_benchmark(pair, ["base", "target", "hybrid"], evalset.items,
-                                        benchmark=evalset.benchmark, max_new_tokens=evalset.max_new_tokens,
-                                        batch_size=batch_size, progress=progress)
+    (run,) = run_benchmarks(pair, ["base", "target", "hybrid"], [evalset], batch_size=batch_size,
+                            progress=progress)
+    models, generations = run.models, run.generations
     return {**models, "benchmark": evalset.benchmark, "source": evalset.source, "n_problems": len(evalset.items),
             "max_new_tokens": evalset.max_new_tokens, "hesitation_token": pair.hesitation_word,
             "base_model": pair.portable(pair.base), "target_model": pair.portable(pair.target)}, generations

@@ -261,7 +261,7 @@ id, split and schema of each benchmark live."""
 
 OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"
 PAPER_BENCHMARKS = ("MATH-500", "AMC23", "GPQA Diamond", "AIME 2025")
-"""The paper's figure 4 benchmarks, in its order (notebook 03 runs the first unless told ``benchmark=``)."""
+"""The paper's figure 4 benchmarks, in its order (notebook 03 runs all of them unless told ``benchmark=``)."""
 PAPER_BUDGET = 32_768
 """New tokens per response for the paper's pairs: the budget R1-Distill models are evaluated with (DeepSeek-R1's
 report: 32,768); the paper's adapter model writes ~7,800 tokens on average, so a 4k cap would cut most responses."""
@@ -330,6 +330,12 @@ CPU_NOTEBOOKS = {
 parameter."""
 
 
+CPU_MAX_NEW_TOKENS = 512
+"""A CPU pair's generation budget unless its file sets ``max_new_tokens``: at a few hundred tokens per second on
+two cores, 4,096 tokens for a model that never stops would make each evaluated model cost many minutes per batch.
+Responses that reach it are counted (``hit_budget_share``), so a budget too short for the pair's traces shows."""
+
+
 def load_pair_file(path: str | Path) -> HubPairConfig:
     """A ``HubPairConfig`` from a JSON pair file: its fields as keys, ``training`` as a nested object of
     ``TrainingDefaults`` fields. Paths in ``base``, ``target``, ``train_data``, ``validation_data`` and
@@ -367,6 +373,7 @@ def load_pair_file(path: str | Path) -> HubPairConfig:
     values.setdefault("name", path.stem)
     if values.get("device") == "cpu":  # a CPU pair: CPU-sized work and float32 unless the file says otherwise
         values.setdefault("dtype", "float32")
+        values.setdefault("max_new_tokens", CPU_MAX_NEW_TOKENS)
         own = values.get("notebooks", {})
         if isinstance(own, dict):
             values["notebooks"] = {scope: {**CPU_NOTEBOOKS.get(scope, {}), **own.get(scope, {})}

@@ -237,42 +237,62 @@ def pair_notebook_block(config: str, smoke: bool = False) -> dict:
     return dict(hub.notebooks)
 
 
-def plan_lines(config: str, smoke: bool = False, overrides: dict[str, dict] | None = None) -> list[str]:
+def plan_lines(config: str, smoke: bool = False, overrides: dict[str, dict] | None = None,
+               params: dict[str, dict] | None = None) -> list[str]:
     """What ``config`` would train (``tdlib.sweep.describe_plan``) and generate in notebook 03, without building
-    anything it lacks. ``overrides``: ``notebook_overrides``' result (None: the pair's own ``notebooks`` block)."""
+    anything it lacks or reaching a hub. ``overrides``: ``notebook_overrides``' result (None: the pair's own
+    ``notebooks`` block under the command line's ``params``)."""
     from .pairs import resolve_pair
-    from .sweep import default_plan, describe_plan
+    from .sweep import LOCAL_MSE, describe_plan, notebook_plan
 
     pair = resolve_pair("smoke" if smoke else config, build=False)
-    plan = default_plan(pair)
     notebooks = numbered_notebooks()
     if overrides is None:
-        overrides = notebook_overrides(notebooks, dict(pair.hub.notebooks) if pair.hub is not None else {})
-    benchmarks = next(p for p in notebooks if p.name.startswith("03"))
-    settings = {**notebook_parameters(benchmarks), **overrides.get(benchmarks.stem, {})}
-    return describe_plan(pair, plan) + evaluation_plan(pair, len(plan.run_names) + 3, settings)
+        overrides = notebook_overrides(notebooks, dict(pair.hub.notebooks) if pair.hub is not None else {},
+                                       params or {})
+
+    def settings(number: str) -> dict:
+        notebook = next(p for p in notebooks if p.name.startswith(number))
+        return {**notebook_parameters(notebook), **overrides.get(notebook.stem, {})}
+
+    plan = notebook_plan(pair, **settings("01"))
+    benchmarks = settings("03")
+    evaluated = [n for n in plan.run_names if benchmarks["include_local_mse"] or n != LOCAL_MSE]
+    return describe_plan(pair, plan) + evaluation_plan(pair, len(evaluated) + 3, benchmarks)
 
 
 def evaluation_plan(pair, n_models: int, settings: dict) -> list[str]:
     """Notebook 03's benchmarks, decoding and budget for ``pair`` under its parameters ``settings`` (defaults and
     overrides), with the most tokens it could generate."""
-    from .problems import BENCHMARKS, benchmark_key
+    from .problems import BENCHMARKS, benchmark_key, benchmark_names
 
     sampled = settings["sampled"]
     samples = settings["n_samples"] if sampled else 1
     budget = settings["max_new_tokens"] or pair.max_new_tokens
     how = (f"sampled (T={settings['temperature']}, top-p {settings['top_p']}), pass@1 over {samples} samples"
            if sampled else "greedy")
-    lines = [f"benchmarks: {', '.join(pair.benchmarks)} (notebook 03 runs the first unless given benchmark=); "
+    chosen = settings.get("benchmark")
+    names = benchmark_names(pair, chosen)
+    lines = [f"benchmarks: {', '.join(names)} (notebook 03 runs "
+             f"{'every one the pair lists' if chosen is None else 'those given by benchmark='}); "
              f"{how}; up to {budget:,} new tokens per response; {n_models} models"]
-    for name in pair.benchmarks:
+    total = 0
+    for name in names:
         spec = BENCHMARKS.get(benchmark_key(name))
         if spec is not None and spec.n_problems:
             problems = min(settings["n_problems"] or spec.n_problems, spec.n_problems)
             most = problems * samples * n_models * budget
+            total += most
             lines.append(f"  {name}: {problems} problems x {samples} samples x {n_models} models: at most "
-                         f"{most / 1e6:,.0f}M generated tokens")
+                         f"{token_count(most)} generated tokens")
+    if len(names) > 1 and total:
+        lines.append(f"  notebook 03 in all: at most {token_count(total)} generated tokens")
     return lines
+
+
+def token_count(tokens: int) -> str:
+    """``1,006,632,960`` -> ``"1,007M"``, ``204,800`` -> ``"205k"``."""
+    return f"{tokens / 1e6:,.0f}M" if tokens >= 1e6 else f"{tokens / 1e3:,.0f}k" if tokens >= 1e3 else f"{tokens}"
 
 
 def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] | None = None,
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="folder for results/ and figures/ (default: the committed ones for the organism and "
                              "smollm2, runs/<config>/ for any other pair)")
-    parser.add_argument("--plan", action="store_true", help="print what notebook 01 would train and exit")
+    parser.add_argument("--plan", action="store_true", help="print what the notebooks would train and generate (with --params applied) and exit")
     parser.add_argument("--params", nargs="*", default=[],
                         help="notebook parameters, name=value (every notebook that has it) or NN.name=value (one "
                              "notebook); values are Python/JSON literals or true/false/none; they win over the "
@@ -336,7 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     if args.plan:
-        print("\n".join(plan_lines(args.config, bool(args.smoke))))
+        try:
+            print("\n".join(plan_lines(args.config, bool(args.smoke), params=params)))
+        except ValueError as error:
+            raise SystemExit(f"[pipeline] {error}") from None
         return
     try:
         run_dir = run_pipeline(args.config, bool(args.smoke), args.only, output_dir=output_dir, params=params)

@@ -499,10 +499,35 @@ def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, t
     """Fig. 4 style: accuracy (Wilson 95% interval) and mean response length per model, side by side, with the
     base and target levels drawn across both panels; ``decoding`` (how the responses were generated) is in the
     title."""
+    fig, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(models)), 4.5))
+    _benchmark_panels(accuracy_axis, length_axis, models, train_results)
+    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, {decoding}")
+    fig.tight_layout()
+    return fig
+
+
+def benchmarks_figure(summaries: list[dict], train_results: dict | None = None, decoding: str = "greedy decoding"):
+    """The paper's figure 4 over several benchmarks: one row of ``benchmark_figure``'s two panels per benchmark
+    (``summaries``: ``tdlib.bench.benchmark_summary`` results); one benchmark gives ``benchmark_figure``."""
+    if len(summaries) == 1:
+        (only,) = summaries
+        return benchmark_figure(only["models"], only["benchmark"], only["n_problems"], train_results, decoding)
+    width = max(10, 1.3 * max(len(s["models"]) for s in summaries))
+    fig, axes = plt.subplots(len(summaries), 2, figsize=(width, 4.2 * len(summaries)), squeeze=False)
+    for (accuracy_axis, length_axis), summary in zip(axes, summaries):
+        _benchmark_panels(accuracy_axis, length_axis, summary["models"], train_results)
+        accuracy_axis.set_title(f"{summary['benchmark']} ({summary['n_problems']} problems): "
+                                f"{accuracy_axis.get_title()}", fontsize=9)
+        length_axis.set_title(f"{summary['benchmark']}: {length_axis.get_title()}", fontsize=9)
+    fig.suptitle(f"{len(summaries)} benchmarks, {decoding}")
+    fig.tight_layout()
+    return fig
+
+
+def _benchmark_panels(accuracy_axis, length_axis, models: dict[str, dict], train_results: dict | None) -> None:
     names = list(models)
     colors = [MODEL_COLORS.get(model_kind(n, train_results), "grey") for n in names]
     labels = [n.replace("adapter_l1_", "adapter\nl1=") for n in names]
-    fig, (accuracy_axis, length_axis) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(names)), 4.5))
     accuracy = [100 * models[n]["accuracy"] for n in names]
     errors = [[max(0.0, 100 * (models[n]["accuracy"] - models[n]["accuracy_ci"][0])) for n in names],
               [max(0.0, 100 * (models[n]["accuracy_ci"][1] - models[n]["accuracy"])) for n in names]]
@@ -525,6 +550,3 @@ def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, t
     for axis in (accuracy_axis, length_axis):
         axis.tick_params(axis="x", labelsize=7, rotation=30)
         axis.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{benchmark}: {n_problems} held-out problems, {decoding}")
-    fig.tight_layout()
-    return fig

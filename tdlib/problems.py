@@ -223,6 +223,34 @@ def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None =
                    prompt_format=pair.prompt_format)
 
 
+def benchmark_names(pair, benchmark: str | list[str] | None) -> list[str]:
+    """The benchmarks ``benchmark`` names for ``pair``: None is all the pair lists; a string may list several
+    separated by commas (``PARAMS="03.benchmark=AMC23,MATH-500"`` on the command line)."""
+    if benchmark is None:
+        return list(pair.benchmarks)
+    if isinstance(benchmark, str):
+        return [name.strip() for name in benchmark.split(",") if name.strip()]
+    return list(benchmark)
+
+
+def pair_benchmarks(pair, benchmark: str | list[str] | None = None, path: str | Path | None = None,
+                    limit: int | None = None, max_new_tokens: int | None = None) -> list[EvalSet]:
+    """Every benchmark notebook 03 runs for ``pair``: ``benchmark=None`` is all of ``pair.benchmarks`` (the paper's
+    figure 4 is four panels), a name is that one, a list (or names separated by commas) is those. ``path`` reads one local file and so goes with
+    one benchmark; several read the pair's ``benchmark_files`` (or the hub)."""
+    names = benchmark_names(pair, benchmark)
+    if not names:
+        raise ValueError(f"pair {pair.name!r} lists no benchmarks; set its `benchmarks` or pass benchmark=")
+    if path is not None and len(names) > 1:
+        raise ValueError(f"benchmark_path reads one file, but {len(names)} benchmarks run ({', '.join(names)}); "
+                         "pass benchmark=<one of them>, or list the files in the pair's `benchmark_files`")
+    keys = [benchmark_key(name) for name in names]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"benchmark {repeated} is listed twice in {names}")
+    return [pair_benchmark(pair, name, path, limit, max_new_tokens) for name in names]
+
+
 def check_organism_response(item: BenchItem, response: str) -> bool:
     from .organism import task
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -103,8 +103,6 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
 def seed_variant(pair: Pair, name: str, seed: int, root: Path | None = None, progress: bool = True):
     """Train (or load) run ``name`` again with another ``seed`` (initialisation and data order), every other setting
     kept: ``(run name, model)``. The stability check of the feature selection compares the two."""
-    from dataclasses import replace
-
     from .models import load_tokenizer
     from .pairs import data_for
 
@@ -176,6 +174,19 @@ def default_plan(pair: Pair, n_validation_batches: int | None = None) -> SweepPl
                      n_validation_batches=n_validation_batches or training.n_validation_batches)
 
 
+def notebook_plan(pair: Pair, *, l1_weights=None, steps: int | None = None, n_features: int | None = None,
+                  n_validation_batches: int | None = None, baselines: bool = True,
+                  lambda_bridge: float | None = None, **unused) -> SweepPlan:
+    """The sweep notebook 01 trains under its parameters (None: the pair's default), so that ``make plan`` prints
+    what the notebook will run; ``unused``: notebook 01's other parameters."""
+    plan = default_plan(pair)
+    overrides = {k: v for k, v in dict(steps=steps, n_features=n_features, lambda_bridge=lambda_bridge).items()
+                 if v is not None}
+    return replace(plan, base=replace(plan.base, **overrides),
+                   l1_weights=tuple(l1_weights) if l1_weights else plan.l1_weights, baselines=baselines,
+                   n_validation_batches=n_validation_batches or plan.n_validation_batches)
+
+
 CPU_SECONDS_PER_TOKEN_PARAMETER = 6.5 / (460 * 134.5e6)
 """Adapter training cost on two CPU cores, measured on SmolLM2-135M (134.5M parameters): 6.5 s per step of 4
 traces, ~460 tokens (docs/real_models.md, "SmolLM2"). Scaled by tokens x parameters it gives a rough estimate for
@@ -200,8 +211,9 @@ def describe_plan(pair: Pair, plan: SweepPlan) -> list[str]:
         d, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
         parameters = layers * (4 * d * d + 3 * d * shape.get("intermediate_size", 4 * d)) + vocab * d
         hours = len(runs) * tokens * parameters * CPU_SECONDS_PER_TOKEN_PARAMETER / 3600
-        lines.append(f"estimated training time: ~{hours:.1f} h on two CPU cores ({parameters / 1e6:.0f}M parameters, "
-                     "at the rate measured on SmolLM2-135M; sequences shorter than the cap cost less)")
+        lines.append(f"estimated training time: at most ~{hours:.1f} h on two CPU cores ({parameters / 1e6:.0f}M "
+                     "parameters, at the rate measured on SmolLM2-135M, every sequence at the cap; shorter sequences "
+                     "cost proportionally less)")
     return lines
 
 
@@ -322,7 +334,6 @@ def search_l1(measure, target: float, start: float, trials: int) -> list[dict]:
 
 def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start: float, progress: bool) -> list[dict]:
     """``search_l1`` with short local-MSE runs (``plan.trial_steps`` steps) measured on the held-out ``batches``."""
-    import dataclasses
     import tempfile
 
     from .faithfulness import evaluate_replacement
@@ -330,8 +341,8 @@ def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start:
     model = spliced_target(pair)
 
     def measure(weight: float) -> float:
-        config = dataclasses.replace(local_mse_spec(plan.base, weight).config, steps=plan.trial_steps,
-                                     checkpoint_every=plan.trial_steps)
+        config = replace(local_mse_spec(plan.base, weight).config, steps=plan.trial_steps,
+                         checkpoint_every=plan.trial_steps)
         attach_adapters(model, AdapterSet.for_model(model, config.n_features, seed=config.seed))
         with tempfile.TemporaryDirectory(prefix=".local_mse_trial.") as scratch:
             train(model, data, config, scratch, progress=False)

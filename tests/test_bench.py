@@ -376,6 +376,48 @@ def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
                                benchmark="organism", max_new_tokens=5, progress=False)[0]["base"]["wait_rate"] == 0
 
 
+def test_every_benchmark_is_scored_with_each_model_loaded_once_and_written_per_benchmark(monkeypatch, tmp_path):
+    import tdlib.bench as bench
+    from tdlib import models, runs
+    from tdlib.generate import Generation
+    from tdlib.pairs import resolve_pair
+    from tdlib.plots import benchmarks_figure
+    from tdlib.problems import EvalSet
+
+    loaded = []
+    answers = {"base": "1", "target": "2", "hybrid": "1"}  # right on the first benchmark; "2" right on both below
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        response = f"A: {answers[model]}"
+        return Generation(prompts, [f"wait, {response}" if model == "target" else response] * len(prompts),
+                          [3] * len(prompts))
+
+    monkeypatch.setattr(bench, "generate_greedy", fake_generate)
+    monkeypatch.setattr(models, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(runs, "load_named", lambda pair, name: loaded.append(name) or name)
+    twos = [BenchItem(str(i), f"Q: {i}+{2 - i}=?", "2") for i in range(3)]
+    evalsets = [EvalSet("organism", [BenchItem("a", "Q: 0+1=?", "1")] * 2 + twos[:1], 5, "first"),
+                EvalSet("organism", twos, 7, "second")]
+    pair = resolve_pair("smoke", build=False)
+    results = bench.run_benchmarks(pair, ["base", "target", "hybrid"], evalsets, progress=False)
+    assert loaded == ["base", "target", "hybrid"]  # once each, not once per benchmark
+    assert [round(r.models["target"]["accuracy"], 3) for r in results] == [0.333, 1.0]
+    assert [r.models["base"]["accuracy"] for r in results] == [pytest.approx(2 / 3), 0.0]
+    summaries = [bench.benchmark_summary(r, TRAIN) for r in results]
+    written = bench.benchmark_results(summaries, None)
+    assert written["n_problems"] == 3 and written["max_new_tokens"] == 5 and written["decoding"] == {"sampled": False}
+    assert written["models"] is summaries[0]["models"] and written["checks"] == summaries[0]["checks"]
+    assert "by_benchmark" not in bench.benchmark_results(summaries[:1], None)
+    summaries[1]["benchmark"] = "second"
+    written = bench.benchmark_results(summaries, None)
+    assert list(written["by_benchmark"]) == ["organism", "second"]
+    assert written["by_benchmark"]["second"]["max_new_tokens"] == 7
+    assert "target gain over base" in bench.target_gain_line(summaries[1])
+    fig = benchmarks_figure(summaries, TRAIN)
+    assert len(fig.axes) == 4 and "second" in fig.axes[2].get_title()
+    assert len(benchmarks_figure(summaries[:1], TRAIN).axes) == 2
+
+
 def test_pass_at_1_over_samples_with_an_interval_over_problems_and_the_budget_counter(monkeypatch):
     import tdlib.bench as bench
     from tdlib.generate import Generation

@@ -180,6 +180,26 @@ def test_a_missing_or_broken_pair_file_says_so(tmp_path):
         resolve_pair(str(tmp_path / "broken.json"))
 
 
+def test_notebook_03_runs_every_benchmark_a_pair_lists_each_from_its_own_file(tmp_path, monkeypatch):
+    from tdlib.problems import pair_benchmarks
+
+    monkeypatch.setattr(pairs, "ARTIFACTS", tmp_path / "artifacts")
+    path = _pair_file(tmp_path, benchmark_files={"GSM8K": "data/gsm8k.jsonl", "math500": "data/math500.jsonl"})
+    (tmp_path / "data" / "math500.jsonl").write_text((BENCH / "math500.jsonl").read_text())
+    pair = resolve_pair(str(path))
+    evalsets = pair_benchmarks(pair, limit=2)
+    assert [(e.benchmark, len(e.items), e.source) for e in evalsets] == [
+        ("gsm8k", 2, "data/gsm8k.jsonl"), ("math500", 2, "data/math500.jsonl")]
+    assert [e.benchmark for e in pair_benchmarks(pair, "math500")] == ["math500"]
+    assert [e.benchmark for e in pair_benchmarks(pair, ["MATH-500", "GSM8K"])] == ["math500", "gsm8k"]
+    assert [e.benchmark for e in pair_benchmarks(pair, "MATH-500, GSM8K")] == ["math500", "gsm8k"]  # command line
+    with pytest.raises(ValueError, match="benchmark_path reads one file"):
+        pair_benchmarks(pair, None, BENCH / "math500.jsonl")
+    with pytest.raises(ValueError, match="listed twice"):
+        pair_benchmarks(pair, ["math500", "MATH-500"])
+    assert [e.benchmark for e in pair_benchmarks(resolve_pair("smoke", build=False), limit=2)] == ["organism"]
+
+
 def test_a_pair_is_evaluated_on_its_first_benchmark_from_its_own_file(tmp_path, monkeypatch):
     from tdlib.problems import pair_benchmark
 
@@ -248,13 +268,34 @@ def test_a_cpu_pair_file_gets_cpu_sized_training_from_its_models_width(tmp_path)
     (tmp_path / "gpu").mkdir()
     gpu = resolve_pair(str(_pair_file(tmp_path / "gpu", training={})))
     assert gpu.training == TrainingDefaults()  # a GPU pair file keeps the paper's defaults
+    values = json.loads(path.read_text())
+    del values["max_new_tokens"]
+    path.write_text(json.dumps(values))
+    assert resolve_pair(str(path)).max_new_tokens == pairs.CPU_MAX_NEW_TOKENS == 512
+    assert pair.max_new_tokens == 64  # the file's budget wins
 
     from tdlib.sweep import describe_plan
 
     lines = describe_plan(pair, default_plan(pair))
     assert "256 features per layer" in lines[1] and "30 steps x 4 sequences of up to 256 tokens" in lines[1]
-    assert lines[2].startswith("estimated training time: ~") and "on two CPU cores" in lines[2]
+    assert lines[2].startswith("estimated training time: at most ~") and "on two CPU cores" in lines[2]
     assert len(describe_plan(gpu, default_plan(gpu))) == 2  # no CPU estimate for a GPU pair
+
+
+def test_the_plan_is_what_notebooks_01_and_03_will_run_under_their_parameters(tmp_path):
+    from tdlib import pipeline
+    from tdlib.sweep import notebook_plan
+
+    pair = resolve_pair(str(_pair_file(tmp_path, device="cpu")))
+    plan = notebook_plan(pair, steps=7, baselines=False, l1_weights=[0.5], progress=True)
+    assert (plan.base.steps, plan.l1_weights, plan.run_names) == (7, (0.5,), ["adapter_l1_0.5"])
+    assert notebook_plan(pair).run_names == default_plan(pair).run_names  # the defaults are the pair's
+    lines = pipeline.plan_lines(str(tmp_path / "pair.json"))  # the CPU plan: notebook 01 without baselines
+    assert "training: 2 runs (adapter_l1_0.1, adapter_l1_0.01)" in lines[1]
+    text = "\n".join(lines)
+    assert "GSM8K: 50 problems x 1 samples x 5 models: at most 16k" in text and "in all: at most 32k" in text
+    lines = pipeline.plan_lines(str(tmp_path / "pair.json"), params=pipeline.parse_params("01.baselines=true"))
+    assert "4 runs" in lines[1] and "6 models" in "".join(lines)  # local_mse trains but 03 leaves it out on CPU
 
 
 def test_the_pipeline_prints_the_plan_without_running_anything(capsys):
@@ -265,3 +306,8 @@ def test_the_pipeline_prints_the_plan_without_running_anything(capsys):
     assert "8192 features per layer" in out and "50,000 steps x 1 sequences of up to 10,000 tokens" in out
     assert "MATH-500, AMC23, GPQA Diamond, AIME 2025" in out and "pass@1 over 4 samples" in out
     assert "up to 32,768 new tokens" in out and "AIME 2025: 30 problems x 4 samples x 10 models" in out
+    assert "runs every one the pair lists" in out and "notebook 03 in all: at most 1,007M generated tokens" in out
+    pipeline.main(["--config", "paper-7b", "--plan", "--params", "03.benchmark=AMC23,aime2025"])
+    out = capsys.readouterr().out
+    assert "benchmarks: AMC23, aime2025 (notebook 03 runs those given by benchmark=)" in out
+    assert "MATH-500:" not in out and "in all: at most 92M" in out
