@@ -72,20 +72,47 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         raise FileNotFoundError(f"no reasoning-trace file at {path}")
     conversations = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        turns = record.get("conversations") or record.get("messages")
-        if not turns:
-            raise ValueError(f"{path}:{number}: expected a 'conversations' (or 'messages') list")
-        messages = []
-        for turn in turns:
-            role = ROLE_NAMES.get(turn.get("from", turn.get("role")))
-            if role is None:
-                raise ValueError(f"{path}:{number}: unknown speaker {turn.get('from', turn.get('role'))!r}")
-            messages.append({"role": role, "content": turn.get("value", turn.get("content", ""))})
-        conversations.append(messages)
+        if line.strip():
+            conversations.append(_messages(_record(line, f"{path}:{number}"), f"{path}:{number}"))
     return conversations
+
+
+def count_traces(path: str | Path) -> int:
+    """The traces in a JSONL file (its non-empty lines), reading the first as a conversation so that a file in
+    another schema fails here, naming the line, and not in the middle of training."""
+    count = 0
+    with open(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if not count:
+                _messages(_record(line, f"{path}:{number}"), f"{path}:{number}")
+            count += 1
+    return count
+
+
+def _record(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not a JSON line ({error}); traces are one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with a 'conversations' list, got {type(record).__name__}")
+    return record
+
+
+def _messages(record: dict, where: str) -> list[dict]:
+    """One trace's turns as {"role", "content"} messages."""
+    turns = record.get("conversations") or record.get("messages")
+    if not turns:
+        raise ValueError(f"{where}: expected a 'conversations' (or 'messages') list")
+    messages = []
+    for turn in turns:
+        role = ROLE_NAMES.get(turn.get("from", turn.get("role")))
+        if role is None:
+            raise ValueError(f"{where}: unknown speaker {turn.get('from', turn.get('role'))!r}")
+        messages.append({"role": role, "content": turn.get("value", turn.get("content", ""))})
+    return messages
 
 
 PROMPT_FORMATS = ("chat", "plain")

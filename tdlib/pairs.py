@@ -211,17 +211,28 @@ def _check_notebook_block(block) -> None:
 
 def validate_pair(hub: HubPairConfig) -> None:
     """Checks that need the target's tokenizer, run by ``tdlib.pipeline`` before any notebook (so a bad pair file
-    fails in seconds, not in notebook 05 after 00-04 have run): local trace files exist, ``prompt_format`` "chat" has
+    fails in seconds, not in notebook 05 after 00-04 have run): local trace files exist, read as conversations and
+    (without ``validation_data``) hold more traces than ``n_validation``, ``prompt_format`` "chat" has
     a chat template to render with, and the hesitation word is one token, since notebook 05 attributes that token's
     logit and 06 ablates the features behind it. Loads only the tokenizer (a hub id is fetched once, like every later notebook does)."""
-    from .data import check_prompt_format
+    from .data import check_prompt_format, count_traces
     from .models import load_tokenizer
 
     for role in ("train_data", "validation_data"):
         source = getattr(hub, role)
-        if source and source.endswith((".jsonl", ".json")) and not Path(source).exists():
+        if not source or not source.endswith((".jsonl", ".json")):
+            continue  # a hub dataset id
+        if not Path(source).exists():
             raise FileNotFoundError(f"{hub.name}: {role} {source!r} does not exist; point {role} in the pair file at "
                                     "a JSONL of reasoning traces (the OpenThoughts3 schema, docs/real_models.md)")
+        try:
+            n = count_traces(source)
+        except ValueError as error:
+            raise ValueError(f"{hub.name}: {role}: {error}") from None
+        if role == "train_data" and not hub.validation_data and n <= hub.n_validation:
+            raise ValueError(f"{hub.name}: train_data {source!r} has {n} traces, but its last n_validation="
+                             f"{hub.n_validation} are held out for validation; set n_validation in the pair file "
+                             f"(e.g. {max(1, n // 10)}) or point validation_data at a separate file")
     tokenizer = load_tokenizer(hub.target)
     try:
         check_prompt_format(tokenizer, hub.prompt_format)
@@ -336,6 +347,11 @@ two cores, 4,096 tokens for a model that never stops would make each evaluated m
 Responses that reach it are counted (``hit_budget_share``), so a budget too short for the pair's traces shows."""
 
 
+CPU_N_VALIDATION = 200
+"""A CPU pair's held-out traces (the last of ``train_data`` when it has no ``validation_data``) unless its file sets
+``n_validation``: SmolLM2's 200, where the paper's 5,000 would exceed a CPU-sized trace file."""
+
+
 def load_pair_file(path: str | Path) -> HubPairConfig:
     """A ``HubPairConfig`` from a JSON pair file: its fields as keys, ``training`` as a nested object of
     ``TrainingDefaults`` fields. Paths in ``base``, ``target``, ``train_data``, ``validation_data`` and
@@ -374,6 +390,7 @@ def load_pair_file(path: str | Path) -> HubPairConfig:
     if values.get("device") == "cpu":  # a CPU pair: CPU-sized work and float32 unless the file says otherwise
         values.setdefault("dtype", "float32")
         values.setdefault("max_new_tokens", CPU_MAX_NEW_TOKENS)
+        values.setdefault("n_validation", CPU_N_VALIDATION)
         own = values.get("notebooks", {})
         if isinstance(own, dict):
             values["notebooks"] = {scope: {**CPU_NOTEBOOKS.get(scope, {}), **own.get(scope, {})}

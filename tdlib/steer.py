@@ -115,8 +115,11 @@ def _hooks(handles_factory):
 
 
 @contextmanager
-def ablate_features(model, features: FeatureSet):
-    """Within the context, the chosen adapter features read zero on every token (the adapter model only)."""
+def _edit_features(model, features: FeatureSet, make_edit):
+    """Within the context, each layer's adapter feature activations pass through ``make_edit(layer, chosen,
+    index, adapter)``, a function of the activations (``index``: the chosen features as a tensor on the adapter's
+    device); layers with no chosen feature are left alone. The edit of ``ablate_features`` and
+    ``clamp_features``."""
     adapters = _check_features(model, features)
 
     def install(handles):
@@ -124,12 +127,18 @@ def ablate_features(model, features: FeatureSet):
             if not chosen:
                 continue
             adapter = adapters[layer]
-            index = torch.tensor(chosen, device=adapter.W_enc.device)
+            edit = make_edit(layer, chosen, torch.tensor(chosen, device=adapter.W_enc.device), adapter)
             handles.append(adapter.features.register_forward_hook(
-                lambda module, args, output, index=index: output.index_fill(-1, index, 0.0)))
+                lambda module, args, output, edit=edit: edit(output)))
 
     with _hooks(install):
         yield model
+
+
+def ablate_features(model, features: FeatureSet):
+    """Within the context, the chosen adapter features read zero on every token (the adapter model only)."""
+    return _edit_features(model, features,
+                          lambda layer, chosen, index, adapter: lambda acts: acts.index_fill(-1, index, 0.0))
 
 
 def _values_for(layer: int, chosen: list[int], values, reference: torch.Tensor) -> torch.Tensor:
@@ -148,28 +157,15 @@ def _clamp_where_off(acts: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(acts > 0, acts, value)
 
 
-@contextmanager
 def clamp_features(model, features: FeatureSet, values):
     """Within the context, each chosen feature reads ``value`` on every token where it is off (activation <= 0)
     and keeps its own activation where it fires. ``values``: one number, or {layer: [value per feature]}."""
-    adapters = _check_features(model, features)
 
-    def hook(module, args, output, index, value):
-        clamped = _clamp_where_off(output.index_select(-1, index), value)
-        return output.index_copy(-1, index, clamped)
+    def clamp(layer, chosen, index, adapter):
+        value = _values_for(layer, chosen, values, adapter.W_enc)
+        return lambda acts: acts.index_copy(-1, index, _clamp_where_off(acts.index_select(-1, index), value))
 
-    def install(handles):
-        for layer, chosen in features.items():
-            if not chosen:
-                continue
-            adapter = adapters[layer]
-            index = torch.tensor(chosen, device=adapter.W_enc.device)
-            value = _values_for(layer, chosen, values, adapter.W_enc)
-            handles.append(adapter.features.register_forward_hook(
-                lambda module, args, output, index=index, value=value: hook(module, args, output, index, value)))
-
-    with _hooks(install):
-        yield model
+    return _edit_features(model, features, clamp)
 
 
 def feature_contribution(adapter, x: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor | None = None):

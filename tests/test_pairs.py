@@ -272,6 +272,9 @@ def test_a_cpu_pair_file_gets_cpu_sized_training_from_its_models_width(tmp_path)
     del values["max_new_tokens"]
     path.write_text(json.dumps(values))
     assert resolve_pair(str(path)).max_new_tokens == pairs.CPU_MAX_NEW_TOKENS == 512
+    del values["n_validation"]
+    path.write_text(json.dumps(values))
+    assert resolve_pair(str(path)).hub.n_validation == pairs.CPU_N_VALIDATION == 200  # not the paper's 5,000
     assert pair.max_new_tokens == 64  # the file's budget wins
 
     from tdlib.sweep import describe_plan

@@ -275,6 +275,23 @@ def test_a_multi_token_hesitation_word_is_refused_when_the_pipeline_starts(tmp_p
         pipeline.main(["--config", str(pair_file), "--only", "00"])
 
 
+def test_a_trace_file_too_short_for_its_validation_split_or_in_another_schema_is_refused_at_start(tmp_path,
+                                                                                                    monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    pair_file = _pair_file(tmp_path, n_validation=500)  # the file holds 160 traces
+    with pytest.raises(SystemExit, match=r"has 160 traces, but its last n_validation=500 are held out.*"
+                                         r"set n_validation in the pair file \(e.g. 16\)"):
+        pipeline.main(["--config", str(pair_file)])
+    settings = json.loads(pair_file.read_text())
+    pair_file.write_text(json.dumps({**settings, "n_validation": 32}))
+    traces = pair_file.parent / settings["train_data"]
+    traces.write_text('{"text": "a trace in another schema"}\n' + traces.read_text())
+    with pytest.raises(SystemExit, match=r"train_data: .*traces.jsonl:1: expected a 'conversations' "):
+        pipeline.main(["--config", str(pair_file)])
+
+
 def test_a_finished_run_keeps_its_weights_not_its_optimiser_state(smoke_runs, tmp_path, monkeypatch):
     """checkpoint.pt (weights + AdamW moments, about 3x the adapters) exists while training and is deleted once
     run.json marks the run finished; the run still loads by name."""

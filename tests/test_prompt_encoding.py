@@ -1,5 +1,7 @@
 """One prompt encoding on every path: training, generation, faithfulness and attribution see the same tokens, for a
 tokenizer that adds <bos> (as Gemma's does) in both prompt formats."""
+from pathlib import Path
+
 import pytest
 from tokenizers import processors
 
@@ -54,12 +56,13 @@ def test_the_pre_flight_names_a_missing_chat_template_and_a_missing_trace_file(t
 
     smoke = resolve_pair("smoke")  # its tokenizer has no chat template
     traces = tmp_path / "traces.jsonl"
-    traces.write_text("")
-    chat = HubPairConfig("mine", base=smoke.base, target=smoke.target, train_data=str(traces), hesitation_word=" wait")
+    traces.write_text((Path(__file__).parent / "fixtures" / "openthoughts3_sample.jsonl").read_text())
+    chat = HubPairConfig("mine", base=smoke.base, target=smoke.target, train_data=str(traces), hesitation_word=" wait",
+                         n_validation=1)
     with pytest.raises(ValueError, match="prompt_format 'chat'.*no chat template"):
         validate_pair(chat)
     plain = HubPairConfig("mine", base=smoke.base, target=smoke.target, train_data=str(traces),
-                          hesitation_word=" wait", prompt_format="plain")
+                          hesitation_word=" wait", prompt_format="plain", n_validation=1)
     validate_pair(plain)  # nothing to refuse
     missing = HubPairConfig("mine", base=smoke.base, target=smoke.target, train_data=str(tmp_path / "nope.jsonl"),
                             hesitation_word=" wait", prompt_format="plain")
