@@ -4,10 +4,18 @@
 default ``TrainConfig`` and prints the KL to the target before and after, plus how strongly each layer's
 post-MLP norm rescales a small change of the MLP's output (the factor an adapter placed before the norm is
 multiplied by). docs/real_models.md records the numbers and the choice they support.
+
+``python scripts/measure_placement.py --config my_pair.json`` does the same on a real pair, the comparison that
+decides the default: at each of the pair's L1 weights (notebook 01's sweep; ``--l1`` and ``--steps`` override)
+it trains one adapter per placement with notebook 01's settings and prints, per run, the held-out KL and L0
+(notebook 01's held-out batches and metrics), the largest training KL and its step (a spike shows instability),
+plus the hybrid's KL and the post-MLP norm's gain per layer. Runs are kept (and resumed) under the pair's
+``artifacts/placement/<pair>`` folder; ``--out`` writes every row to a JSON file.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -84,22 +92,26 @@ def held_out_kl(model, choice: str, n_batches: int = 4) -> float:
 
 
 @torch.no_grad()
-def post_norm_gain(model, data: RandomTokens) -> list[float]:
+def post_norm_gain(model, data: RandomTokens | torch.Tensor) -> list[float]:
     """Per layer: ||norm(m + e) - norm(m)|| / ||e|| for a small random change e of the MLP output m, averaged
-    over positions: what an adapter placed before the post-MLP norm is multiplied by."""
+    over positions (of ``data``'s first batch, or the given token ids): what an adapter placed before the post-MLP
+    norm is multiplied by."""
     gains, captured = [], {}
     blocks = find_layers(model)
     name = post_mlp_norm_name(model)
     handles = [getattr(block, name).register_forward_hook(
         lambda module, args, output, i=i: captured.__setitem__(i, (module, args[0]))) for i, block in enumerate(blocks)]
+    ids = data if isinstance(data, torch.Tensor) else data.batch(0)["input_ids"]
     with mlp_choice(model, "base"):
-        model(data.batch(0)["input_ids"])
+        model(ids.to(next(model.parameters()).device))
     for handle in handles:
         handle.remove()
+    generator = torch.Generator().manual_seed(0)
     for i in range(len(blocks)):
         norm, m = captured[i]
         norm = getattr(norm, "norm", norm)
-        e = 1e-4 * m.norm(dim=-1, keepdim=True) * torch.randn_like(m) / m.shape[-1] ** 0.5
+        noise = torch.randn(m.shape, generator=generator).to(m)
+        e = 1e-4 * m.norm(dim=-1, keepdim=True) * noise / m.shape[-1] ** 0.5
         gains.append(float(((norm(m + e) - norm(m)).norm(dim=-1) / e.norm(dim=-1)).mean()))
     return gains
 
@@ -121,14 +133,69 @@ def measure(family: str, placement: str, steps: int = 60, n_features: int = 64,
     return result
 
 
+def measure_pair(config: str, l1_weights=None, steps: int | None = None, root: Path | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Both placements on the pair ``config`` at each of its L1 weights (``l1_weights``/``steps``: None for
+    notebook 01's): one row per trained adapter, after a first row for the hybrid."""
+    from dataclasses import replace
+
+    from tdlib.faithfulness import evaluate_replacement
+    from tdlib.models import PLACEMENTS, load_tokenizer
+    from tdlib.pairs import data_for, resolve_pair
+    from tdlib.runs import spliced_target
+    from tdlib.sweep import RunSpec, notebook_plan, train_run, validation_batches
+
+    pair = resolve_pair(config)
+    plan = notebook_plan(pair, l1_weights=l1_weights, steps=steps)
+    tokenizer = load_tokenizer(pair.target)
+    batches = validation_batches(pair, plan, tokenizer)
+    model = spliced_target(pair)
+    if post_mlp_norm_name(model) is None:
+        raise SystemExit(f"{pair.target} has no post-MLP norm, so both placements add at the same place; "
+                         "there is nothing to compare (the question arises for Gemma 2 / 3 blocks)")
+    rows = [{"pair": pair.name, "run": "hybrid", "held_out_kl": evaluate_replacement(model, batches, "base")["kl"],
+             "post_norm_gain": post_norm_gain(model, batches[0]["input_ids"][:1])}]
+    del model
+    root = Path(root) if root else pair.artifacts("placement")
+    for l1_weight in sorted(plan.l1_weights, reverse=True):
+        for placement in PLACEMENTS:
+            spec = RunSpec(f"{placement}_l1_{l1_weight:g}",
+                           replace(plan.base, kind="adapter", l1_weight=l1_weight, placement=placement))
+            data = data_for(pair, tokenizer, batch_size=spec.config.batch_size, seed=spec.config.seed)
+            model, _ = train_run(pair, spec, data, root=root, progress=progress)
+            held_out = evaluate_replacement(model, batches, "adapter")
+            with open(root / spec.name / "log.csv") as stream:
+                log = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(stream)]
+            worst = max(log, key=lambda row: row["kl"])
+            rows.append({"pair": pair.name, "run": spec.name, "placement": placement, "l1_weight": l1_weight,
+                         "steps": spec.config.steps, "held_out_kl": held_out["kl"], "l0": held_out["l0"],
+                         "first_train_kl": log[0]["kl"], "max_train_kl": worst["kl"],
+                         "max_train_kl_step": int(worst["step"]), "final_train_kl": log[-1]["kl"]})
+            print(json.dumps(rows[-1]), flush=True)
+            del model
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimiser steps per run (default: 60 on the tiny pairs, notebook 01's on --config)")
+    parser.add_argument("--config", help="a pair (name or pair file) to measure instead of the tiny pairs")
+    parser.add_argument("--l1", type=float, nargs="+", help="L1 weights (default: the pair's sweep)")
+    parser.add_argument("--root", help="where the runs go (default: artifacts/placement/<pair>)")
+    parser.add_argument("--out", help="also write every row to this JSON file")
     args = parser.parse_args(argv)
+    if args.config:
+        rows = measure_pair(args.config, args.l1, args.steps, args.root)
+        if args.out:
+            from tdlib.results import atomic_write_text
+
+            atomic_write_text(Path(args.out), json.dumps(rows, indent=1) + "\n")
+        return
     for family in ("gemma2", "gemma3"):
         for scales in (None, REAL_LIKE_SCALES):
             for placement in ("mlp_output", "residual"):
-                print(json.dumps(measure(family, placement, args.steps, mlp_scales=scales)), flush=True)
+                print(json.dumps(measure(family, placement, args.steps or 60, mlp_scales=scales)), flush=True)
 
 
 if __name__ == "__main__":

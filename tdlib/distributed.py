@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .models import find_layers
-from .train import TrainConfig, TrainResult, cut_for_step, local_mse_objective, objective, train
+from .train import TrainConfig, TrainResult, cut_for_step, local_mse_objective, new_adapters, objective, train
 
 
 class ShardedBatches:
@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
     import dataclasses
     import time
 
-    from .adapter import AdapterSet
     from .models import load_tokenizer
     from .pairs import data_for, resolve_pair
     from .splice import attach_adapters
@@ -181,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                         kl_chunk_tokens=args.kl_chunk_tokens, gradient_checkpointing=None
                         if args.gradient_checkpointing is None else bool(args.gradient_checkpointing))
     model = spliced_target(pair)
-    adapters = AdapterSet.for_model(model, config.n_features, seed=config.seed,
-                                    meta={"run": adapter_run_name(config.l1_weight), "train_config": asdict(config)})
+    adapters = new_adapters(model, config, meta={"run": adapter_run_name(config.l1_weight),
+                                                 "train_config": asdict(config)})
     attach_adapters(model, adapters)
     data = data_for(pair, load_tokenizer(pair.target), "train", batch_size=config.batch_size, seed=config.seed)
     if args.max_tokens:

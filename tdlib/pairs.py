@@ -68,8 +68,16 @@ class TrainingDefaults:
     the paper's 10M). Changes only the report."""
     n_validation_batches: int = 8
     """Held-out batches (of ``batch_size`` sequences) for notebook 01's final metrics (``SweepPlan``)."""
+    placement: str | None = None
+    """Where adapters add their output in blocks with a post-MLP norm (``TrainConfig.placement``): None for the
+    architecture's default ("residual" for Gemma 2 / 3), "mlp_output" for the paper's."""
 
     def __post_init__(self):
+        from .models import PLACEMENTS
+
+        if self.placement is not None and self.placement not in PLACEMENTS:
+            raise ValueError(f"TrainingDefaults.placement must be None (the architecture's default) or one of "
+                             f"{PLACEMENTS}, got {self.placement!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"TrainingDefaults.max_tokens must be None or >= 1, got {self.max_tokens}")
         for name in ("n_features", "batch_size", "steps", "checkpoint_every", "dead_after_tokens",
@@ -102,7 +110,8 @@ class TrainingDefaults:
         values = {"n_features": self.n_features, "lr": self.lr, "batch_size": self.batch_size,
                   "steps": self.steps, "warmup": self.warmup, "l1_weight": self.l1_weights[0],
                   "gradient_checkpointing": self.gradient_checkpointing, "kl_chunk_tokens": self.kl_chunk_tokens,
-                  "checkpoint_every": self.checkpoint_every, "dead_after_tokens": self.dead_after_tokens}
+                  "checkpoint_every": self.checkpoint_every, "dead_after_tokens": self.dead_after_tokens,
+                  "placement": self.placement}
         return TrainConfig(**{**values, **overrides})
 
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .adapter import AdapterSet
 from .pairs import Pair
 from .results import atomic_write_text
 from .runs import (BASE_MLPS_FILE, DamagedRunError, checkpoint_is_stale, load_named, read_run, run_dir,
                    spliced_target, train_root, write_run_info)
 from .splice import attach_adapters, set_mlp_choice, spliced_mlps
-from .train import TrainConfig, TrainResult, config_from_dict, train, training_identity
+from .train import TrainConfig, TrainResult, config_from_dict, new_adapters, train, training_identity
 
 LOCAL_MSE = "local_mse"
 CALIBRATION_FILE = "local_mse_calibration.json"
@@ -82,8 +81,7 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
     adapters = None
     model = spliced_target(pair)
     if spec.config.kind != "mlp_finetune":
-        adapters = AdapterSet.for_model(model, spec.config.n_features, seed=spec.config.seed,
-                                        meta={"run": spec.name, "train_config": asdict(spec.config)})
+        adapters = new_adapters(model, spec.config, meta={"run": spec.name, "train_config": asdict(spec.config)})
         attach_adapters(model, adapters)
     started = time.time()
     result: TrainResult = train(model, data, spec.config, directory, progress=progress)
@@ -176,12 +174,12 @@ def default_plan(pair: Pair, n_validation_batches: int | None = None) -> SweepPl
 
 def notebook_plan(pair: Pair, *, l1_weights=None, steps: int | None = None, n_features: int | None = None,
                   n_validation_batches: int | None = None, baselines: bool = True,
-                  lambda_bridge: float | None = None, **unused) -> SweepPlan:
+                  lambda_bridge: float | None = None, placement: str | None = None, **unused) -> SweepPlan:
     """The sweep notebook 01 trains under its parameters (None: the pair's default), so that ``make plan`` prints
     what the notebook will run; ``unused``: notebook 01's other parameters."""
     plan = default_plan(pair)
-    overrides = {k: v for k, v in dict(steps=steps, n_features=n_features, lambda_bridge=lambda_bridge).items()
-                 if v is not None}
+    overrides = {k: v for k, v in dict(steps=steps, n_features=n_features, lambda_bridge=lambda_bridge,
+                                       placement=placement).items() if v is not None}
     return replace(plan, base=replace(plan.base, **overrides),
                    l1_weights=tuple(l1_weights) if l1_weights else plan.l1_weights, baselines=baselines,
                    n_validation_batches=n_validation_batches or plan.n_validation_batches)
@@ -205,7 +203,8 @@ def describe_plan(pair: Pair, plan: SweepPlan) -> list[str]:
              f"training: {len(runs)} runs ({', '.join(runs)}), {base.n_features} features per layer, "
              f"{base.steps:,} steps x {base.batch_size} sequences"
              + (f" of up to {cap:,} tokens ({tokens:,} tokens per run at most)" if cap else "")
-             + f", lr {base.lr:g}, L1 weights {', '.join(f'{w:g}' for w in plan.l1_weights)}"]
+             + f", lr {base.lr:g}, L1 weights {', '.join(f'{w:g}' for w in plan.l1_weights)}"
+             + (f", adapters at the {base.placement!r} placement" if base.placement else "")]
     shape = model_shape(pair.target) if pair.hub is not None else {}
     if pair.device == "cpu" and tokens and {"hidden_size", "num_hidden_layers", "vocab_size"} <= set(shape):
         d, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
@@ -343,7 +342,7 @@ def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start:
     def measure(weight: float) -> float:
         config = replace(local_mse_spec(plan.base, weight).config, steps=plan.trial_steps,
                          checkpoint_every=plan.trial_steps)
-        attach_adapters(model, AdapterSet.for_model(model, config.n_features, seed=config.seed))
+        attach_adapters(model, new_adapters(model, config))
         with tempfile.TemporaryDirectory(prefix=".local_mse_trial.") as scratch:
             train(model, data, config, scratch, progress=False)
         l0 = evaluate_replacement(model, batches, "adapter")["l0"]

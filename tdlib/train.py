@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .metrics import kl_divergence, masked_mean, next_token_mask, nmse, token_kl  # noqa: F401 (re-exported)
-from .models import find_layers, unwrap
+from .models import PLACEMENTS, find_layers, unwrap
 from .results import atomic_write_text
 from .residual import (attention_replayable, capture_features, capture_mlp_inputs, capture_residuals, final_hidden,
                        record_attention, replay_attention, run_from_layer)
@@ -105,6 +105,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass instead of storing its activations: ``train`` calls
     ``tdlib.splice.enable_gradient_checkpointing`` on the model (kinds adapter and mlp_finetune)."""
+    placement: str | None = None
+    """Where the adapters add their output in blocks with a post-MLP norm (Gemma 2 / 3): None for the architecture's
+    default (``tdlib.models.default_placement``: "residual" there, "mlp_output" elsewhere), or "mlp_output" (the
+    paper's: before the norm) or "residual" (after it). Elsewhere the two are the same place. Recorded with the
+    adapters (``AdapterSet.meta["placement"]``); ``new_adapters`` applies it."""
     objective_version: int = OBJECTIVE_VERSION
     """The loss conventions of this run (``OBJECTIVE_VERSION``); written to run.json, not meant to be set."""
 
@@ -125,6 +130,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_cut must be 0 (released code) or 1 (paper), got {self.min_cut}")
         if self.kl_chunk_tokens is not None and self.kl_chunk_tokens < 1:
             raise ValueError(f"TrainConfig.kl_chunk_tokens must be None or >= 1, got {self.kl_chunk_tokens}")
+        if self.placement is not None and self.placement not in PLACEMENTS:
+            raise ValueError(f"TrainConfig.placement must be None (the architecture's default) or one of "
+                             f"{PLACEMENTS}, got {self.placement!r}")
         if self.objective_version != OBJECTIVE_VERSION:
             raise ValueError(f"TrainConfig.objective_version {self.objective_version} is not this tdlib's "
                              f"{OBJECTIVE_VERSION}: that run used older loss conventions; train it again (a new "
@@ -593,7 +601,18 @@ def training_identity(config: TrainConfig | dict) -> dict:
     ``REPORT_FIELDS``. Runs and checkpoints with equal identities are the same run, also when written before those
     fields existed; a dict without ``objective_version`` was trained under version 1 and is a different run."""
     values = asdict(config) if isinstance(config, TrainConfig) else {"objective_version": 1, **config}
+    if values.get("placement") is None:  # the architecture's default, also for runs saved before the field existed
+        values = {name: value for name, value in values.items() if name != "placement"}
     return {name: value for name, value in values.items() if name not in MEMORY_FIELDS + REPORT_FIELDS}
+
+
+def new_adapters(model, config: TrainConfig, meta: dict | None = None):
+    """Freshly initialised adapters for ``model`` as ``config`` trains them: its feature count, seed and placement
+    (``meta`` is recorded with them)."""
+    from .adapter import AdapterSet
+
+    placement = {} if config.placement is None else {"placement": config.placement}
+    return AdapterSet.for_model(model, config.n_features, seed=config.seed, meta={**(meta or {}), **placement})
 
 
 def config_from_dict(values: dict) -> TrainConfig:

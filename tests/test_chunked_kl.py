@@ -143,3 +143,15 @@ def test_chunking_refuses_models_that_transform_their_logits():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0.*kl_chunk_tokens=None"):
         chunkable_head(model)
+
+
+def test_the_default_placement_is_the_identity_of_runs_saved_before_the_field():
+    """A run saved before ``placement`` existed trained at the architecture's default: the same run as
+    ``placement=None``; an explicit placement is a different run, and an unknown one is refused."""
+    config = TrainConfig(n_features=16)
+    saved_before = {k: v for k, v in dataclasses.asdict(config).items() if k != "placement"}
+    assert training_identity(saved_before) == training_identity(config)
+    assert config_from_dict(saved_before) == config
+    assert training_identity(dataclasses.replace(config, placement="mlp_output")) != training_identity(config)
+    with pytest.raises(ValueError, match="placement must be None .* 'residual'"):
+        TrainConfig(placement="after_norm")

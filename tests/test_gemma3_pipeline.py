@@ -54,6 +54,49 @@ def test_attribution_notebook_runs_on_a_gemma3_pair(gemma3_pair_file, tmp_path):
     assert (out / "figures" / "05_wait_graph.json").exists()
 
 
+def test_a_pair_file_chooses_the_placement(gemma3_pair_file, tmp_path):
+    """``"training": {"placement": ...}`` in a pair file reaches notebook 01's plan and its printout; a misspelt
+    placement is refused when the file is read; notebook 01's ``placement`` parameter wins over both."""
+    from tdlib.sweep import describe_plan, notebook_plan
+
+    values = json.loads(gemma3_pair_file.read_text())
+    values["training"] = {**values.get("training", {}), "placement": "mlp_output"}
+    chosen = gemma3_pair_file.parent / "chosen.json"
+    chosen.write_text(json.dumps(values))
+    pair = resolve_pair(str(chosen))
+    assert default_plan(pair).base.placement == "mlp_output"
+    assert "adapters at the 'mlp_output' placement" in describe_plan(pair, default_plan(pair))[1]
+    assert default_plan(resolve_pair(str(gemma3_pair_file))).base.placement is None
+    assert notebook_plan(pair, placement="residual").base.placement == "residual"
+    values["training"]["placement"] = "before_norm"
+    chosen.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="placement must be None"):
+        resolve_pair(str(chosen))
+
+
+def test_measure_placement_compares_both_placements_on_a_pair_file(gemma3_pair_file, tmp_path):
+    """``scripts/measure_placement.py --config``: one adapter per placement at the same settings, each saved with
+    its placement, with the held-out KL and L0 of notebook 01 and the training KL's largest value."""
+    from measure_placement import main, measure_pair
+
+    rows = measure_pair(str(gemma3_pair_file), l1_weights=[1e-3], steps=3, root=tmp_path / "runs", progress=False)
+    hybrid, *trained = rows
+    n_layers = json.loads((gemma3_pair_file.parent / "target" / "config.json").read_text())["num_hidden_layers"]
+    assert hybrid["run"] == "hybrid" and hybrid["held_out_kl"] > 0
+    assert len(hybrid["post_norm_gain"]) == n_layers and min(hybrid["post_norm_gain"]) > 0
+    assert [row["placement"] for row in trained] == ["mlp_output", "residual"]
+    for row in trained:
+        assert AdapterSet.load(tmp_path / "runs" / row["run"] / "adapters").meta["placement"] == row["placement"]
+        assert row["steps"] == 3 and row["l0"] >= 0 and row["max_train_kl"] >= row["final_train_kl"]
+    assert trained[0]["held_out_kl"] != trained[1]["held_out_kl"]  # two different places to add
+    residual = trained[1]  # the default placement trains stably from the first step
+    assert residual["max_train_kl"] < 1.5 * residual["first_train_kl"], residual
+    out = tmp_path / "rows.json"  # the command reuses the finished runs and writes the same rows
+    main(["--config", str(gemma3_pair_file), "--l1", "1e-3", "--steps", "3", "--root", str(tmp_path / "runs"),
+          "--out", str(out)])
+    assert json.loads(out.read_text()) == rows
+
+
 @pytest.mark.slow
 def test_every_notebook_runs_on_a_gemma3_pair_file(gemma3_pair_file, tmp_path):
     name = json.loads(gemma3_pair_file.read_text())["name"]
