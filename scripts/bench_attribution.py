@@ -1,4 +1,5 @@
-"""Seconds per attribution graph (``tdlib.attribution.attribute``) in each base-MLP mode (frozen, relp, target),
+"""Seconds per attribution graph (``tdlib.attribution.attribute``) in each base-MLP mode (frozen, relp, target,
+jacobian),
 broken down by phase, beside a plain forward.
 
     python scripts/bench_attribution.py --config smoke                      # a built pair and its trained adapters
@@ -18,7 +19,8 @@ Phases of one graph (each timed inside ``attribute`` by wrapping the functions i
 
 The plain reference is one ``torch.no_grad`` forward of the same adapter model on the same prompt. Each graph is
 timed ``--repeats`` times after a warm-up, alternating with the reference; medians are reported, and each mode's
-total beside the ``frozen`` one (relp and target pass every backward batch through the linearised base MLPs).
+total beside the ``frozen`` one (relp, target and jacobian pass every backward batch through the linearised base
+MLPs).
 """
 from __future__ import annotations
 
@@ -160,8 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-feature-nodes", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--modes", nargs="+", default=["frozen", "relp", "target"], help="base-MLP modes to time")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="base-MLP modes to time (default: every mode of tdlib.attribution.MODES)")
     args = parser.parse_args(argv)
+    if args.modes is None:
+        from tdlib.attribution import MODES
+
+        args.modes = list(MODES)
     threads = set_threads(args.threads)
 
     if args.shape:

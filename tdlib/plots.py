@@ -393,31 +393,64 @@ def ground_truth_figure(score: dict):
     return fig
 
 
+INTERVENTION_SCALES = (("small", "actual_small", "removal of 5%, per unit removed"),
+                       ("full", "actual", "full removal"))
+
+
 def intervention_figure(checks: dict[str, dict], word: str = "wait"):
-    """Per attribution mode: each checked feature's logit change predicted by the graph (minus its total effect)
-    against the change when it is removed in the real model, the diagonal drawn; the title gives Spearman's rank
-    correlation and the median relative error."""
+    """Per attribution mode (columns) and removal scale (rows: a small removal divided by its size, which tests the
+    linearisation; the full removal, which is what ablation does): each checked feature's logit change predicted by
+    the graph (minus its total effect) against the change in the real model, the diagonal drawn; titles give the
+    within-prompt and pooled rank correlations and the calibration slope."""
     modes = list(checks)
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        records = checks[mode]["records"]
-        summary = checks[mode]["total_effect"]
-        predicted = [r["predicted_total"] for r in records]
-        actual = [r["actual"] for r in records]
-        ax.scatter(actual, predicted, s=9, alpha=0.6, color="#4C72B0")
-        values = predicted + actual
-        if values:
-            low, high = min(values), max(values)
-            ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="predicted = actual")
-        ax.axhline(0, color="#ccc", linewidth=0.5)
-        ax.axvline(0, color="#ccc", linewidth=0.5)
-        ax.set(xlabel=f'actual change of the "{word.strip()}" logit (real model, feature removed)',
-               ylabel="predicted by the graph (- total effect)",
-               title=f"{mode}: Spearman {summary['rank_correlation']:.2f}, "
-                     f"median rel. error {summary['median_relative_error']:.2f}\n({summary['n']} removals)")
-        ax.title.set_fontsize(10)
-        ax.xaxis.label.set_fontsize(8)
-        ax.legend(fontsize=8, loc="upper left")
+    scales = [s for s in INTERVENTION_SCALES if all("scales" in checks[m] for m in modes) or s[0] == "full"]
+    fig, axes = plt.subplots(len(scales), len(modes), figsize=(4.2 * len(modes), 4 * len(scales)), squeeze=False)
+    for row, (scale, key, label) in enumerate(scales):
+        for ax, mode in zip(axes[row], modes):
+            records = [r for r in checks[mode]["records"] if r.get(key) == r.get(key) and key in r]
+            predicted = [r["predicted_total"] for r in records]
+            actual = [r[key] for r in records]
+            ax.scatter(actual, predicted, s=9, alpha=0.6, color="#4C72B0" if scale == "full" else "#55A868")
+            values = predicted + actual
+            if values:
+                low, high = min(values), max(values)
+                ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1,
+                        label="predicted = actual")
+                ax.legend(fontsize=8, loc="upper left")
+            ax.axhline(0, color="#ccc", linewidth=0.5)
+            ax.axvline(0, color="#ccc", linewidth=0.5)
+            summary = checks[mode].get("scales", {}).get(scale) or checks[mode]["total_effect"]
+            ax.set(xlabel=f'actual change of the "{word.strip()}" logit ({label})',
+                   ylabel="predicted by the graph (- total effect)",
+                   title=f"{mode}, {scale} removals: Spearman within prompts "
+                         f"{summary.get('within_prompt_rank_correlation', float('nan')):.2f}, pooled "
+                         f"{summary['rank_correlation']:.2f}\nslope {summary.get('slope', float('nan')):.2f} "
+                         f"({summary['n']} removals)")
+            ax.title.set_fontsize(9)
+            ax.xaxis.label.set_fontsize(8)
+    fig.tight_layout()
+    return fig
+
+
+def selection_rule_figure(selection: dict, reference: float = 0.8):
+    """Each rule's agreement with full feature removals in the real model: on the selection half (two-fold
+    cross-fit, what chose the rule) and on the held-out evaluation half, within-prompt rank correlation; the bar
+    the chosen rule must clear is drawn."""
+    rules = list(selection["rules"])
+    cross_fit = [selection["rules"][r]["selection_cross_fit"] for r in rules]
+    held_out = [selection["rules"][r]["held_out"]["within_prompt_rank_correlation"] for r in rules]
+    x = np.arange(len(rules))
+    fig, ax = plt.subplots(figsize=(1.6 * len(rules) + 2, 3.8))
+    ax.bar(x - 0.2, cross_fit, 0.4, label="selection half (cross-fit): chooses", color="#8172B3")
+    ax.bar(x + 0.2, held_out, 0.4, label="evaluation half: held out", color="#55A868")
+    ax.axhline(reference, color="#C44E52", linestyle="--", linewidth=1, label=f"target {reference:g}")
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xticks(x, [f"{r}\n(chosen)" if r == selection["rule"] else r for r in rules])
+    ax.set(ylabel="rank correlation with removals\n(within prompt, mean)", ylim=(-1, 1),
+           title=f"Selection rule: {selection['rule']} ({selection['n_selection_prompts']} selection, "
+                 f"{selection['n_evaluation_prompts']} evaluation prompts; pool of {selection['pool_size']})")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 

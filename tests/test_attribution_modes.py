@@ -1,4 +1,4 @@
-"""The three base-MLP modes of attribution (frozen, relp, target): exact on every family, equal to the paper's rules
+"""The base-MLP modes of attribution (frozen, relp, target, jacobian): exact on every family, equal to the paper's rules
 applied to the real model's own modules by autograd, and checked against removals in the real model."""
 import contextlib
 
@@ -95,7 +95,7 @@ def test_a_non_gated_mlp_is_refused_in_the_modes_that_pass_through_it():
 def relp_rules(model, mode: str, monkeypatch):
     """The real model's own modules under the paper's rules (RMSNorm denominators and attention patterns
     detached, SiLU's sigmoid detached, the half rule on gate * up, adapter features detached: they are nodes),
-    or with each base MLP's output detached ("frozen"), or the target's MLP written as base MLP + features +
+    or with each base MLP's output detached ("frozen"), or left as it is ("jacobian"), or the target's MLP written as base MLP + features +
     detached error ("target"). Yields a dict that collects each layer's feature activations (leaves)."""
     features: dict[int, torch.Tensor] = {}
     softmax = torch.nn.functional.softmax
@@ -122,8 +122,9 @@ def relp_rules(model, mode: str, monkeypatch):
                 return linear_base(base, x) + writes + error
             monkeypatch.setattr(spliced, "forward", target_forward)
             continue
-        monkeypatch.setattr(base, "forward", (lambda x, b=base: b.__class__.forward(b, x).detach()) if mode == "frozen"
-                            else (lambda x, b=base: linear_base(b, x)))
+        if mode != "jacobian":  # jacobian: the base MLP as it is, so autograd takes its true derivative
+            monkeypatch.setattr(base, "forward", (lambda x, b=base: b.__class__.forward(b, x).detach())
+                                if mode == "frozen" else (lambda x, b=base: linear_base(b, x)))
 
         def leaf(module, args, output, layer=layer):
             features[layer] = output.detach().requires_grad_(True)

@@ -95,6 +95,22 @@ def test_every_notebook_runs_on_the_smoke_pair_and_honours_the_results_contract(
     assert all(f.stat().st_size > 10_000 for f in figures)
 
 
+def test_attribution_records_the_two_scale_check_and_the_held_out_selection_rule(smoke_run):
+    from tdlib.attribution import MODES, VERIFIED
+
+    results = json.loads((smoke_run / "results" / "05_attribution.json").read_text())
+    assert set(results["modes"]) == set(MODES)
+    for mode in MODES:
+        scales = results["modes"][mode]["intervention_check"]["scales"]
+        assert set(scales) == {"small", "full"} and scales["small"]["n"] == scales["full"]["n"] > 0
+    selection = results["selection"]
+    assert set(selection["rules"]) == {*MODES, VERIFIED} and selection["rule"] in selection["rules"]
+    assert results["selection_rule"] == selection["rule"] and not selection["forced"]
+    assert not set(selection["selection_prompts"]) & set(selection["evaluation_prompts"])
+    assert results["selection_prompts"] == selection["selection_prompts"]
+    assert results["hesitation_features"] == selection["hesitation_features"] > 0
+
+
 def test_smoke_models_carry_the_contract_metrics(smoke_run):
     organism = json.loads((smoke_run / "results" / "00_pair.json").read_text())
     for model in ("base", "target", "hybrid"):
@@ -211,7 +227,7 @@ def test_overrides_apply_where_declared_and_the_command_line_wins():
 
 
 @pytest.mark.parametrize("words, message", [
-    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: adapter, mode, compare_modes, n_check_features"),
+    (["n_promts=3"], r"unknown notebook parameter 'n_promts'.*05_attribution: adapter, selection_rule, compare_modes, n_check_features"),
     (["01.n_prompts=3"], r"unknown notebook parameter 'n_prompts' for '01'.*01_train: l1_weights, steps"),
     (["baselines=0"], r"baselines=0 \(int\) where the default is True"),
     (["n_prompts=many"], r"n_prompts='many' \(str\) where the default is 60"),

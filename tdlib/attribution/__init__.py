@@ -1,4 +1,4 @@
-"""Attribution graphs of the spliced model, in three base-MLP modes (the method: docs/method.md).
+"""Attribution graphs of the spliced model, in four base-MLP modes (the method: docs/method.md).
 
 The local replacement model
 ---------------------------
@@ -15,6 +15,11 @@ activation because only active features are nodes). The ``mode`` says what happe
   inputs) + ``b_dec`` + an **error node** holding what the adapter misses there,
   ``target_mlp(x) - base_mlp(x) - adapter(x)``. An error node then means "this part of the fine-tune's change is not
   explained by a feature", and completeness measures the method.
+* ``"jacobian"``: the adapter model with each base MLP passed through by its true derivative at the prompt (no half
+  rule, no frozen sigmoid): every edge is a first-order estimate of what removing its source does in the model
+  (attention patterns and norms still frozen). Not an exact decomposition: what the first-order pass-through
+  leaves of each base MLP's output, ``mlp(x0) - J(x0) x0``, sits in error nodes, and the graph's
+  ``error_share_signed`` reports it. The mode for choosing features to intervene on.
 * ``"frozen"``: the adapter model with each base MLP's output (and ``b_dec``) a constant error node: no path of
   influence crosses a base MLP. Kept for comparison: on a deep model almost every path does.
 
@@ -26,7 +31,7 @@ node) and encoder biases ``b_enc``; they are reported as ``bias`` per row, so fo
     sum of incoming edges + bias = the node's value        (pre-activation for features, logit for the logit)
 
 exactly. An edge s -> t is the direct effect: d t / d value_s * value_s along paths through frozen attention,
-the residual stream and (``relp``/``target``) the linearised base MLPs, with no other feature in between. Edges are
+the residual stream and (``relp``/``jacobian``/``target``) the linearised base MLPs, with no other feature in between. Edges are
 computed by the replay's transposed linear map, batched over target nodes.
 
 Scores (circuit-tracer's definitions, on |edges| row-normalised): ``replacement_score`` = share of the
@@ -39,28 +44,36 @@ The target logit is ``demeaned`` by default: logit of the token minus the mean l
 
 Modules (circuit-tracer's split): ``capture`` and ``replay`` (freezing a prompt, the linear replay),
 ``attribute`` (the graph's edges), ``graph`` (the graph object: influence, scores, pruning, total effects),
-``checks`` (removals in the replay, the linearity check), ``interventions`` (removals in the real model against the
-graph's predictions) and ``hesitation`` (the hesitation study).
+``checks`` (removals in the replay, the linearity and derivative checks), ``interventions`` (removals in the real
+model against the graph's predictions, at two scales), ``hesitation`` (the hesitation study) and ``selection`` (the
+rule that chooses its features, decided on held-out prompts).
 """
 from .attribute import attribute, fold_into_errors, select_features_by_influence
-from .checks import linearity_check, max_identity_error, replay_logit
+from .checks import derivative_check, linearity_check, max_identity_error, replay_logit
 from .graph import (AttributionGraph, PrunedGraph, graph_scores, logit_weights, node_influence, normalize_rows,
                     propagate, prune, total_effects)
-from .hesitation import (GROUPS, MECHANISMS, FeatureEvidence, HesitationPrompt, StudyConfig, cut_at_token,
+from .hesitation import (GROUPS, MECHANISMS, FeatureEvidence, HesitationPrompt, StudyConfig, StudyEvidence,
+                         cut_at_token, gather_evidence, summarize_evidence,
                          decoder_logit_effect, decoder_top_tokens, hesitation_prompts, hesitation_study,
                          hesitation_token, judge_mechanisms, rule_positions, select_features, set_overlap,
                          shared_prefix_length,
                          summarize_study, trace_prompts)
-from .interventions import agreement, intervention_records, rank_correlation, removal_effects
+from .interventions import (agreement, calibration_slope, intervention_records, rank_correlation, removal_effects,
+                            two_scale_agreement)
+from .selection import (VERIFIED, agreement_on, candidate_pool, compare_rules, feature_removals, rule_scores,
+                        select_by_held_out_rule, split_by_problem, verified_features)
 from .replay import MODES, FrozenPrompt, Replay, freeze
 
 __all__ = [
-    "attribute", "fold_into_errors", "select_features_by_influence", "linearity_check", "max_identity_error",
+    "attribute", "fold_into_errors", "select_features_by_influence", "derivative_check", "linearity_check",
+    "max_identity_error",
     "replay_logit", "AttributionGraph", "PrunedGraph", "graph_scores", "logit_weights", "node_influence",
     "normalize_rows", "propagate", "prune", "total_effects", "GROUPS", "MECHANISMS", "FeatureEvidence",
     "HesitationPrompt", "StudyConfig", "cut_at_token", "decoder_logit_effect", "decoder_top_tokens",
     "hesitation_prompts", "hesitation_study", "hesitation_token", "rule_positions", "select_features",
     "judge_mechanisms", "set_overlap", "shared_prefix_length", "summarize_study", "trace_prompts",
-    "agreement", "intervention_records",
+    "agreement", "intervention_records", "calibration_slope", "two_scale_agreement", "StudyEvidence",
+    "gather_evidence", "summarize_evidence", "VERIFIED", "agreement_on", "candidate_pool", "compare_rules",
+    "feature_removals", "rule_scores", "select_by_held_out_rule", "split_by_problem", "verified_features",
     "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze",
 ]

@@ -16,8 +16,10 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
     """The attribution graph of ``target_token``'s logit at the last position of ``input_ids``.
 
     ``mode`` (``tdlib.attribution.MODES``): how the base MLPs enter the graph: "frozen" (a constant error node
-    each), "relp" (passed through linearly by the paper's rules, the adapter model's graph) or "target" (the
-    target's own graph: base MLP passed through, adapter features, and error nodes holding what the adapter misses).
+    each), "relp" (passed through linearly by the paper's rules, the adapter model's graph), "jacobian" (passed
+    through by its true derivative: edges are first-order estimates of removals; the remainder is in error nodes) or
+    "target" (the target's own graph: base MLP passed through, adapter features, and error nodes holding what the
+    adapter misses).
 
     ``method="transpose"`` (default) runs the replay's transposed linear map by hand, batched over target nodes
     (no forward pass needed: the replay is linear); ``method="autograd"`` gets the same edges from autograd on
@@ -230,7 +232,7 @@ def _transpose_rows(replay: Replay, targets: torch.Tensor, offsets):
             start = offsets[layer]
             out[:, start:start + len(feature_ids)] = _dot_at_positions(grad, feature_positions, decoder) * values
             row_bias += (grad * state.mlp_bias[layer, :n_pos]).sum((1, 2))
-            if state.passes_base_mlp:  # relp / target: influence runs on through the linearised base MLP
+            if state.passes_base_mlp:  # relp / jacobian / target: influence runs on through the linearised base MLP
                 live = (layers > layer)[:, None] & (torch.arange(n_pos, device=grad.device)[None] <= positions[:, None])
                 grad = grad + replay.base_mlp_transposed(layer, grad, live)
         here = layers == layer

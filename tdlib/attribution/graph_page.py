@@ -25,6 +25,8 @@ ERROR_MEANING = {
     "frozen": "the base MLP's output and b_dec, frozen: no influence passes through it",
     "relp": "no part of the MLP (the base MLP is passed through linearly): only the writes of active features not "
             "kept as nodes (max_feature_nodes), zero otherwise",
+    "jacobian": "what the first-order pass-through leaves of the base MLP's output here (mlp(x0) - J(x0) x0), "
+                "plus the writes of active features not kept as nodes",
     "target": "what the adapter misses of the target's MLP here (target_mlp - base_mlp - adapter), plus the writes "
               "of active features not kept as nodes",
 }

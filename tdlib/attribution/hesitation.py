@@ -136,7 +136,7 @@ class StudyConfig:
     """The hesitation study's knobs."""
 
     mode: str = "frozen"
-    """Base-MLP mode of every graph (``tdlib.attribution.MODES``): "frozen", "relp" or "target"."""
+    """Base-MLP mode of every graph (``tdlib.attribution.MODES``): "frozen", "relp", "jacobian" or "target"."""
     influence_mass: float = 0.8
     """Select the fewest features carrying this share of the total feature influence on the "wait" logit."""
     output_direct_share: float = 0.5
@@ -156,6 +156,9 @@ class StudyConfig:
     n_check_features: int = 20
     """Per prompt, remove this many top-influence features in the real model and compare the logit's change with
     the graph's prediction (``tdlib.attribution.interventions``); 0 skips the check."""
+    small_removal: float = 0.05
+    """The check's small scale: each checked feature's activation is also scaled by ``1 - small_removal`` and the
+    change divided by ``small_removal`` (a test of the linearisation itself, beside the full removal)."""
     simple_token_share: float = 0.8
     """``input_simple``: at least this share of a feature's activation mass lies on its top 3 tokens ..."""
     simple_token_reliability: float = 0.8
@@ -171,6 +174,8 @@ class StudyConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_check_features < 0:
             raise ValueError(f"n_check_features must be >= 0, got {self.n_check_features}")
+        if not 0 < self.small_removal < 1:
+            raise ValueError(f"small_removal must be in (0, 1), got {self.small_removal}")
 
 
 @dataclass
@@ -208,77 +213,151 @@ def shared_prefix_length(prompts: list[HesitationPrompt]) -> int:
     return max(1, length)
 
 
-def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: int,
-                     config: StudyConfig = StudyConfig(), progress: bool = True) -> dict:
-    """Attribute the "wait" logit on every prompt in ``config.mode``; aggregate influence per feature (layer, id);
-    select and group the features carrying ``config.influence_mass`` of it; check the graphs' top features against
-    removals in the real model. Returns a JSON-ready dict."""
-    from .interventions import agreement, intervention_records
+@dataclass
+class StudyEvidence:
+    """What a study gathers from its graphs before any selection (``gather_evidence``); ``summarize_evidence``
+    turns it into the study's JSON-ready dict."""
+
+    stats: dict
+    """(layer, feature) -> ``FeatureEvidence``, summed over the selection prompts."""
+    per_prompt: list
+    token_counts: dict
+    checks: list
+    """One record per feature node removed in the real model (``interventions.intervention_records``), every prompt."""
+    feature_predictions: list
+    """Per prompt: {(layer, feature): the graph's predicted change of the logit when the feature is removed at every
+    position outside the shared prefix} (minus the sum of its nodes' total effects)."""
+    prefix: int
+    prefix_influence: float
+    feature_influence: float
+    select_on: list
+    """The prompt numbers whose evidence feeds the selection (all of them unless a split was given)."""
+    prompts: list
+    config: StudyConfig
+    n_layers: int
+
+
+def gather_evidence(model, tokenizer, prompts: list[HesitationPrompt], token: int,
+                    config: StudyConfig = StudyConfig(), select_on=None, progress: bool = True) -> StudyEvidence:
+    """Attribute the "wait" logit on every prompt in ``config.mode``: aggregate influence per feature (layer, id) over
+    the prompts ``select_on`` (default: all), record every prompt's predicted feature removals, and check each
+    graph's top features against removals in the real model at two scales (``config.small_removal`` and full)."""
+    from .interventions import intervention_records
 
     if not prompts:
         raise ValueError("no hesitation prompts: the target never said the hesitation word in its rollouts")
+    select_on = list(range(len(prompts))) if select_on is None else sorted(set(select_on))
+    if not select_on or not all(0 <= n < len(prompts) for n in select_on):
+        raise ValueError(f"select_on must name prompts 0..{len(prompts) - 1}, got {select_on}")
+    chosen = set(select_on)
     prefix = shared_prefix_length(prompts) if config.exclude_shared_prefix and len(prompts) > 1 else 0
     stats: dict[tuple[int, int], FeatureEvidence] = {}
     token_counts: dict[int, int] = {}
-    per_prompt, checks = [], []
+    per_prompt, checks, predictions = [], [], []
     prefix_influence = feature_influence = 0.0
     for number, prompt in enumerate(tqdm(prompts, desc=f"attribution graphs ({config.mode})", disable=not progress)):
         graph = attribute(model, prompt.input_ids, token, config.batch_size, config.demean,
                           max_feature_nodes=config.max_feature_nodes, mode=config.mode)
         influence = node_influence(graph)
         scores = graph_scores(graph, influence)
-        direct = normalize_rows(graph.adjacency)[graph.logit_index]
-        rule_fires = rule_positions(tokenizer, prompt.input_ids, prompt.prompt_tokens)
-        last = graph.n_pos - 1
-        for i, (layer, pos, feature) in enumerate(graph.state.features.tolist()):
-            feature_influence += float(influence[i])
-            if pos < prefix:
-                prefix_influence += float(influence[i])
-                continue
-            entry = stats.setdefault((layer, feature), FeatureEvidence())
-            entry.influence += float(influence[i])
-            entry.direct += float(direct[i])
-            entry.signed_direct += float(graph.adjacency[graph.logit_index, i])
-            entry.node_count += 1
-            entry.prompts.add(number)
-        for position in range(prefix, graph.n_pos):
-            word = prompt.input_ids[position]
-            token_counts[word] = token_counts.get(word, 0) + 1
-        for (layer, pos, feature), activation in zip(graph.active_features.tolist(),
-                                                     graph.active_activations.tolist()):
-            if pos < prefix:
-                continue
-            entry = stats.setdefault((layer, feature), FeatureEvidence())
-            word = prompt.input_ids[pos]
-            entry.activation += activation
-            entry.fires += 1
-            entry.at_last += activation * (pos == last)
-            entry.where_rule_fires += activation * rule_fires[pos]
-            entry.tokens[word] = entry.tokens.get(word, 0.0) + activation
-            entry.token_fires[word] = entry.token_fires.get(word, 0) + 1
-            entry.contexts = sorted(entry.contexts + [(activation, number, pos)], reverse=True)[:TOP_CONTEXTS]
+        predictions.append(_predicted_feature_removals(graph, prefix))
         if config.n_check_features:
             records = intervention_records(model, graph, config.n_check_features, min_position=prefix,
-                                           influence=influence)
+                                           influence=influence, small_fraction=config.small_removal)
             checks.extend({"prompt": number, **r} for r in records)
         per_prompt.append({**scores, "n_tokens": graph.n_pos, "n_feature_nodes": graph.n_features,
                            "n_active_features": graph.n_active_features,
                            "p_wait": graph.probability,
                            "wait_is_top1": bool(graph.state.logits.argmax() == token)})
+        if number in chosen:
+            influences = _add_evidence(stats, token_counts, graph, influence, prompt, number, prefix, tokenizer)
+            feature_influence += influences[0]
+            prefix_influence += influences[1]
         del graph, influence
-    study = summarize_study(stats, per_prompt, config, len(find_layers(unwrap(model))), _width(model), model, token,
-                      token_counts, tokenizer)
+    return StudyEvidence(stats, per_prompt, token_counts, checks, predictions, prefix, prefix_influence,
+                         feature_influence, select_on, prompts, config, len(find_layers(unwrap(model))))
+
+
+def _predicted_feature_removals(graph, prefix: int) -> dict[tuple[int, int], float]:
+    totals = graph.total_effects()
+    found: dict[tuple[int, int], float] = {}
+    for i, (layer, pos, feature) in enumerate(graph.state.features.tolist()):
+        if pos >= prefix:
+            found[(layer, feature)] = found.get((layer, feature), 0.0) - float(totals[i])
+    return found
+
+
+def _add_evidence(stats, token_counts, graph, influence, prompt, number, prefix, tokenizer) -> tuple[float, float]:
+    """Add one graph's evidence to ``stats``; returns (its feature influence, the shared prefix's part of it)."""
+    direct = normalize_rows(graph.adjacency)[graph.logit_index]
+    rule_fires = rule_positions(tokenizer, prompt.input_ids, prompt.prompt_tokens)
+    last = graph.n_pos - 1
+    total = in_prefix = 0.0
+    for i, (layer, pos, feature) in enumerate(graph.state.features.tolist()):
+        total += float(influence[i])
+        if pos < prefix:
+            in_prefix += float(influence[i])
+            continue
+        entry = stats.setdefault((layer, feature), FeatureEvidence())
+        entry.influence += float(influence[i])
+        entry.direct += float(direct[i])
+        entry.signed_direct += float(graph.adjacency[graph.logit_index, i])
+        entry.node_count += 1
+        entry.prompts.add(number)
+    for position in range(prefix, graph.n_pos):
+        word = prompt.input_ids[position]
+        token_counts[word] = token_counts.get(word, 0) + 1
+    for (layer, pos, feature), activation in zip(graph.active_features.tolist(), graph.active_activations.tolist()):
+        if pos < prefix:
+            continue
+        entry = stats.setdefault((layer, feature), FeatureEvidence())
+        word = prompt.input_ids[pos]
+        entry.activation += activation
+        entry.fires += 1
+        entry.at_last += activation * (pos == last)
+        entry.where_rule_fires += activation * rule_fires[pos]
+        entry.tokens[word] = entry.tokens.get(word, 0.0) + activation
+        entry.token_fires[word] = entry.token_fires.get(word, 0) + 1
+        entry.contexts = sorted(entry.contexts + [(activation, number, pos)], reverse=True)[:TOP_CONTEXTS]
+    return total, in_prefix
+
+
+def summarize_evidence(evidence: StudyEvidence, model, tokenizer, token: int,
+                       selected: list[tuple[int, int]] | None = None) -> dict:
+    """The study's JSON-ready dict: the features ``selected`` (default: the fewest carrying
+    ``config.influence_mass`` of the influence on the selection prompts), grouped, with the intervention check."""
+    from .interventions import agreement, two_scale_agreement
+
+    config, prompts = evidence.config, evidence.prompts
+    chosen = [prompts[n] for n in evidence.select_on]
+    study = summarize_study(evidence.stats, evidence.per_prompt, config, evidence.n_layers, _width(model), model,
+                            token, evidence.token_counts, tokenizer, selected=selected,
+                            n_selection_prompts=len(chosen))
+    prefix = evidence.prefix
     study["mode"] = config.mode
+    study["selection_prompts"] = evidence.select_on
     study["shared_prefix_tokens"] = prefix
     study["shared_prefix_text"] = tokenizer.decode(prompts[0].input_ids[:prefix]) if prefix else ""
-    study["shared_prefix_influence_share"] = prefix_influence / feature_influence if feature_influence else 0.0
+    study["shared_prefix_influence_share"] = (evidence.prefix_influence / evidence.feature_influence
+                                              if evidence.feature_influence else 0.0)
+    checks = evidence.checks
     study["intervention_check"] = {"records": checks, "total_effect": agreement(checks, "predicted_total"),
                                    "direct_effect": agreement(checks, "predicted_direct"),
+                                   "scales": two_scale_agreement(checks, config.small_removal),
                                    "features_per_prompt": config.n_check_features}
-    study["contexts"] = {f"{f['layer']}/{f['feature']}": _contexts(stats[(f["layer"], f["feature"])], prompts,
+    study["contexts"] = {f"{f['layer']}/{f['feature']}": _contexts(evidence.stats[(f["layer"], f["feature"])], prompts,
                                                                    tokenizer)
                          for f in study["features"]}
     return study
+
+
+def hesitation_study(model, tokenizer, prompts: list[HesitationPrompt], token: int,
+                     config: StudyConfig = StudyConfig(), progress: bool = True, select_on=None) -> dict:
+    """Attribute the "wait" logit on every prompt in ``config.mode``; aggregate influence per feature (layer, id);
+    select and group the features carrying ``config.influence_mass`` of it; check the graphs' top features against
+    removals in the real model. Returns a JSON-ready dict (``gather_evidence`` then ``summarize_evidence``)."""
+    evidence = gather_evidence(model, tokenizer, prompts, token, config, select_on, progress)
+    return summarize_evidence(evidence, model, tokenizer, token)
 
 
 def _contexts(entry: FeatureEvidence, prompts: list[HesitationPrompt], tokenizer, before: int = 12,
@@ -352,8 +431,15 @@ def mechanism_label(group: str, token_share: float, reliability: float, config: 
 
 
 def summarize_study(stats, per_prompt, config: StudyConfig, n_layers: int, width: int, model, token: int,
-              token_counts: dict[int, int], tokenizer) -> dict:
-    selected = select_features(stats, config.influence_mass)
+                    token_counts: dict[int, int], tokenizer, selected: list[tuple[int, int]] | None = None,
+                    n_selection_prompts: int | None = None) -> dict:
+    """Select (``selected``, or by influence mass), group and describe the features; ``stats`` were summed over
+    ``n_selection_prompts`` prompts (default: all of ``per_prompt``)."""
+    selected = select_features(stats, config.influence_mass) if selected is None else list(selected)
+    missing = [key for key in selected if key not in stats]
+    if missing:
+        raise ValueError(f"selected features {missing[:5]} never fired on the selection prompts")
+    n_evidence = n_selection_prompts or len(per_prompt)
     total_influence = sum(s.influence for s in stats.values())
     final_weight = final_norm_weight(unwrap(model))
     features, groups = [], {}
@@ -370,13 +456,13 @@ def summarize_study(stats, per_prompt, config: StudyConfig, n_layers: int, width
         features.append({
             "layer": layer, "feature": feature, "group": group,
             "mechanism": mechanism_label(group, token_share, reliability, config),
-            "influence": entry.influence / len(per_prompt),
+            "influence": entry.influence / n_evidence,
             "influence_share": entry.influence / total_influence, "direct_share": direct_share,
             "mean_direct_edge": entry.signed_direct / max(entry.node_count, 1),
             "decoder_wait_effect": decoder_logit_effect(model, layer, feature, token, config.demean, final_weight),
             "decoder_top_tokens": [tokenizer.decode([t])
                                    for t in decoder_top_tokens(model, layer, feature, final_weight=final_weight)],
-            "prompts_active": len(entry.prompts) / len(per_prompt),
+            "prompts_active": len(entry.prompts) / n_evidence,
             "share_at_last_position": entry.at_last / activation,
             "share_where_rule_fires": entry.where_rule_fires / activation,
             "top_token_share": token_share, "top_token_reliability": reliability,
@@ -389,7 +475,7 @@ def summarize_study(stats, per_prompt, config: StudyConfig, n_layers: int, width
                   for name in MECHANISMS}
     scores = {key: float(sum(p[key] for p in per_prompt) / len(per_prompt))
               for key in ("replacement_score", "completeness", "error_share_abs_direct", "feature_share_abs_direct",
-                          "p_wait", "n_active_features", "n_feature_nodes", "n_tokens")}
+                          "error_share_signed", "p_wait", "n_active_features", "n_feature_nodes", "n_tokens")}
     return {
         "n_prompts": len(per_prompt),
         "hesitation_features": len(selected),
@@ -397,6 +483,7 @@ def summarize_study(stats, per_prompt, config: StudyConfig, n_layers: int, width
         "n_features_total": n_layers * width,
         "n_features_with_influence": sum(1 for s in stats.values() if s.influence > 0),
         "influence_mass": config.influence_mass,
+        "selected_influence_share": sum(stats[key].influence for key in selected) / max(total_influence, 1e-30),
         "completeness": scores["completeness"],
         "replacement_score": scores["replacement_score"],
         "mean_scores": scores,

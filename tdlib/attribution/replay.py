@@ -19,7 +19,12 @@ depends on the base-MLP ``mode`` (``MODES``):
 * ``"target"``: the local replacement model of the *target*: patterns and norms frozen on the target's own forward,
   each target MLP written as ``base_lin`` + the adapter's features (read on the target's MLP inputs) + ``b_dec`` +
   an error node = what the adapter misses there, ``target_mlp(x) - base_mlp(x) - adapter(x)`` at the adapter's
-  placement.
+  placement;
+* ``"jacobian"`` (the adapter model): ``base_lin`` is the base MLP's true derivative at the prompt,
+  ``J(x0) = W_down (diag(act'(g0) u0) W_gate + diag(act(g0)) W_up)``: no half rule, no frozen sigmoid, so an edge
+  is a first-order estimate of what removing its source does. A gated MLP is not linear, so ``J(x0) x0`` is not its
+  output: the remainder, ``mlp(x0) - J(x0) x0`` (MLP biases included), is the error node, and the graph's error share
+  reports how much of the logit the first-order decomposition leaves unexplained.
 """
 from __future__ import annotations
 
@@ -32,9 +37,9 @@ from ..models import POST_MLP_NORM_NAMES, attention_of, find_layers, get_mlp, un
 from ..splice import PostMLPNorm, mlp_choice
 from .capture import FrozenNorm, NotReplayable, capture, check_replayable, fit_norm, tolerance
 
-MODES = ("frozen", "relp", "target")
+MODES = ("frozen", "relp", "target", "jacobian")
 """How the replay treats each base MLP (module docstring): a constant error node, passed through linearly by the
-paper's rules, or passed through inside a graph of the target itself."""
+paper's rules, passed through inside a graph of the target itself, or passed through by its true derivative."""
 
 
 def check_mode(mode: str) -> str:
@@ -163,19 +168,36 @@ def _stack(norms: list[FrozenNorm]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([n.scale for n in norms]), torch.stack([n.weight for n in norms])
 
 
-class LinearisedMLP:
-    """A gated MLP ``down(act(gate(x)) * up(x))`` made linear at ``x0`` by the paper's (RelP) rules: the
-    activation as ``g * f(g)`` with ``f = act(g) / g`` frozen (SiLU: the sigmoid; GELU: Phi), and the half rule on
-    the product, ``0.5 * act * up0 + 0.5 * act0 * up``. Exact at ``x0``; biases become a constant."""
+LINEAR_RULES = ("relp", "jacobian")
+"""How ``LinearisedMLP`` makes a gated MLP linear: the paper's rules, or its true derivative."""
 
-    def __init__(self, mlp, x0: torch.Tensor, name: str, tol: float):
+
+class LinearisedMLP:
+    """A gated MLP ``down(act(gate(x)) * up(x))`` made linear at ``x0``.
+
+    ``rule="relp"`` (the paper's rules): the activation as ``g * f(g)`` with ``f = act(g) / g`` frozen (SiLU: the
+    sigmoid; GELU: Phi), and the half rule on the product, ``0.5 * act * up0 + 0.5 * act0 * up``. Exact at ``x0``
+    for a bias-free MLP, but not its derivative: it halves the response and keeps a positive gain where
+    ``act'`` is negative.
+
+    ``rule="jacobian"``: the MLP's derivative at ``x0``, ``act'(g0) * up0 * gate + act(g0) * up``. Not exact at
+    ``x0``: ``constant`` holds the remainder.
+
+    Either way ``apply(x0) + constant`` is the MLP's output at ``x0`` (biases are in ``constant``)."""
+
+    def __init__(self, mlp, x0: torch.Tensor, name: str, tol: float, rule: str = "relp"):
+        if rule not in LINEAR_RULES:
+            raise ValueError(f"unknown linearisation rule {rule!r}; use one of {LINEAR_RULES}")
         self.weights = gated_weights(mlp, name)
         gate0, up0 = mlp.gate_proj(x0), mlp.up_proj(x0)
         act0 = mlp.act_fn(gate0)
-        tiny = torch.finfo(x0.dtype).tiny ** 0.5
-        factor = torch.where(gate0.abs() > tiny, act0 / torch.where(gate0.abs() > tiny, gate0, 1.0),
-                             torch.full_like(gate0, 0.5))
-        self.gate_coef, self.up_coef = 0.5 * up0 * factor, 0.5 * act0
+        if rule == "jacobian":
+            self.gate_coef, self.up_coef = up0 * _activation_slope(mlp.act_fn, gate0), act0
+        else:
+            tiny = torch.finfo(x0.dtype).tiny ** 0.5
+            factor = torch.where(gate0.abs() > tiny, act0 / torch.where(gate0.abs() > tiny, gate0, 1.0),
+                                 torch.full_like(gate0, 0.5))
+            self.gate_coef, self.up_coef = 0.5 * up0 * factor, 0.5 * act0
         output = mlp(x0)
         if _relative_gap(mlp.down_proj(act0 * up0), output) > tol:
             raise NotReplayable(f"{name} does not compute down_proj(act_fn(gate_proj(x)) * up_proj(x)): the paper's "
@@ -184,6 +206,14 @@ class LinearisedMLP:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return linearised_mlp(x, self.weights, self.gate_coef, self.up_coef)
+
+
+def _activation_slope(act_fn, gate: torch.Tensor) -> torch.Tensor:
+    """``act'(gate)`` elementwise, by autograd through the module's own activation (SiLU, GELU, its tanh form)."""
+    with torch.enable_grad():
+        leaf = gate.detach().clone().requires_grad_(True)
+        (slope,) = torch.autograd.grad(act_fn(leaf).sum(), leaf)
+    return slope
 
 
 def gated_weights(mlp, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -232,7 +262,8 @@ def _freeze_layer(index, block, mlp, frozen, h, rows, tol, mode):
         error = post.apply(mlp.base_mlp(x)) + adapter.b_dec if residual else post.apply(mlp.base_mlp(x) + adapter.b_dec)
         linear = None
     else:
-        linear = LinearisedMLP(mlp.base_mlp, x, f"layer {index}'s base MLP", tol)
+        linear = LinearisedMLP(mlp.base_mlp, x, f"layer {index}'s base MLP", tol,
+                               rule="jacobian" if mode == "jacobian" else "relp")
         base_frame = post
         if mode == "target" and residual:  # the norm's scale on the base MLP's own output, not the target MLP's
             norm = _post_norm_module(block)
@@ -240,9 +271,12 @@ def _freeze_layer(index, block, mlp, frozen, h, rows, tol, mode):
             base_frame = fit_norm(f"layer {index}'s post-MLP norm", norm, base_output, norm(base_output), tol)
         base_out = base_frame.apply(linear.apply(x))
         constant = base_frame.apply(linear.constant)
-        mlp_bias = constant + (adapter.b_dec if residual else post.apply(adapter.b_dec.expand(n_pos, -1)))
+        decoder_bias = adapter.b_dec if residual else post.apply(adapter.b_dec.expand(n_pos, -1))
+        mlp_bias = decoder_bias + (zero if mode == "jacobian" else constant)
         if mode == "relp":
             error = zero
+        elif mode == "jacobian":  # what the first-order pass-through leaves of the base MLP's output
+            error = constant
         else:  # the target's MLP branch minus everything the replacement accounts for
             target_branch = frozen.h_out - h
             error = target_branch - base_out - mlp_bias - decoder.apply(writes)
