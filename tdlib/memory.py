@@ -386,6 +386,11 @@ def plan_memory(config: MemoryPlanConfig | None = None, cut: int = 1) -> MemoryP
     return MemoryPlan(config_record, asdict(counts), static, measured, chunked_kl, strategies)
 
 
+FORECAST = "forecast"
+"""The status of every GB row the plan renders: a dry run on the meta device, not a measurement on a GPU (what
+``scripts/gpu_acceptance.py`` measures, on the card it names)."""
+
+
 def render_markdown(plan: MemoryPlan) -> str:
     """The plan as the markdown of ``docs/memory_plan.md`` (every number from ``plan``)."""
     config, shape, counts = plan.config, plan.config["shape"], plan.parameters
@@ -396,6 +401,9 @@ def render_markdown(plan: MemoryPlan) -> str:
         "(no weights, no download); activations are measured by running `tdlib.train.objective` on meta tensors "
         "with `torch.autograd.graph.saved_tensors_hooks` (see `tdlib/memory.py`). Attention is counted as flash "
         "attention. GB = 1e9 bytes.",
+        "",
+        f"Every GB row below is a {FORECAST}: no GPU has run this step for the project yet. "
+        "`scripts/gpu_acceptance.py` runs it on a GPU and reports the measured peak beside this plan's total.",
         "",
         f"Model config: hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, "
         f"{shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads "
@@ -417,28 +425,29 @@ def render_markdown(plan: MemoryPlan) -> str:
         "",
         "## Static memory",
         "",
-        "| part | GB |",
-        "|---|---:|",
-        *[f"| {name} | {value:.1f} |" for name, value in plan.static_gb.items()],
-        f"| **total** | **{plan.static_total_gb:.1f}** |",
+        "| part | GB | status |",
+        "|---|---:|---|",
+        *[f"| {name} | {value:.1f} | {FORECAST} |" for name, value in plan.static_gb.items()],
+        f"| **total** | **{plan.static_total_gb:.1f}** | {FORECAST} |",
         "",
-        "## Activations of one step (measured, no checkpointing)",
+        "## Activations of one step (measured on the meta device, no checkpointing)",
         "",
-        "| part | GB |",
-        "|---|---:|",
-        *[f"| {name} | {value:.1f} |" for name, value in plan.activations_gb.items()],
+        "| part | GB | status |",
+        "|---|---:|---|",
+        *[f"| {name} | {value:.1f} | {FORECAST} |" for name, value in plan.activations_gb.items()],
         "",
-        f"## Chunked KL outside the decoder layers (measured, {config['kl_chunk_tokens']}-token chunks)",
+        "## Chunked KL outside the decoder layers (measured on the meta device, "
+        f"{config['kl_chunk_tokens']}-token chunks)",
         "",
-        "| part | GB |",
-        "|---|---:|",
-        *[f"| {name} | {value:.2f} |" for name, value in plan.chunked_kl_gb.items()],
+        "| part | GB | status |",
+        "|---|---:|---|",
+        *[f"| {name} | {value:.2f} | {FORECAST} |" for name, value in plan.chunked_kl_gb.items()],
         "",
         "## Does it fit?",
         "",
-        "| strategy | activations GB | total GB | fits |",
-        "|---|---:|---:|---|",
-        *[f"| {s.name} | {s.activations_gb:.1f} | {s.total_gb:.1f} | {'yes' if s.fits else 'no'} |"
+        "| strategy | activations GB | total GB | fits | status |",
+        "|---|---:|---:|---|---|",
+        *[f"| {s.name} | {s.activations_gb:.1f} | {s.total_gb:.1f} | {'yes' if s.fits else 'no'} | {FORECAST} |"
           for s in plan.strategies],
         "",
     ]

@@ -9,12 +9,24 @@
 * ``segments``: per-token segment labels of organism traces (the ground truth);
 * ``run``: notebook 04's steps.
 """
+import importlib
+
 from .backends import LLMBackend, LLMConfig, OfflineBackend, make_backend
 from .cache import ActivationCache, CacheConfig, build_cache, organism_batches, stream_batches
-from .classify import category_shares, classify_units, ground_truth_check
-from .page import logit_effects, write_feature_page
-from .scoring import ScoringConfig, detection_figure, score_units, summarize_detection
 from .segments import ADDED_BY_DISTILLATION, SEGMENTS, token_segments
+
+_NEEDS_PANDAS = {"category_shares": "classify", "classify_units": "classify", "ground_truth_check": "classify",
+                 "logit_effects": "page", "write_feature_page": "page", "ScoringConfig": "scoring",
+                 "detection_figure": "scoring", "score_units": "scoring", "summarize_detection": "scoring"}
+"""Names from the modules that import pandas, loaded on first use: ``tdlib.attribution`` imports ``backends`` (and
+so this package), and must import where only torch and transformers are installed (scripts/gpu_acceptance.py)."""
+
+
+def __getattr__(name):
+    if name in _NEEDS_PANDAS:
+        return getattr(importlib.import_module(f".{_NEEDS_PANDAS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ADDED_BY_DISTILLATION", "SEGMENTS", "ActivationCache", "CacheConfig", "LLMBackend", "LLMConfig",
            "OfflineBackend", "ScoringConfig", "build_cache", "category_shares", "classify_units", "detection_figure",
