@@ -76,3 +76,25 @@ def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="linearisation rule"):
         LinearisedMLP(model.model.layers[0].mlp.base_mlp, torch.zeros(2, 32, dtype=torch.float64), "l0", 1e-9,
                       rule="half")
+
+
+@pytest.mark.parametrize("mode", A.MODES)
+def test_every_mode_prunes_exports_and_has_a_page(mode, tmp_path):
+    """Pruning, influence, the circuit-tracer export and the graph page take a graph of any mode."""
+    from tdlib.attribution.graph_export import frontend_graph
+    from tdlib.attribution.graph_page import ERROR_MEANING, graph_page_data, write_graph_page
+
+    class Words:
+        def decode(self, ids):
+            return "".join(f" t{i}" for i in ids)
+
+    model = adapter_model("llama")
+    graph = A.attribute(model, IDS, TOKEN, mode=mode)
+    pruned = A.prune(graph, 0.8, 0.98)
+    assert 0 < int(pruned.node_mask.sum()) <= graph.n_nodes
+    assert A.node_influence(graph)[:graph.n_features].sum() > 0
+    document = frontend_graph(graph, pruned, Words(), slug=mode, scan="tiny", node_threshold=0.8)
+    assert document["nodes"] and document["links"]
+    data = graph_page_data(graph, Words(), max_nodes=30, max_edges=100)
+    assert data["mode"] == mode and data["error_meaning"] == ERROR_MEANING[mode]
+    assert write_graph_page(data, tmp_path / "graph.html", mode).exists()
