@@ -425,20 +425,6 @@ def length_summary(lengths: list[int], budget: int) -> dict:
             "mean": statistics.mean(ordered), "hit_budget_share": sum(n >= budget for n in ordered) / len(ordered)}
 
 
-def bound_continuous_cache_on_cpu(model, n_prompts: int, tokens_per_prompt: int) -> None:
-    """On a CPU, transformers sizes continuous batching's paged KV cache to 60% of the machine's RAM, which takes
-    longer to allocate (tens of seconds, every call) than the rest of a tiny run: give ``model.generate_batch`` (which
-    ``tdlib.generate.greedy_continuous`` calls) a cache for the run's tokens instead. A GPU keeps transformers' own
-    sizing, the one tdlib's runs get."""
-    from transformers import ContinuousBatchingConfig
-
-    if model.device.type != "cpu":
-        return
-    pages = n_prompts * (1 + tokens_per_prompt // ContinuousBatchingConfig.page_size)
-    model.generate_batch = partial(model.generate_batch,
-                                   continuous_batching_config=ContinuousBatchingConfig(num_blocks=pages))
-
-
 def generation_section(pair: str, scale: Scale, budget: Budget, sharing: int = 1) -> dict:
     """``sharing``: how many generation sections (this one included) share what is left of the budget."""
     shape, training = scale.shapes[pair], scale.training[pair]
@@ -446,7 +432,6 @@ def generation_section(pair: str, scale: Scale, budget: Budget, sharing: int = 1
     model = random_adapter_model(shape, training.n_features, device, scale.dtype)
     set_mlp_choice(model, "adapter")
     n_prompts = 2 * scale.gen_batch
-    bound_continuous_cache_on_cpu(model, n_prompts, scale.gen_prompt_tokens + scale.gen_new_tokens)
     lengths = torch.randint(scale.gen_prompt_tokens // 2, scale.gen_prompt_tokens + 1, (n_prompts,),
                             generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [NumberTokenizer().decode(random_ids(shape.vocab_size, n, i, torch.device("cpu")))

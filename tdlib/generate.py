@@ -112,14 +112,28 @@ def greedy_continuous(model, tokenizer, prompts: list[str], *, max_new_tokens: i
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
-    results = model.generate_batch(inputs=[encode_prompt(tokenizer, p) for p in prompts], generation_config=config,
-                                   progress_bar=progress, warmup=False)
+    inputs = [encode_prompt(tokenizer, p) for p in prompts]
+    results = model.generate_batch(inputs=inputs, generation_config=config, progress_bar=progress, warmup=False,
+                                   **_paged_cache_for_cpu(model, inputs, max_new_tokens))
     ordered = sorted(results.values(), key=lambda r: int(r.request_id.rsplit("_", 1)[-1]))
     if len(ordered) != len(prompts) or any(r.error for r in ordered):
         errors = sorted({str(r.error) for r in ordered if r.error})
         raise RuntimeError(f"continuous batching returned {len(ordered)} of {len(prompts)} responses"
                            + (f" ({errors})" if errors else "") + "; use method='compact'")
     return [list(r.generated_tokens) for r in ordered]
+
+
+def _paged_cache_for_cpu(model, inputs: list[list[int]], max_new_tokens: int) -> dict:
+    """On a CPU, transformers sizes the paged KV cache of continuous batching to 60% of the machine's RAM, which takes
+    tens of seconds to allocate on every call: size it to the run instead (pages for every prompt and its budget).
+    A GPU keeps transformers' own sizing."""
+    from transformers import ContinuousBatchingConfig
+
+    if model.device.type != "cpu":
+        return {}
+    page = ContinuousBatchingConfig.page_size
+    pages = sum(1 + (len(ids) + max_new_tokens) // page for ids in inputs)
+    return {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=pages)}
 
 
 @torch.no_grad()
