@@ -132,3 +132,22 @@ def test_the_study_keeps_evidence_from_the_selection_prompts_only(model):
     assert [(f["layer"], f["feature"]) for f in forced["features"]] == chosen
     with pytest.raises(ValueError, match="select_on"):
         A.gather_evidence(model, WordTokenizer(), prompts, TOKEN, config, select_on=[9], progress=False)
+
+
+def test_gradient_rule_is_the_models_own_first_order_response(model):
+    """Gradient x activation with nothing frozen predicts a tiny removal of each node in the real model: attention,
+    norms, base MLPs and downstream features all respond, as they do in the model."""
+    prompts = [prompt(i, i) for i in range(2)]
+    found = A.gradient_evidence(model, prompts, TOKEN, prefix=1, select_on=[0], progress=False)
+    assert all(pos >= 1 for nodes in found.node_predictions for (_, pos, _) in nodes)
+    graph = A.attribute(model, prompts[1].input_ids, TOKEN, mode="frozen")
+    # 0.1% removals: the models' norms compute in float32 even in a float64 model, so smaller steps drown in rounding
+    records = A.intervention_records(model, graph, 8, min_position=1, small_fraction=1e-3)
+    annotated = found.annotate([{**r, "prompt": 1} for r in records])
+    for record in annotated:
+        assert record["predicted_gradient"] == pytest.approx(record["actual_small"], rel=2e-2, abs=1e-5)
+    per_feature = found.feature_predictions[1]
+    layer, feature = records[0]["layer"], records[0]["feature"]
+    nodes = {k: v for k, v in found.node_predictions[1].items() if (k[0], k[2]) == (layer, feature)}
+    assert per_feature[(layer, feature)] == pytest.approx(sum(nodes.values()))
+    assert found.top_features(3) and all(key in found.feature_predictions[0] for key in found.top_features(3))

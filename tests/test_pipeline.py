@@ -96,7 +96,7 @@ def test_every_notebook_runs_on_the_smoke_pair_and_honours_the_results_contract(
 
 
 def test_attribution_records_the_two_scale_check_and_the_held_out_selection_rule(smoke_run):
-    from tdlib.attribution import MODES, VERIFIED
+    from tdlib.attribution import GRADIENT, MODES, VERIFIED
 
     results = json.loads((smoke_run / "results" / "05_attribution.json").read_text())
     assert set(results["modes"]) == set(MODES)
@@ -104,7 +104,8 @@ def test_attribution_records_the_two_scale_check_and_the_held_out_selection_rule
         scales = results["modes"][mode]["intervention_check"]["scales"]
         assert set(scales) == {"small", "full"} and scales["small"]["n"] == scales["full"]["n"] > 0
     selection = results["selection"]
-    assert set(selection["rules"]) == {*MODES, VERIFIED} and selection["rule"] in selection["rules"]
+    assert set(selection["rules"]) == {*MODES, GRADIENT, VERIFIED} and selection["rule"] in selection["rules"]
+    assert set(selection["gradient_check"]) == {"small", "full"}
     assert results["selection_rule"] == selection["rule"] and not selection["forced"]
     assert not set(selection["selection_prompts"]) & set(selection["evaluation_prompts"])
     assert results["selection_prompts"] == selection["selection_prompts"]

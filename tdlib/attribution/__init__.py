@@ -60,8 +60,9 @@ from .hesitation import (GROUPS, MECHANISMS, FeatureEvidence, HesitationPrompt, 
                          summarize_study, trace_prompts)
 from .interventions import (agreement, calibration_slope, intervention_records, rank_correlation, removal_effects,
                             two_scale_agreement)
-from .selection import (VERIFIED, agreement_on, candidate_pool, compare_rules, feature_removals, rule_scores,
-                        select_by_held_out_rule, split_by_problem, verified_features)
+from .selection import (GRADIENT, VERIFIED, GradientEvidence, agreement_on, candidate_pool, compare_rules,
+                        feature_removals, features_by_drop, gradient_evidence, rule_scores, select_by_held_out_rule,
+                        split_by_problem, verified_features)
 from .replay import MODES, FrozenPrompt, Replay, freeze
 
 __all__ = [
@@ -75,5 +76,6 @@ __all__ = [
     "agreement", "intervention_records", "calibration_slope", "two_scale_agreement", "StudyEvidence",
     "gather_evidence", "summarize_evidence", "VERIFIED", "agreement_on", "candidate_pool", "compare_rules",
     "feature_removals", "rule_scores", "select_by_held_out_rule", "split_by_problem", "verified_features",
+    "GRADIENT", "GradientEvidence", "features_by_drop", "gradient_evidence",
     "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze",
 ]

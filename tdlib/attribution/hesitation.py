@@ -236,6 +236,11 @@ class StudyEvidence:
     config: StudyConfig
     n_layers: int
 
+    def top_features(self, n: int) -> list[tuple[int, int]]:
+        """The ``n`` features with the most influence on the selection prompts (those with any)."""
+        ranked = sorted(self.stats, key=lambda key: -self.stats[key].influence)[:n]
+        return [key for key in ranked if self.stats[key].influence > 0]
+
 
 def gather_evidence(model, tokenizer, prompts: list[HesitationPrompt], token: int,
                     config: StudyConfig = StudyConfig(), select_on=None, progress: bool = True) -> StudyEvidence:

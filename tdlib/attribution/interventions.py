@@ -217,8 +217,9 @@ def scale_agreement(records: list[dict], actual: str, key: str = "predicted_tota
     return {**summary(records), "by_downstream_mlps": by_depth}
 
 
-def two_scale_agreement(records: list[dict], small_fraction: float) -> dict:
-    """The graph's predictions against removals at two scales: ``small`` (``small_fraction`` of the activation
-    removed, divided by it: tests the linearisation) and ``full`` (the whole feature removed: what ablation does)."""
-    return {"small": {"fraction": small_fraction, **scale_agreement(records, "actual_small")},
-            "full": {"fraction": 1.0, **scale_agreement(records, "actual")}}
+def two_scale_agreement(records: list[dict], small_fraction: float, key: str = "predicted_total") -> dict:
+    """The predictions ``key`` (the graph's, by default) against removals at two scales: ``small`` (``small_fraction``
+    of the activation removed, divided by it: tests the linearisation) and ``full`` (the whole feature removed: what
+    ablation does)."""
+    return {"small": {"fraction": small_fraction, **scale_agreement(records, "actual_small", key)},
+            "full": {"fraction": 1.0, **scale_agreement(records, "actual", key)}}

@@ -9,8 +9,9 @@ made on:
 * a pool of candidates (``candidate_pool``: each mode's most influential features on the selection half) is removed
   one feature at a time, at every position outside the shared prefix, on every prompt (``feature_removals``);
 * each rule scores the pool from the selection half (``rule_scores``): a graph mode by its graphs' predicted change
-  (minus the features' total effects), and **verified** by the measured change itself (the graph proposes, the
-  model decides);
+  (minus the features' total effects), **gradient** by gradient x activation through the real model with nothing
+  frozen (``gradient_evidence``: one backward pass per prompt; the first-order prediction of a removal, no graph),
+  and **verified** by the measured change itself (the graphs propose, the model decides);
 * the rule is chosen by a two-fold cross-fit inside the selection half (``compare_rules``), so the evaluation half
   never informs the choice, and the chosen rule's agreement on the evaluation half is the held-out number: the rank
   correlation, within each evaluation prompt, between the rule's scores and the real changes.
@@ -26,6 +27,8 @@ from .interventions import rank_correlation
 
 VERIFIED = "verified"
 """The rule that ranks candidates by their measured removal effect on the selection prompts."""
+GRADIENT = "gradient"
+"""The rule that ranks features by gradient x activation through the real model, nothing frozen."""
 
 
 def _problem_key(prompt) -> tuple[str, int]:
@@ -43,15 +46,82 @@ def split_by_problem(prompts) -> tuple[list[int], list[int]]:
 
 
 def candidate_pool(evidences: dict, n_candidates: int) -> list[tuple[int, int]]:
-    """Each mode's ``n_candidates`` most influential features on its selection prompts, in one list (first seen
-    first; ``StudyEvidence.stats`` of every mode)."""
+    """Each rule's ``n_candidates`` top features on its selection prompts (``top_features``: a mode's by influence,
+    the gradient's by predicted change), in one list, first seen first."""
     if n_candidates < 1:
         raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
-    pool = []
-    for evidence in evidences.values():
-        ranked = sorted(evidence.stats, key=lambda key: -evidence.stats[key].influence)[:n_candidates]
-        pool.extend(key for key in ranked if evidence.stats[key].influence > 0)
-    return list(dict.fromkeys(pool))
+    return list(dict.fromkeys(key for evidence in evidences.values() for key in evidence.top_features(n_candidates)))
+
+
+class GradientEvidence:
+    """Gradient x activation of every active adapter feature through the real model (nothing frozen: attention
+    patterns, norms, base MLPs and ReLUs all respond), per prompt: the first-order prediction of removing it."""
+
+    def __init__(self, node_predictions: list[dict], select_on: list[int]):
+        self.node_predictions = node_predictions
+        """Per prompt: {(layer, position, feature): predicted change of the logit when that node is removed}."""
+        self.select_on = select_on
+        self.feature_predictions = [_by_feature(nodes) for nodes in node_predictions]
+        """Per prompt: {(layer, feature): the predicted change when it is removed at every position}."""
+
+    def top_features(self, n: int) -> list[tuple[int, int]]:
+        totals: dict[tuple[int, int], float] = {}
+        for number in self.select_on:
+            for key, value in self.feature_predictions[number].items():
+                totals[key] = totals.get(key, 0.0) + abs(value)
+        return sorted((k for k in totals if totals[k] > 0), key=lambda k: -totals[k])[:n]
+
+    def annotate(self, records: list[dict]) -> list[dict]:
+        """Intervention records (with their ``prompt``) with this rule's prediction for the same node added."""
+        return [{**r, "predicted_gradient": self.node_predictions[r["prompt"]].get(
+            (r["layer"], r["position"], r["feature"]), 0.0)} for r in records]
+
+
+def _by_feature(nodes: dict) -> dict:
+    found: dict[tuple[int, int], float] = {}
+    for (layer, _, feature), value in nodes.items():
+        found[(layer, feature)] = found.get((layer, feature), 0.0) + value
+    return found
+
+
+def gradient_evidence(model, prompts, token: int, prefix: int = 0, select_on=None, demean: bool = True,
+                      progress: bool = True) -> GradientEvidence:
+    """``GradientEvidence`` of every prompt: one forward and one backward pass of the real adapter model, each
+    layer's feature activations made leaves, the (demeaned) ``token`` logit at the last position differentiated;
+    positions before ``prefix`` left out."""
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    predictions = []
+    with mlp_choice(inner, "adapter"):
+        for prompt in tqdm(prompts, desc="gradient x activation", disable=not progress):
+            leaves, activations, handles = {}, {}, []
+            for layer in range(len(find_layers(inner))):
+                def leaf(module, args, output, layer=layer):
+                    # a zero added to the activations: its gradient is the activation's, with every later feature
+                    # still following it (total effects, not direct ones)
+                    activations[layer] = output.detach()
+                    leaves[layer] = torch.zeros_like(output, requires_grad=True)
+                    return output + leaves[layer]
+                handles.append(get_mlp(inner, layer).adapter.features.register_forward_hook(leaf))
+            try:
+                with torch.enable_grad():
+                    ids = torch.as_tensor(prompt.input_ids, device=device)[None]
+                    logit = _hesitation_logit(inner, ids, token, demean)[0]
+                    layers = sorted(leaves)
+                    grads = torch.autograd.grad(logit, [leaves[l] for l in layers])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            nodes = {}
+            for layer, grad in zip(layers, grads):
+                acts = activations[layer][0]
+                positions, features = (acts[prefix:] > 0).nonzero(as_tuple=True)
+                effects = -(grad[0, prefix:] * acts[prefix:])[positions, features]
+                for pos, feature, effect in zip((positions + prefix).tolist(), features.tolist(), effects.tolist()):
+                    nodes[(layer, pos, feature)] = effect
+            predictions.append(nodes)
+    select_on = list(range(len(prompts))) if select_on is None else sorted(set(select_on))
+    return GradientEvidence(predictions, select_on)
 
 
 def _hesitation_logit(model, ids: torch.Tensor, token: int, demean: bool) -> torch.Tensor:
@@ -193,7 +263,13 @@ def verified_features(measured: torch.Tensor, pool: list[tuple[int, int]], selec
     """The verified set: pool features ranked by how much removing them lowers the logit on the selection prompts
     (mean over prompts), the fewest carrying ``mass`` of the total drop among those lowering it by more than
     ``min_drop``."""
-    drop = -measured[selection].mean(0)
+    return features_by_drop(-measured[selection].mean(0), pool, mass, min_drop)
+
+
+def features_by_drop(drop: torch.Tensor, pool: list[tuple[int, int]], mass: float,
+                     min_drop: float = 0.0) -> list[tuple[int, int]]:
+    """The fewest pool features carrying ``mass`` of the total ``drop`` (per feature: how much removing it lowers
+    the logit, measured or predicted) among those above ``min_drop``, largest first."""
     order = [int(i) for i in drop.argsort(descending=True) if float(drop[i]) > min_drop]
     total = float(sum(drop[i] for i in order))
     chosen, running = [], 0.0
@@ -209,30 +285,37 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
                             selection: list[int], evaluation: list[int], n_candidates: int = 40,
                             influence_mass: float = 0.8, min_drop: float = 0.0, forced: str | None = None,
                             batch_size: int = 16, progress: bool = True) -> tuple[dict, dict]:
-    """The hesitation study of the rule chosen on the selection half (``compare_rules``), or of ``forced`` (a mode
-    of ``evidences`` or ``VERIFIED``), and the record of the choice. A mode's study selects by influence mass on
-    the selection prompts (``studies[mode]``); the verified set (``verified_features``) is grouped by the graphs of
-    the adapter-model mode that ranked best on the selection half."""
+    """The hesitation study of the rule chosen on the selection half (``compare_rules``) among the graph modes of
+    ``evidences``, ``GRADIENT`` and ``VERIFIED``, or of ``forced``, and the record of the choice. A mode's study
+    selects by influence mass on the selection prompts (``studies[mode]``); the gradient and verified rules select
+    from the candidate pool by predicted or measured drop (``features_by_drop``), grouped by the graphs of the
+    adapter-model mode that ranked best on the selection half. The record also holds the gradient rule's node
+    predictions against the graph modes' intervention checks (``gradient_check``)."""
     from .hesitation import summarize_evidence
 
+    prefix = next(iter(studies.values()))["shared_prefix_tokens"]
+    evidences = {**evidences, GRADIENT: gradient_evidence(model, prompts, token, prefix, selection,
+                                                          progress=progress)}
     rules = [*evidences, VERIFIED]
     if forced is not None and forced not in rules:
         raise ValueError(f"selection_rule {forced!r} is not one of the compared rules {rules}; add the mode to "
                          "compare_modes or leave selection_rule=None")
-    prefix = next(iter(evidences.values())).prefix
     pool = candidate_pool(evidences, n_candidates)
     measured, active = feature_removals(model, prompts, pool, token, prefix=prefix, batch_size=batch_size,
                                         progress=progress)
     compared = compare_rules(evidences, prompts, measured, active, pool, selection, evaluation)
     rule = forced or compared["chosen"]
-    adapter_modes = [m for m in evidences if m != "target"] or list(evidences)
-    if rule == VERIFIED:
-        mode = max(adapter_modes, key=lambda m: _or_minus_inf(compared["rules"][m]["selection_cross_fit"]))
-        chosen = verified_features(measured, pool, selection, influence_mass, min_drop)
+    graph_modes = [m for m in studies if m != "target"] or list(studies)
+    if rule in (VERIFIED, GRADIENT):  # a set from the pool, grouped by the graphs of the best adapter-model mode
+        mode = max(graph_modes, key=lambda m: _or_minus_inf(compared["rules"][m]["selection_cross_fit"]))
+        drop = (-measured[selection].mean(0) if rule == VERIFIED
+                else -rule_scores({GRADIENT: evidences[GRADIENT]}, measured, pool, selection)[GRADIENT])
+        chosen = features_by_drop(drop, pool, influence_mass, min_drop)
         study = summarize_evidence(evidences[mode], model, tokenizer, token, selected=chosen)
         study["mode"] = mode
     else:
         mode, study = rule, studies[rule]
+    gradient_check = _gradient_check(studies, evidences[GRADIENT])
     record = {"rule": rule, "chosen_on_selection_half": compared["chosen"], "forced": forced is not None,
               "graph_mode": mode, "held_out_within_prompt_rank_correlation":
                   compared["rules"][rule]["held_out"]["within_prompt_rank_correlation"],
@@ -240,9 +323,30 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
               "selection_prompts": selection, "evaluation_prompts": evaluation,
               "parameters": {"n_candidates": n_candidates, "influence_mass": influence_mass, "min_drop": min_drop},
               "selected_influence_share": study["selected_influence_share"],
-              "hesitation_features": study["hesitation_features"]}
+              "hesitation_features": study["hesitation_features"], "gradient_check": gradient_check}
     study["selection_rule"] = rule
     return study, record
+
+
+def _gradient_check(studies: dict, gradient: GradientEvidence) -> dict:
+    """The gradient rule's node predictions against the real removals the graph modes' intervention checks made
+    (their nodes, once each; the adapter model's removals only, so mode "target" is left out), at both scales."""
+    from .interventions import two_scale_agreement
+
+    records, seen, small = [], set(), None
+    for mode, study in studies.items():
+        if mode == "target":
+            continue
+        check = study["intervention_check"]
+        small = check["scales"]["small"]["fraction"]
+        for record in check["records"]:
+            key = (record["prompt"], record["layer"], record["position"], record["feature"])
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
+    if not records:
+        return {}
+    return two_scale_agreement(gradient.annotate(records), small, key="predicted_gradient")
 
 
 def _or_minus_inf(value: float) -> float:
