@@ -422,10 +422,9 @@ def intervention_figure(checks: dict[str, dict], word: str = "wait"):
             summary = checks[mode].get("scales", {}).get(scale) or checks[mode]["total_effect"]
             ax.set(xlabel=f'actual change of the "{word.strip()}" logit ({label})',
                    ylabel="predicted by the graph (- total effect)",
-                   title=f"{mode}, {scale} removals: Spearman within prompts "
+                   title=f"{mode}, {scale} removals ({summary['n']})\nSpearman within prompts "
                          f"{summary.get('within_prompt_rank_correlation', float('nan')):.2f}, pooled "
-                         f"{summary['rank_correlation']:.2f}\nslope {summary.get('slope', float('nan')):.2f} "
-                         f"({summary['n']} removals)")
+                         f"{summary['rank_correlation']:.2f}\ncalibration slope {summary.get('slope', float('nan')):.2f}")
             ax.title.set_fontsize(9)
             ax.xaxis.label.set_fontsize(8)
     fig.tight_layout()
