@@ -98,3 +98,23 @@ def test_every_mode_prunes_exports_and_has_a_page(mode, tmp_path):
     data = graph_page_data(graph, Words(), max_nodes=30, max_edges=100)
     assert data["mode"] == mode and data["error_meaning"] == ERROR_MEANING[mode]
     assert write_graph_page(data, tmp_path / "graph.html", mode).exists()
+
+
+def test_the_diagnosis_script_with_norms_and_attention_frozen_is_the_jacobian_graph():
+    """scripts/diagnose_frozen_parts.py's "both frozen" gradient x activation (through the model's own modules) equals
+    the jacobian graph's predicted removals (minus total effects): the graph is what the script says it is."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from diagnose_frozen_parts import gradient_predictions
+
+    model = adapter_model("llama")
+    model.set_attn_implementation("eager")
+    graph = A.attribute(model, IDS, TOKEN, mode="jacobian")
+    predicted = gradient_predictions(model, IDS.tolist(), TOKEN, freeze_norms=True, freeze_attention=True)
+    totals = graph.total_effects()
+    for node, (layer, pos, feature) in enumerate(graph.state.features.tolist()):
+        assert predicted[(layer, pos, feature)] == pytest.approx(-float(totals[node]), abs=1e-6)
+    unfrozen = gradient_predictions(model, IDS.tolist(), TOKEN, freeze_norms=False, freeze_attention=False)
+    assert any(abs(unfrozen[k] - predicted[k]) > 1e-4 for k in predicted)
