@@ -228,9 +228,11 @@ def test_two_level_classification_shows_the_promoted_tokens_and_asks_reasoning_u
     jobs = [ClassifyJob("a", "before checks", examples, 0.9, None, (" wait", ",")),
             ClassifyJob("b", "digits", examples, 0.9, None, ("7",))]
     assert backend.classify(jobs) == ["reasoning", "domain"]
-    user = api.requests[0]["body"]["messages"][1]["content"]
+    # the backend sends requests concurrently: find job "a"'s by its explanation, not by arrival order
+    request = next(r for r in api.requests if "before checks" in r["body"]["messages"][1]["content"])
+    user = request["body"]["messages"][1]["content"]
     assert 'Tokens its output direction promotes most: " wait", ","' in user
-    system = api.requests[0]["body"]["messages"][0]["content"]
+    system = request["body"]["messages"][0]["content"]
     assert "not enough" in system and "Category:" in system
     assert backend.mechanism([MechanismJob("a", examples, [" wait"])]) == ["output"]
     assert "direct effect" not in api.requests[-1]["body"]["messages"][1]["content"]  # no studied logit here
