@@ -188,10 +188,11 @@ def render(template: str, sources: Sources) -> str:
 
 
 COMPARISONS = {"smollm2": COMMITTED_OUTPUTS["smollm2"][0], "paper_l0": "results/paper_l0/results",
-               "smollm2_paper_l0": "results/smollm2/paper_l0/results"}
+               "smollm2_paper_l0": "results/smollm2/paper_l0/results", "diagnostics": "results/diagnostics"}
 """The configurations the write-up sets beside the organism: SmolLM2-135M, a real pretrained model
 (``make figures CONFIG=smollm2``; its results and figures are committed under ``results/smollm2``, ``figures/smollm2``),
-and, for both pairs, notebooks 05 and 06 rerun on the adapter nearest the paper's L0 (``make paper-l0``)."""
+and, for both pairs, notebooks 05 and 06 rerun on the adapter nearest the paper's L0 (``make paper-l0``); plus the
+diagnostics scripts write (``results/diagnostics``: ``scripts/diagnose_frozen_parts.py``)."""
 
 
 def _from_root(path: str | Path) -> Path:
