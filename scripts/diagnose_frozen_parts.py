@@ -38,34 +38,20 @@ def _frozen_norm(norm):
 
 
 def gradient_predictions(model, ids, token: int, freeze_norms: bool, freeze_attention: bool) -> dict:
-    """{(layer, position, feature): -gradient x activation} of the demeaned ``token`` logit."""
-    leaves, handles = {}, []
-    for layer, block in enumerate(model.model.layers):
-        def leaf(module, args, output, layer=layer):
-            leaves[layer] = (output.detach(), torch.zeros_like(output, requires_grad=True))
-            return output + leaves[layer][1]
-        handles.append(block.mlp.adapter.features.register_forward_hook(leaf))
-    try:
-        with ExitStack() as stack, torch.enable_grad():
-            if freeze_attention:
-                softmax = torch.nn.functional.softmax
-                stack.enter_context(mock.patch.object(torch.nn.functional, "softmax",
-                                                      lambda *a, **k: softmax(*a, **k).detach()))
-            if freeze_norms:
-                for norm in [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]:
-                    stack.enter_context(mock.patch.object(norm, "forward", _frozen_norm(norm)))
-            logits = model(torch.as_tensor(ids)[None], use_cache=False).logits[0, -1].double()
-            layers = sorted(leaves)
-            grads = torch.autograd.grad(logits[token] - logits.mean(), [leaves[l][1] for l in layers])
-    finally:
-        for handle in handles:
-            handle.remove()
-    found = {}
-    for layer, grad in zip(layers, grads):
-        acts = leaves[layer][0][0]
-        for pos, feature in (acts > 0).nonzero().tolist():
-            found[(layer, pos, feature)] = -float(grad[0, pos, feature] * acts[pos, feature])
-    return found
+    """{(layer, position, feature): -gradient x activation} of the demeaned ``token`` logit: the gradient rule
+    (``tdlib.attribution.gradient_evidence``) run with the chosen parts frozen."""
+    from tdlib.attribution import HesitationPrompt, gradient_evidence
+
+    with ExitStack() as stack:
+        if freeze_attention:
+            softmax = torch.nn.functional.softmax
+            stack.enter_context(mock.patch.object(torch.nn.functional, "softmax",
+                                                  lambda *a, **k: softmax(*a, **k).detach()))
+        if freeze_norms:
+            for norm in [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]:
+                stack.enter_context(mock.patch.object(norm, "forward", _frozen_norm(norm)))
+        found = gradient_evidence(model, [HesitationPrompt(list(ids), 0, 0)], token, progress=False)
+    return found.node_predictions[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
