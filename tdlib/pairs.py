@@ -343,7 +343,7 @@ CPU_NOTEBOOKS = {
     "04": {"n_batches": 4, "batch_size": 16, "units_per_layer": 8, "min_fires": 5, "top_k": 10, "n_uniform": 5},
     "05": {"n_prompts": 12, "search_problems": 40, "max_feature_nodes": 512, "n_linearity_nodes": 10,
            "batch_size": 64, "n_candidates": 20},
-    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16},
+    "06": {"n_random_draws": 5, "stats_batches": 4, "stats_batch_size": 16, "n_sampled_problems": 40},
 }
 """Every notebook's work sized for two CPU cores: the plan that ran end to end for SmolLM2-135M in about an hour
 (docs/real_models.md, "SmolLM2"). A CPU pair file starts from it; its own ``notebooks`` block wins per

@@ -355,6 +355,89 @@ def ablation_figure(results: dict, word: str = "wait"):
     return fig
 
 
+def decision_figure(study: dict, word: str = "wait"):
+    """Notebook 06's decision study (``tdlib.decisions``): teacher-forced P(word) at held-out planted decision points
+    for the adapter model with each set ablated and for the hybrid with each set added (95% bootstrap intervals
+    over traces; the matched random controls as their draws), the dose-response over the top k features, and the
+    sampled hesitation rate per 1,000 tokens (95% bootstrap intervals over problems) with the paper's values."""
+    tf, sampled = study["teacher_forced"], study["sampled"]
+    controls = sorted(name for name in tf if name.startswith("ablate control"))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8.5))
+    label = f'P("{word.strip()}") at planted decision points'
+
+    def panel(axis, names, color, title, reference=None):
+        names = [n for n in names if n in tf]
+        means = [tf[n]["trigger"]["mean"] for n in names]
+        errors = np.array([[m - tf[n]["trigger"]["ci"][0], tf[n]["trigger"]["ci"][1] - m]
+                           for n, m in zip(names, means)]).T
+        axis.bar(range(len(names)), means, yerr=errors, capsize=3,
+                 color=["#AAAAAA" if "control" in n or "baseline" in n else color for n in names])
+        axis.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ").replace("ablate ", "ablate\n") for n in names],
+                        fontsize=7)
+        if reference is not None:
+            axis.axhline(reference, color=MODEL_COLORS["target"], linestyle=":", label="target, unedited")
+            axis.legend(fontsize=8, loc="upper right")
+        axis.set_ylabel(label)
+        axis.set_ylim(0, 1.05)
+        axis.set_title(title)
+
+    groups = [n.split(" ", 1)[1] for n in tf if n.startswith("ablate ") and not n.startswith(("ablate control",
+                                                                                              "ablate top"))]
+    panel(axes[0, 0], ["adapter", *[f"ablate {g}" for g in groups], *controls], MODEL_COLORS["adapter"],
+          "Necessity: the adapter model, sets ablated", tf.get("target", {}).get("trigger", {}).get("mean"))
+    panel(axes[0, 1], ["hybrid", *[f"hybrid + {g}" for g in groups],
+                       *[c.replace("ablate", "hybrid +") for c in controls]], MODEL_COLORS["hybrid"],
+          "Sufficiency: the hybrid, sets added", tf.get("target", {}).get("trigger", {}).get("mean"))
+    doses = study["doses"]
+    dose_axis = axes[1, 0]
+    for prefix, color, name in (("ablate top", MODEL_COLORS["adapter"], "adapter model, top k ablated"),
+                                ("hybrid + top", MODEL_COLORS["hybrid"], "hybrid, top k added")):
+        means = [tf[f"{prefix} {k}"]["trigger"]["mean"] for k in doses]
+        low = [tf[f"{prefix} {k}"]["trigger"]["ci"][0] for k in doses]
+        high = [tf[f"{prefix} {k}"]["trigger"]["ci"][1] for k in doses]
+        dose_axis.plot(doses, means, marker="o", color=color, label=name)
+        dose_axis.fill_between(doses, low, high, color=color, alpha=0.2)
+    for reference, color, name in (("adapter", MODEL_COLORS["adapter"], "adapter model"),
+                                   ("hybrid", MODEL_COLORS["hybrid"], "hybrid")):
+        dose_axis.axhline(tf[reference]["trigger"]["mean"], color=color, linestyle="--", linewidth=1,
+                          label=f"{name}, unedited")
+    dose_axis.set_xscale("log", base=2)
+    dose_axis.set_xlabel("k: top features by selection score (log scale)")
+    dose_axis.set_ylabel(label)
+    dose_axis.set_ylim(0, 1.05)
+    dose_axis.legend(fontsize=7)
+    dose_axis.set_title("Dose-response")
+    rate_axis = axes[1, 1]
+    names = list(sampled)
+    means = [sampled[n]["per_1k"]["mean"] for n in names]
+    errors = np.array([[max(m - sampled[n]["per_1k"]["ci"][0], 0), max(sampled[n]["per_1k"]["ci"][1] - m, 0)]
+                       for n, m in zip(names, means)]).T
+    rate_axis.bar(range(len(names)), means, yerr=errors, capsize=3,
+                  color=["#AAAAAA" if "control" in n or "baseline" in n else
+                         (MODEL_COLORS["hybrid"] if n.startswith("hybrid") else MODEL_COLORS["adapter"])
+                         for n in names])
+    rate_axis.set_xticks(range(len(names)), names, fontsize=7, rotation=40, ha="right")
+    from .steer import PAPER
+
+    paper = {"adapter": PAPER["adapter_wait_per_1k"], "ablate set": PAPER["ablated_both_wait_per_1k"],
+             "hybrid + set": PAPER["hybrid_plus_both_wait_per_1k"]}
+    for name, value in paper.items():
+        if name in names:
+            i = names.index(name)
+            rate_axis.plot([i - 0.4, i + 0.4], [value, value], color="black", linestyle=":", linewidth=1.5,
+                           label="paper (7B)" if name == "adapter" else None)
+    rate_axis.legend(fontsize=8)
+    rate_axis.set_ylabel(f'"{word.strip()}" per 1,000 response tokens (sampled)')
+    split = study["split"]
+    rate_axis.set_title(f"Sampled: T {study['preregistered']['temperature']}, top-p {study['preregistered']['top_p']}, "
+                        f"{study['preregistered']['n_samples']} per problem, {split['sampled_problems']} problems")
+    fig.suptitle(f"Held-out decision points ({split['evaluation_traces']['trigger']} at planted triggers in "
+                 f"{split['evaluation_traces']['traces']} traces); bars: 95% bootstrap intervals; grey: matched "
+                 "random controls and the no-attribution baseline")
+    fig.tight_layout()
+    return fig
+
+
 def ground_truth_figure(score: dict):
     """The hesitation features scored against the organism's rule (``tdlib.ground_truth``): per-feature AUROC at
     the decision positions beside the set's and a probe's, and the teacher-forced effect of ablating the set."""
