@@ -46,6 +46,9 @@ class DecisionKey:
     whose next-token prediction makes it."""
     decisions: Callable
     """``(text, start) -> [decision]``: the decision points of a response text (for generated responses)."""
+    planted: tuple[str, ...]
+    """The trigger labels that count as planted decisions (the measures' "trigger" points); a point with another
+    label is reported by label only, a point with none is "elsewhere"."""
 
     @staticmethod
     def label(decision) -> str | None:
@@ -65,11 +68,11 @@ def decision_key(pair) -> DecisionKey | None:
             ids, placed = mechanisms.token_decisions(tokenizer, text, start)
             return ids, [(i, d) for i, d in placed if d.mechanism != mechanisms.DISTRACTOR]
 
-        return DecisionKey("organism", organism_tokens, organism_decisions)
+        return DecisionKey("organism", organism_tokens, organism_decisions, mechanisms.MECHANISMS)
     if pair.name == "smollm2":
         from . import smollm2
 
-        return DecisionKey("smollm2", smollm2.token_decisions, smollm2.decisions)
+        return DecisionKey("smollm2", smollm2.token_decisions, smollm2.decisions, smollm2.PLANTED)
     return None
 
 
@@ -80,14 +83,22 @@ class DecisionTraces:
     input_ids: list[list[int]]
     points: list[list[tuple[int, str | None, bool | None]]]
     """Per trace: (token index, trigger label or None, whether the trace hesitates there)."""
+    planted: tuple[str, ...] = ()
+    """The labels that count as planted triggers (``DecisionKey.planted``)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def where(self, label: str | None) -> str | None:
+        """TRIGGER for a planted label, ELSEWHERE for none, None for a label that is not planted."""
+        return ELSEWHERE if label is None else TRIGGER if label in self.planted else None
+
     def counts(self) -> dict[str, int]:
         labels = [label for trace in self.points for _, label, _ in trace]
-        return {TRIGGER: sum(l is not None for l in labels), ELSEWHERE: sum(l is None for l in labels),
-                "traces": len(self)}
+        out = {TRIGGER: sum(self.where(l) == TRIGGER for l in labels),
+               ELSEWHERE: sum(l is None for l in labels), "traces": len(self)}
+        out.update({f"label {l}": labels.count(l) for l in sorted({l for l in labels if l is not None})})
+        return out
 
 
 def decision_traces(key: DecisionKey, tokenizer, references: list[tuple[str, str]]) -> DecisionTraces:
@@ -100,7 +111,7 @@ def decision_traces(key: DecisionKey, tokenizer, references: list[tuple[str, str
     if not any(points):
         raise ValueError(f"the {key.name} answer key found no decision point in {len(references)} reference traces; "
                          "check that the traces are the pair's reasoning format")
-    return DecisionTraces(ids, points)
+    return DecisionTraces(ids, points, tuple(key.planted))
 
 
 def held_out_references(pair, tokenizer, n_selection_problems: int) -> dict:
@@ -180,6 +191,8 @@ class DecisionProbabilities:
     trigger_n: np.ndarray
     elsewhere_sum: np.ndarray
     elsewhere_n: np.ndarray
+    by_label: dict = field(default_factory=dict)
+    """Every trigger label, planted or not: [sum, count] over all traces."""
 
     def mean(self, where: str = TRIGGER) -> float:
         total, n = self._arrays(where)
@@ -196,6 +209,8 @@ class DecisionProbabilities:
             total, n = self._arrays(where)
             out[where] = {"mean": self.mean(where), "ci": list(bootstrap_ratio(total, n, n_bootstrap, seed)),
                           "points": int(n.sum())}
+        out["by_label"] = {label: {"mean": total / n if n else None, "points": int(n)}
+                           for label, (total, n) in sorted(self.by_label.items())}
         return out
 
 
@@ -206,6 +221,7 @@ def decision_probabilities(model, tokenizer, traces: DecisionTraces, token: int,
     from .data import pad_batch
 
     sums = np.zeros((4, len(traces)))
+    by_label: dict[str, list] = {}
     device = next(model.parameters()).device
     with ExitStack() as stack:
         condition.context(model, stack)
@@ -215,10 +231,18 @@ def decision_probabilities(model, tokenizer, traces: DecisionTraces, token: int,
             probs = torch.softmax(model(**batch).logits.float(), -1)[..., token].cpu()
             for offset, row in enumerate(rows):
                 for index, label, _ in traces.points[row]:
-                    column = 0 if label is not None else 2
-                    sums[column, row] += float(probs[offset, index])
+                    p = float(probs[offset, index])
+                    if label is not None:
+                        entry = by_label.setdefault(label, [0.0, 0])
+                        entry[0] += p
+                        entry[1] += 1
+                    where = traces.where(label)
+                    if where is None:
+                        continue
+                    column = 0 if where == TRIGGER else 2
+                    sums[column, row] += p
                     sums[column + 1, row] += 1
-    return DecisionProbabilities(*sums)
+    return DecisionProbabilities(*sums, by_label=by_label)
 
 
 @torch.no_grad()
@@ -345,7 +369,7 @@ def sampled_condition(model, tokenizer, evalset, condition: Condition, key: Deci
             for d in key.decisions(response, 0):
                 if d.expressed:
                     hesitations[i] += 1
-                    at_trigger[i] += key.label(d) is not None
+                    at_trigger[i] += key.label(d) in key.planted
         out["at_trigger_share"] = _ratio(at_trigger.reshape(-1, n).sum(0), hesitations.reshape(-1, n).sum(0),
                                          n_bootstrap)
         out["hesitations_at_decisions"] = int(hesitations.sum())

@@ -254,9 +254,17 @@ def test_design_checks_name_each_failure_with_its_numbers():
         "target P(Wait) <= 0.1 at other decision points"]
     carried = report(0.75, 0.03, 0.01, 0.4, 2.5)  # the hybrid hesitates too, and is far from the target
     assert [k for k, ok in smollm2.design_checks(carried).items() if not ok] == [
-        "hybrid P(Wait) within 0.1 of base's after a trigger", "hybrid KL to target <= 2 nats per response token"]
+        "hybrid P(Wait) within 0.1 of base's after a planted trigger (crossing)",
+        "hybrid KL to target <= 2 nats per response token"]
     with pytest.raises(smollm2.DesignCheckFailed, match=r"(?s)within 0\.1 of base.*hybrid 0\.400.*KL to target 2\.500"):
         smollm2.require_design(carried)
+    # a slip the target does not notice is reported, not enforced: only the planted trigger (a crossing) counts
+    unnoticed = report(0.75, 0.03, 0.01, 0.05, 0.5)
+    unnoticed["p_wait"]["target"]["slip"] = 0.19
+    assert smollm2.PLANTED == ("crossing",) and all(smollm2.design_checks(unnoticed).values())
+    missed = report(0.75, 0.03, 0.01, 0.05, 0.5)
+    missed["p_wait"]["target"]["crossing"] = 0.5
+    assert not smollm2.design_checks(missed)["target P(Wait) >= 0.6 after a planted trigger (crossing)"]
 
 
 def test_data_files_are_disjoint_and_read_back_like_any_pair(tmp_path):
