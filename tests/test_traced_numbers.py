@@ -199,7 +199,7 @@ ALLOWED = [
      lambda: 1e-9 if "abs=1e-9" in (ROOT / "tests" / "test_attribution.py").read_text() else None),
     ("(to 1e-3 relative", "1e-3", "the replay tolerance's floor (tdlib.attribution.capture)",
      lambda: 1e-3 if "max(1e-3, 8 * torch.finfo" in (ROOT / "tdlib/attribution/capture.py").read_text() else None),
-    ("3e-4 with 5% warm-up", "3e-4", "the SmolLM2 fine-tune's learning rate", lambda: default_of("tdlib/smollm2.py", "lr")),
+    ("6e-4 with 5% warm-up", "6e-4", "the SmolLM2 fine-tune's learning rate", lambda: default_of("tdlib/smollm2.py", "lr")),
     ("vocabulary 49,152", "49,152", "SmolLM2-135M's vocabulary size, a fact of the model", None),
     ("12 x ~120 tokens x 49,152 floats", "49,152", "SmolLM2-135M's vocabulary size, a fact of the model", None),
     ("under 8 minutes", "8", "the acceptance script's default budget (450 s) in whole minutes, rounded up",
