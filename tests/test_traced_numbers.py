@@ -200,6 +200,8 @@ ALLOWED = [
     ("(to 1e-3 relative", "1e-3", "the replay tolerance's floor (tdlib.attribution.capture)",
      lambda: 1e-3 if "max(1e-3, 8 * torch.finfo" in (ROOT / "tdlib/attribution/capture.py").read_text() else None),
     ("6e-4 with 5% warm-up", "6e-4", "the SmolLM2 fine-tune's learning rate", lambda: default_of("tdlib/smollm2.py", "lr")),
+    ("H100's ~990 dense bf16", "990", "the H100's published dense bf16 peak (NVIDIA's datasheet), a hardware fact",
+     None),
     ("vocabulary 49,152", "49,152", "SmolLM2-135M's vocabulary size, a fact of the model", None),
     ("12 x ~120 tokens x 49,152 floats", "49,152", "SmolLM2-135M's vocabulary size, a fact of the model", None),
     ("under 8 minutes", "8", "the acceptance script's default budget (450 s) in whole minutes, rounded up",
@@ -272,10 +274,10 @@ def test_measurements_say_how_and_when():
 
 def test_the_check_names_file_line_and_number(tmp_path):
     doc = tmp_path / "doc.md"
-    doc.write_text("# 2. A section\n\nThe adapters took 651 s (`make figures`, 2,501 s measured), 1,355 s in 01.\n\n"
+    doc.write_text("# 2. A section\n\nThe adapters took 651 s (`make figures`, 2,620 s measured), 1,355 s in 01.\n\n"
                    "```\n12345\n```\n\nWith torch==2.13.0 and nnsight 0.8 on 2026-12-06, Qwen2.5-Math-7B (arXiv 2602.20904).\n"
                    "It recovers 73.123% of the gain; the 02 faithfulness stage took 16 s.\n")
-    assert untraced([doc]) == ["doc.md:3: timing 651  | The adapters took 651 s (`make figures`, 2,501 s measured), "
+    assert untraced([doc]) == ["doc.md:3: timing 651  | The adapters took 651 s (`make figures`, 2,620 s measured), "
                                "1,355 s in 01.",
                                "doc.md:10: 73.123  | It recovers 73.123% of the gain; the 02 faithfulness stage took 16 s."]
 
