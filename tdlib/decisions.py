@@ -321,6 +321,22 @@ def matched_random_features(chosen: FeatureSet, fire_rate: dict[int, torch.Tenso
     return drawn
 
 
+def matching_report(chosen: FeatureSet, fire_rate: dict[int, torch.Tensor]) -> dict[str, dict]:
+    """Per layer of ``chosen``: how many features it has there, how many unchosen ones fire at the decision points,
+    and the highest and mean rates on each side, so a control that cannot match the set's rates shows why."""
+    out = {}
+    for layer, features in sorted(chosen.items()):
+        rate = fire_rate[layer]
+        taken = set(features)
+        unchosen = [float(rate[f]) for f in range(len(rate)) if f not in taken and rate[f] > 0]
+        mine = [float(rate[f]) for f in features]
+        out[str(layer)] = {"chosen": len(features), "live_unchosen": len(unchosen),
+                           "max_rate_chosen": max(mine), "max_rate_unchosen": max(unchosen, default=0.0),
+                           "mean_rate_chosen": float(np.mean(mine)),
+                           "mean_rate_unchosen": float(np.mean(unchosen)) if unchosen else 0.0}
+    return out
+
+
 def not_live(features: FeatureSet, fire_rate: dict[int, torch.Tensor]) -> int:
     """How many of ``features`` never fire at the decision points."""
     return sum(int(fire_rate[l][f] <= 0) for l, fs in features.items() for f in fs)
@@ -628,6 +644,7 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
         "sets": {name: {"n": n_chosen(fs), "mean_fire_rate": mean_rate(fs, rate), "not_live": not_live(fs, rate)}
                  for name, fs in {**sets, "baseline": baseline,
                                   **{f"control {i}": c for i, c in enumerate(controls)}}.items()},
+        "control_matching": matching_report(sets["set"], rate),
         "baseline_features": [{"layer": l, "feature": f} for l, fs in baseline.items() for f in fs],
         "baseline_overlap": len({(l, f) for l, fs in baseline.items() for f in fs}
                                 & {(l, f) for l, fs in sets["set"].items() for f in fs}),
