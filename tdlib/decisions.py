@@ -644,7 +644,6 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
         "sets": {name: {"n": n_chosen(fs), "mean_fire_rate": mean_rate(fs, rate), "not_live": not_live(fs, rate)}
                  for name, fs in {**sets, "baseline": baseline,
                                   **{f"control {i}": c for i, c in enumerate(controls)}}.items()},
-        "control_matching": matching_report(sets["set"], rate),
         "baseline_features": [{"layer": l, "feature": f} for l, fs in baseline.items() for f in fs],
         "baseline_overlap": len({(l, f) for l, fs in baseline.items() for f in fs}
                                 & {(l, f) for l, fs in sets["set"].items() for f in fs}),
