@@ -391,11 +391,9 @@ def token_decisions(tokenizer, text: str, start: int = 0) -> tuple[list[int], li
     ends at ``Decision.end`` (the break's last newline): ``(input_ids, [(token index, decision)])``. The logits
     at that token are the prediction of the next paragraph's first word. A ``ValueError`` when the tokenizer
     merges the break with the next word (SmolLM2's keeps ``"\\n"``, ``"\\n"`` and ``"Wait"`` apart)."""
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ends = {}
-    for index, (first, last) in enumerate(encoded["offset_mapping"]):
-        if last > first:
-            ends[last - 1] = index
+    from .organism.mechanisms import token_ends
+
+    input_ids, ends = token_ends(tokenizer, text)
     placed = []
     for decision in decisions(text, start):
         if decision.end not in ends:
@@ -405,7 +403,7 @@ def token_decisions(tokenizer, text: str, start: int = 0) -> tuple[list[int], li
                              "the paragraph's first word to read; the SmolLM2 answer key needs a tokenizer that "
                              "keeps '\\n\\n' and the next word apart")
         placed.append((ends[decision.end], decision))
-    return list(encoded["input_ids"]), placed
+    return input_ids, placed
 
 
 # ------------------------------------------------------------------------------------------------ the base

@@ -124,14 +124,18 @@ def last_decision(text: str, start: int = 0) -> str | None:
     return closing[-1].mechanism if closing else None
 
 
+def token_ends(tokenizer, text: str) -> tuple[list[int], dict[int, int]]:
+    """Tokenise ``text`` (no special tokens added): ``(input_ids, {character index: index of the token ending
+    there})``, so an answer key can place a decision on the token whose prediction makes it."""
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ends = {last - 1: index for index, (first, last) in enumerate(encoded["offset_mapping"]) if last > first}
+    return list(encoded["input_ids"]), ends
+
+
 def token_decisions(tokenizer, text: str, start: int) -> tuple[list[int], list[tuple[int, Decision]]]:
     """Tokenise ``text`` (prompt + response, the response from character ``start``) and place each decision point
     on the token that ends at its character: ``(input_ids, [(token index, decision)])``."""
-    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ends = {}
-    for index, (first, last) in enumerate(encoded["offset_mapping"]):
-        if last > first:
-            ends[last - 1] = index
+    input_ids, ends = token_ends(tokenizer, text)
     placed = []
     for decision in decisions(text, start):
         if decision.end not in ends:
@@ -139,4 +143,4 @@ def token_decisions(tokenizer, text: str, start: int) -> tuple[list[int], list[t
                              f"{decision.end} with the next one in {text!r}; the organism's tokenizer must keep "
                              "';' and the answer's last digit as token ends")
         placed.append((ends[decision.end], decision))
-    return list(encoded["input_ids"]), placed
+    return input_ids, placed
