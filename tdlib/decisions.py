@@ -407,12 +407,18 @@ class ClaimThresholds:
     min_excess_reduction: float = 0.5
     """Necessity: the set's relative reduction of the hesitation measure, minus the matched control's, is at least
     this (point estimate), and its 95% interval lies above zero."""
+    min_gap_closed: float = 0.5
+    """Sufficiency: added to the hybrid, the set's gain in P(hesitation) at planted triggers over the matched
+    control is at least this share of the gap the fine-tune opened (the target's P minus the hybrid's; point
+    estimate), and its 95% interval lies above zero. Without it a set that moves P by a thousandth would pass on a
+    tight interval."""
     n_bootstrap: int = 1000
     """Resamples of the traces (teacher-forced) or problems (sampled) behind every interval."""
 
     def __post_init__(self):
-        if not 0 < self.min_excess_reduction <= 1:
-            raise ValueError(f"min_excess_reduction must be in (0, 1], got {self.min_excess_reduction}")
+        for name in ("min_excess_reduction", "min_gap_closed"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
 
 Measure = tuple  # (numerators, denominators) per unit: (P summed over a trace's points, points), (waits, tokens)
@@ -485,8 +491,9 @@ def necessity(teacher_forced: dict, sampled: dict | None, thresholds: ClaimThres
 def sufficiency(teacher_forced: dict, thresholds: ClaimThresholds, groups: tuple[str, ...] = ("template", "output")
                 ) -> dict:
     """The sufficiency test: added to the hybrid, the set raises P(hesitation) at planted decision points beyond
-    the matched control (paired interval above 0), and the groups order template < output < whole set.
-    ``teacher_forced``: {"hybrid", "set", "controls": [...], <group>: ...} -> DecisionProbabilities."""
+    the matched control by at least ``thresholds.min_gap_closed`` of the target-hybrid gap (paired interval above
+    0), and the groups order template < output < whole set. ``teacher_forced``: {"target", "hybrid", "set",
+    "controls": [...], <group>: ...} -> DecisionProbabilities."""
     diff = difference(teacher_forced["set"].trigger_sum, [c.trigger_sum for c in teacher_forced["controls"]],
                       teacher_forced["set"].trigger_n, n_bootstrap=thresholds.n_bootstrap)
     means = {name: teacher_forced[name].mean(TRIGGER) for name in ("hybrid", *groups, "set") if name in teacher_forced}
@@ -495,16 +502,17 @@ def sufficiency(teacher_forced: dict, thresholds: ClaimThresholds, groups: tuple
     ordered = all(means[a] < means[b] for a, b in zip(present, (*present[1:], "set"))) \
         if len(present) == len(groups) else None
     diff["control_mean"] = float(np.mean([c.mean(TRIGGER) for c in teacher_forced["controls"]]))
+    gap = teacher_forced["target"].mean(TRIGGER) - means["hybrid"]
+    # no gap: the target hesitates no more than the hybrid, so there is nothing for the set to restore
+    gap_closed = diff["difference"] / gap if gap > 0 else None
+    diff.update(gap=gap, gap_closed=gap_closed)
+    large = gap_closed is not None and gap_closed >= thresholds.min_gap_closed
     return {"test": "added to the hybrid, the set raises P(hesitation) at held-out planted decision points beyond "
-                    "the matched random control (95% interval above 0), with the groups ordered "
-                    + " < ".join((*groups, "whole set")),
+                    f"the matched random control by >= {thresholds.min_gap_closed:.0%} of the target-hybrid gap "
+                    "(95% interval above 0), with the groups ordered " + " < ".join((*groups, "whole set")),
             "teacher_forced": {**diff, "means": means}, "ordered": ordered,
             "missing_groups": [g for g in groups if g not in means],
-            "holds": bool(diff["ci"][0] > 0 and ordered is not False)}
-
-
-def as_dict(thresholds: ClaimThresholds) -> dict:
-    return asdict(thresholds)
+            "holds": bool(large and diff["ci"][0] > 0 and ordered is not False)}
 
 
 # ------------------------------------------------------------------------------------------------ the study
@@ -619,7 +627,8 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
                                 "controls": [probabilities[f"ablate {c}"] for c in control_names]},
                                {"adapter": per_problem("adapter"), "set": per_problem("ablate set"),
                                 "controls": [per_problem("ablate control 0")]}, config.thresholds),
-        "sufficiency": sufficiency({"hybrid": probabilities["hybrid"], "set": probabilities["hybrid + set"],
+        "sufficiency": sufficiency({"target": probabilities["target"], "hybrid": probabilities["hybrid"],
+                                    "set": probabilities["hybrid + set"],
                                     "controls": [probabilities[f"hybrid + {c}"] for c in control_names],
                                     **{g: probabilities[f"hybrid + {g}"] for g in ("output", "template")
                                        if f"hybrid + {g}" in probabilities}}, config.thresholds),
@@ -631,7 +640,8 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
             {"adapter": per_problem("adapter"), "set": per_problem("ablate baseline"),
              "controls": [per_problem("ablate control 0")]}, config.thresholds)
         claims["baseline_sufficiency"] = sufficiency(
-            {"hybrid": probabilities["hybrid"], "set": probabilities["hybrid + baseline"],
+            {"target": probabilities["target"], "hybrid": probabilities["hybrid"],
+             "set": probabilities["hybrid + baseline"],
              "controls": [probabilities[f"hybrid + {c}"] for c in control_names]}, config.thresholds, groups=())
     results = {
         "preregistered": {**{k: v for k, v in asdict(config).items() if k != "thresholds"},
@@ -659,7 +669,9 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
 
 def claims_rows(study: dict) -> dict[str, dict]:
     """The claims table, one row per test and measure ("necessity, teacher_forced", ...): the set's number, the
-    matched control's, the tested quantity with its 95% interval, and whether the test holds."""
+    matched control's, the tested quantity with its 95% interval, the bar it must reach (the pre-registered share,
+    for sufficiency times the target-hybrid gap; None when there is no gap) and whether the test holds."""
+    thresholds = study["preregistered"]["thresholds"]
     rows = {}
     for name, claim in study["claims"].items():
         for measure in ("teacher_forced", "sampled"):
@@ -668,10 +680,13 @@ def claims_rows(study: dict) -> dict[str, dict]:
                 continue
             if "excess" in entry:
                 row = {"quantity": "relative reduction", "set": entry["set_reduction"],
-                       "control": entry["control_reduction"], "tested": entry["excess"]}
+                       "control": entry["control_reduction"], "tested": entry["excess"],
+                       "bar": thresholds["min_excess_reduction"]}
             else:
+                gap = entry["gap"]
                 row = {"quantity": "P at triggers", "set": entry["means"]["set"], "control": entry["control_mean"],
-                       "tested": entry["difference"]}
+                       "tested": entry["difference"],
+                       "bar": thresholds["min_gap_closed"] * gap if gap > 0 else None}
             rows[f"{name}, {measure.replace('_', '-')}"] = {**row, "ci_low": entry["ci"][0], "ci_high": entry["ci"][1],
                                                             "holds": claim["holds"]}
     return rows

@@ -88,8 +88,8 @@ def test_necessity_holds_only_when_the_set_beats_the_matched_control_by_the_bar(
 
 def test_sufficiency_needs_the_controls_beaten_and_the_groups_in_order():
     thresholds = D.ClaimThresholds(n_bootstrap=200)
-    base = {"hybrid": probabilities([0.1] * 20), "set": probabilities([0.7] * 20, seed=1),
-            "controls": [probabilities([0.15] * 20, seed=2)]}
+    base = {"target": probabilities([0.8] * 20, seed=6), "hybrid": probabilities([0.1] * 20),
+            "set": probabilities([0.7] * 20, seed=1), "controls": [probabilities([0.15] * 20, seed=2)]}
     ordered = D.sufficiency({**base, "template": probabilities([0.2] * 20, seed=3),
                              "output": probabilities([0.4] * 20, seed=4)}, thresholds)
     assert ordered["holds"] and ordered["ordered"] and ordered["teacher_forced"]["difference"] > 0.4
@@ -101,9 +101,26 @@ def test_sufficiency_needs_the_controls_beaten_and_the_groups_in_order():
     assert not D.sufficiency({**base, "set": probabilities([0.15] * 20, seed=5)}, thresholds, groups=())["holds"]
 
 
+def test_sufficiency_needs_the_set_to_close_the_bar_share_of_the_target_hybrid_gap():
+    thresholds = D.ClaimThresholds(min_gap_closed=0.5, n_bootstrap=200)
+    base = {"target": probabilities([0.8] * 20, seed=6), "hybrid": probabilities([0.1] * 20),
+            "controls": [probabilities([0.1] * 20, seed=2)]}
+    # beats the control on a tight interval, but closes about a seventh of the 0.7 gap
+    small = D.sufficiency({**base, "set": probabilities([0.2] * 20, seed=1)}, thresholds, groups=())
+    assert small["teacher_forced"]["ci"][0] > 0 and not small["holds"]
+    assert small["teacher_forced"]["gap_closed"] == pytest.approx(0.1 / 0.7, abs=0.05)
+    assert D.sufficiency({**base, "set": probabilities([0.6] * 20, seed=1)}, thresholds, groups=())["holds"]
+    # a target that hesitates no more than the hybrid leaves no gap: nothing to restore, no claim
+    flat = D.sufficiency({**base, "target": probabilities([0.05] * 20, seed=7),
+                          "set": probabilities([0.6] * 20, seed=1)}, thresholds, groups=())
+    assert not flat["holds"] and flat["teacher_forced"]["gap_closed"] is None
+
+
 def test_thresholds_and_plan_validate_themselves():
     with pytest.raises(ValueError, match="min_excess_reduction"):
         D.ClaimThresholds(min_excess_reduction=0)
+    with pytest.raises(ValueError, match="min_gap_closed"):
+        D.ClaimThresholds(min_gap_closed=1.5)
     with pytest.raises(ValueError, match="n_control_draws"):
         D.DecisionStudyConfig(n_selection_problems=4, n_control_draws=0)
     with pytest.raises(ValueError, match="edits features"):
