@@ -202,6 +202,7 @@ ALLOWED = [
     ("6e-4 with 5% warm-up", "6e-4", "the SmolLM2 fine-tune's learning rate", lambda: default_of("tdlib/smollm2.py", "lr")),
     ("H100's ~990 dense bf16", "990", "the H100's published dense bf16 peak (NVIDIA's datasheet), a hardware fact",
      None),
+    ("AIME 2025", "2025", "part of a benchmark's name (AIME 2025, the paper's figure 4)", None),
     ("vocabulary 49,152", "49,152", "SmolLM2-135M's vocabulary size, a fact of the model", None),
     ("12 x ~120 tokens x 49,152 floats", "49,152", "SmolLM2-135M's vocabulary size, a fact of the model", None),
     ("under 8 minutes", "8", "the acceptance script's default budget (450 s) in whole minutes, rounded up",
