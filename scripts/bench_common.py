@@ -61,7 +61,7 @@ def pair_or_exit(config: str):
         except ImportError:
             raise SystemExit("config 'smollm2' needs tdlib/smollm2.py (the SmolLM2-135M pair), which this checkout "
                              "does not have; time random weights of its shape with --shape smollm2") from None
-        paths = smollm2.SmolLM2Paths(smollm2.DEFAULT_CACHE / smollm2.DEFAULT.key)
+        paths = smollm2.PAIR.cached_paths()
         if not paths.manifest.exists():
             raise SystemExit(f"the smollm2 pair is not built ({paths.root} is missing): run `make smollm2` first "
                              "(about 15 minutes on 2 cores), or time random weights of its shape with --shape smollm2")

