@@ -199,7 +199,7 @@ ALLOWED = [
      lambda: 1e-9 if "abs=1e-9" in (ROOT / "tests" / "test_attribution.py").read_text() else None),
     ("(to 1e-3 relative", "1e-3", "the replay tolerance's floor (tdlib.attribution.capture)",
      lambda: 1e-3 if "max(1e-3, 8 * torch.finfo" in (ROOT / "tdlib/attribution/capture.py").read_text() else None),
-    ("6e-4 with 5% warm-up", "6e-4", "the SmolLM2 fine-tune's learning rate", lambda: default_of("tdlib/smollm2.py", "lr")),
+    ("6e-4 with 5% warm-up", "6e-4", "the SmolLM2 fine-tune's learning rate", lambda: default_of("tdlib/recipe.py", "lr")),
     ("H100's ~990 dense bf16", "990", "the H100's published dense bf16 peak (NVIDIA's datasheet), a hardware fact",
      None),
     ("AIME 2025", "2025", "part of a benchmark's name (AIME 2025, the paper's figure 4)", None),
