@@ -9,7 +9,8 @@ multiplied by). docs/real_models.md records the numbers and the choice they supp
 decides the default: at each of the pair's L1 weights (notebook 01's sweep; ``--l1`` and ``--steps`` override)
 it trains one adapter per placement with notebook 01's settings and prints, per run, the held-out KL and L0
 (notebook 01's held-out batches and metrics), the largest training KL and its step (a spike shows instability),
-plus the hybrid's KL and the post-MLP norm's gain per layer. Runs are kept (and resumed) under the pair's
+plus the hybrid's KL and the post-MLP norm's gain per layer. ``--placement`` trains one placement only, ``--warmup``
+sets the warm-up share (the run's name records it). Runs are kept (and resumed) under the pair's
 ``artifacts/placement/<pair>`` folder; ``--out`` writes every row to a JSON file.
 """
 from __future__ import annotations
@@ -134,9 +135,9 @@ def measure(family: str, placement: str, steps: int = 60, n_features: int = 64,
 
 
 def measure_pair(config: str, l1_weights=None, steps: int | None = None, root: Path | None = None,
-                 progress: bool = True) -> list[dict]:
-    """Both placements on the pair ``config`` at each of its L1 weights (``l1_weights``/``steps``: None for
-    notebook 01's): one row per trained adapter, after a first row for the hybrid."""
+                 progress: bool = True, placements=None, warmup: float | None = None) -> list[dict]:
+    """Both placements (or ``placements``) on the pair ``config`` at each of its L1 weights (``l1_weights``/
+    ``steps``/``warmup``: None for notebook 01's): one row per trained adapter, after a first row for the hybrid."""
     from dataclasses import replace
 
     from tdlib.faithfulness import evaluate_replacement
@@ -157,10 +158,12 @@ def measure_pair(config: str, l1_weights=None, steps: int | None = None, root: P
              "post_norm_gain": post_norm_gain(model, batches[0]["input_ids"][:1])}]
     del model
     root = Path(root) if root else pair.artifacts("placement")
+    base = plan.base if warmup is None else replace(plan.base, warmup=warmup)
+    suffix = "" if warmup is None else f"_warmup_{warmup:g}"
     for l1_weight in sorted(plan.l1_weights, reverse=True):
-        for placement in PLACEMENTS:
-            spec = RunSpec(f"{placement}_l1_{l1_weight:g}",
-                           replace(plan.base, kind="adapter", l1_weight=l1_weight, placement=placement))
+        for placement in placements or PLACEMENTS:
+            spec = RunSpec(f"{placement}_l1_{l1_weight:g}{suffix}",
+                           replace(base, kind="adapter", l1_weight=l1_weight, placement=placement))
             data = data_for(pair, tokenizer, batch_size=spec.config.batch_size, seed=spec.config.seed)
             model, _ = train_run(pair, spec, data, root=root, progress=progress)
             held_out = evaluate_replacement(model, batches, "adapter")
@@ -168,7 +171,7 @@ def measure_pair(config: str, l1_weights=None, steps: int | None = None, root: P
                 log = [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(stream)]
             worst = max(log, key=lambda row: row["kl"])
             rows.append({"pair": pair.name, "run": spec.name, "placement": placement, "l1_weight": l1_weight,
-                         "steps": spec.config.steps, "held_out_kl": held_out["kl"], "l0": held_out["l0"],
+                         "steps": spec.config.steps, "warmup": spec.config.warmup, "held_out_kl": held_out["kl"], "l0": held_out["l0"],
                          "first_train_kl": log[0]["kl"], "max_train_kl": worst["kl"],
                          "max_train_kl_step": int(worst["step"]), "final_train_kl": log[-1]["kl"]})
             print(json.dumps(rows[-1]), flush=True)
@@ -182,11 +185,15 @@ def main(argv=None):
                         help="optimiser steps per run (default: 60 on the tiny pairs, notebook 01's on --config)")
     parser.add_argument("--config", help="a pair (name or pair file) to measure instead of the tiny pairs")
     parser.add_argument("--l1", type=float, nargs="+", help="L1 weights (default: the pair's sweep)")
+    parser.add_argument("--placement", choices=("mlp_output", "residual"), nargs="+",
+                        help="placements to train (default: both)")
+    parser.add_argument("--warmup", type=float, help="warm-up share of the steps (default: notebook 01's)")
     parser.add_argument("--root", help="where the runs go (default: artifacts/placement/<pair>)")
     parser.add_argument("--out", help="also write every row to this JSON file")
     args = parser.parse_args(argv)
     if args.config:
-        rows = measure_pair(args.config, args.l1, args.steps, args.root)
+        rows = measure_pair(args.config, args.l1, args.steps, args.root, placements=args.placement,
+                            warmup=args.warmup)
         if args.out:
             from tdlib.results import atomic_write_text
 

@@ -21,6 +21,7 @@ attribution (``activation_difference_features``). Their thresholds are parameter
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -216,6 +217,17 @@ class DecisionProbabilities:
 
 
 @torch.no_grad()
+def logits_at(model, batch: dict[str, torch.Tensor], indices: list[int]) -> torch.Tensor:
+    """The logits at sequence positions ``indices`` only, ``[batch, len(indices), vocab]``: through the model's
+    ``logits_to_keep`` where its forward takes one (a 262k vocabulary makes full logits gigabytes per batch), else
+    the full logits indexed."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kept = torch.tensor(indices, dtype=torch.long, device=batch["input_ids"].device)
+        return model(**batch, logits_to_keep=kept).logits
+    return model(**batch).logits[:, indices]
+
+
+@torch.no_grad()
 def decision_probabilities(model, tokenizer, traces: DecisionTraces, token: int, condition: Condition,
                            batch_size: int = 32) -> DecisionProbabilities:
     """Teacher-forced: the probability of ``token`` at every decision point of ``traces`` under ``condition``."""
@@ -229,10 +241,13 @@ def decision_probabilities(model, tokenizer, traces: DecisionTraces, token: int,
         for start in range(0, len(traces), batch_size):
             rows = range(start, min(start + batch_size, len(traces)))
             batch = {k: v.to(device) for k, v in pad_batch(tokenizer, [traces.input_ids[r] for r in rows]).items()}
-            probs = torch.softmax(model(**batch).logits.float(), -1)[..., token].cpu()
+            indices = sorted({index for row in rows for index, _, _ in traces.points[row]})
+            logits = logits_at(model, batch, indices)
+            probs = torch.softmax(logits.float(), -1)[..., token].cpu()
+            kept = {index: c for c, index in enumerate(indices)}
             for offset, row in enumerate(rows):
                 for index, label, _ in traces.points[row]:
-                    p = float(probs[offset, index])
+                    p = float(probs[offset, kept[index]])
                     if label is not None:
                         entry = by_label.setdefault(label, [0.0, 0])
                         entry[0] += p

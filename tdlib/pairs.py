@@ -72,7 +72,8 @@ class TrainingDefaults:
     """Held-out batches (of ``batch_size`` sequences) for notebook 01's final metrics (``SweepPlan``)."""
     placement: str | None = None
     """Where adapters add their output in blocks with a post-MLP norm (``TrainConfig.placement``): None for the
-    architecture's default ("residual" for Gemma 2 / 3), "mlp_output" for the paper's."""
+    architecture's default (``tdlib.models.default_placement``: "mlp_output", the paper's, for every family),
+    "residual" for after a post-MLP norm (Gemma 2 / 3)."""
 
     def __post_init__(self):
         from .models import PLACEMENTS

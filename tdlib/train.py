@@ -107,7 +107,7 @@ class TrainConfig:
     ``tdlib.splice.enable_gradient_checkpointing`` on the model (kinds adapter and mlp_finetune)."""
     placement: str | None = None
     """Where the adapters add their output in blocks with a post-MLP norm (Gemma 2 / 3): None for the architecture's
-    default (``tdlib.models.default_placement``: "residual" there, "mlp_output" elsewhere), or "mlp_output" (the
+    default (``tdlib.models.default_placement``: "mlp_output" for every family), or "mlp_output" (the
     paper's: before the norm) or "residual" (after it). Elsewhere the two are the same place. Recorded with the
     adapters (``AdapterSet.meta["placement"]``); ``new_adapters`` applies it."""
     objective_version: int = OBJECTIVE_VERSION

@@ -197,3 +197,28 @@ def test_the_study_runs_end_to_end_and_writes_every_claim(smoke):
     assert results["sampled"]["adapter"]["n_responses"] == 8 and len(generations["adapter"].responses) == 8
     assert set(results["table"]) >= {"necessity, teacher-forced", "necessity, sampled", "sufficiency, teacher-forced"}
     assert results["preregistered"]["thresholds"]["min_excess_reduction"] == 0.5
+
+
+def test_logits_at_decision_points_equal_the_full_logits_there_with_or_without_logits_to_keep():
+    """Only the decision points' logits are computed (a 262k vocabulary makes full logits gigabytes per batch)."""
+    from conftest import tiny_model
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    indices = [2, 5, 11]
+    with torch.no_grad():
+        full = model(**batch).logits[:, indices]
+
+    class NoKeep(torch.nn.Module):  # a forward without logits_to_keep: the full logits, indexed
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    for runner in (model, NoKeep(model)):
+        got = D.logits_at(runner, batch, indices)
+        assert got.shape == (3, 3, model.config.vocab_size)
+        assert torch.allclose(got, full, atol=1e-6)

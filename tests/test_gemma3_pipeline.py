@@ -1,10 +1,12 @@
 """The notebooks on a tiny Gemma 3 pair given as a pair file (tests/local_pair.py ``write_local_gemma3_pair``):
-sliding-window layers, q/k norms, pre/post feed-forward norms, (1 + weight) RMSNorms, and adapters at the
-"residual" placement, through training (01), attribution (05) and ablation (06) the way a user's own pair goes.
+sliding-window layers, q/k norms, pre/post feed-forward norms, (1 + weight) RMSNorms, and adapters at the default
+placement (the slow test) and at the "residual" one (notebook 05 here), through training (01), attribution (05) and
+ablation (06) the way a user's own pair goes.
 
 The fast test runs notebook 05 alone on an adapter trained here; the slow one (``make test-slow``) runs every
 notebook on the pair file."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -41,7 +43,7 @@ def test_attribution_notebook_runs_on_a_gemma3_pair(gemma3_pair_file, tmp_path):
     pair = resolve_pair(str(gemma3_pair_file))
     assert json.loads((gemma3_pair_file.parent / "target" / "config.json").read_text())["model_type"] == "gemma3_text"
     plan = default_plan(pair)
-    spec = sweep_specs(plan.l1_weights[:1], plan.base, baselines=False)[0]
+    spec = sweep_specs(plan.l1_weights[:1], replace(plan.base, placement="residual"), baselines=False)[0]
     data = data_for(pair, load_tokenizer(pair.target), batch_size=plan.base.batch_size, seed=plan.base.seed)
     root = tmp_path / "train"
     train_run(pair, spec, data, root=root, progress=False)
@@ -60,14 +62,14 @@ def test_a_pair_file_chooses_the_placement(gemma3_pair_file, tmp_path):
     from tdlib.sweep import describe_plan, notebook_plan
 
     values = json.loads(gemma3_pair_file.read_text())
-    values["training"] = {**values.get("training", {}), "placement": "mlp_output"}
+    values["training"] = {**values.get("training", {}), "placement": "residual"}
     chosen = gemma3_pair_file.parent / "chosen.json"
     chosen.write_text(json.dumps(values))
     pair = resolve_pair(str(chosen))
-    assert default_plan(pair).base.placement == "mlp_output"
-    assert "adapters at the 'mlp_output' placement" in describe_plan(pair, default_plan(pair))[1]
+    assert default_plan(pair).base.placement == "residual"
+    assert "adapters at the 'residual' placement" in describe_plan(pair, default_plan(pair))[1]
     assert default_plan(resolve_pair(str(gemma3_pair_file))).base.placement is None
-    assert notebook_plan(pair, placement="residual").base.placement == "residual"
+    assert notebook_plan(pair, placement="mlp_output").base.placement == "mlp_output"
     values["training"]["placement"] = "before_norm"
     chosen.write_text(json.dumps(values))
     with pytest.raises(ValueError, match="placement must be None"):
@@ -88,6 +90,12 @@ def test_measure_placement_compares_both_placements_on_a_pair_file(gemma3_pair_f
     for row in trained:
         assert AdapterSet.load(tmp_path / "runs" / row["run"] / "adapters").meta["placement"] == row["placement"]
         assert row["steps"] == 3 and row["l0"] >= 0 and row["max_train_kl"] >= row["final_train_kl"]
+        assert row["warmup"] == 0.05
+    # one placement with a longer warm-up: its own run folder, the warm-up recorded
+    _, warmed = measure_pair(str(gemma3_pair_file), l1_weights=[1e-3], steps=3, root=tmp_path / "runs",
+                             progress=False, placements=["mlp_output"], warmup=0.25)
+    assert (warmed["run"], warmed["placement"], warmed["warmup"]) == ("mlp_output_l1_0.001_warmup_0.25", "mlp_output",
+                                                                      0.25)
     assert trained[0]["held_out_kl"] != trained[1]["held_out_kl"]  # two different places to add
     residual = trained[1]  # the default placement trains stably from the first step
     assert residual["max_train_kl"] < 1.5 * residual["first_train_kl"], residual

@@ -22,7 +22,7 @@ def spliced(family, placement=None, b_dec=0.3):
 
 
 @pytest.mark.parametrize("family, default", [("qwen2", "mlp_output"), ("gemma", "mlp_output"),
-                                             ("gemma2", "residual"), ("gemma3", "residual")])
+                                             ("gemma2", "mlp_output"), ("gemma3", "mlp_output")])
 def test_default_placement_is_recorded_and_honoured(family, default, tmp_path):
     model, adapters = spliced(family)
     assert adapters.meta["placement"] == default and get_placement(model) == default
