@@ -26,13 +26,13 @@ from bench_common import Timer, pair_or_exit, set_threads
 
 
 def capture_with_hooks(model, batch) -> dict[str, torch.Tensor]:
-    from tdlib.models import find_layers, get_mlp
+    from tdlib.models import anatomy
     from tdlib.residual import capture_mlp_inputs
 
     outputs: dict[int, torch.Tensor] = {}
-    handles = [get_mlp(model, layer).register_forward_hook(
+    handles = [anatomy(model).mlp(layer).register_forward_hook(
         lambda module, args, output, layer=layer: outputs.__setitem__(layer, output))
-        for layer in range(len(find_layers(model)))]
+        for layer in range(anatomy(model).n_layers)]
     try:
         with torch.no_grad(), capture_mlp_inputs(model) as inputs:
             logits = model(**batch).logits

@@ -57,7 +57,8 @@ def gradient_predictions(model, ids, token: int, freeze_norms: bool, freeze_atte
 def main(argv: list[str] | None = None) -> dict:
     from tdlib import attribution as A
     from tdlib.models import load_tokenizer
-    from tdlib.pairs import reference_responses, resolve_pair
+    from tdlib.pair_data import reference_responses
+    from tdlib.pairs import resolve_pair
     from tdlib.results import COMMITTED_OUTPUTS, atomic_write_text, read_results, resolve
     from tdlib.runs import load_named
     from tdlib.sweep import study_model

@@ -61,7 +61,8 @@ from tdlib.attribution import MODES, StudyConfig, attribute  # noqa: E402
 from tdlib.generate import GREEDY_METHODS, generate_greedy  # noqa: E402
 from tdlib.memory import GB, SHAPES, MemoryPlanConfig, ModelShape, plan_memory  # noqa: E402
 from tdlib.models import unwrap  # noqa: E402
-from tdlib.pairs import HUB_PAIRS, TrainingDefaults  # noqa: E402
+from tdlib.pair_config import TrainingDefaults  # noqa: E402
+from tdlib.pairs import HUB_PAIRS  # noqa: E402
 from tdlib.residual import capture_mlp_inputs  # noqa: E402
 from tdlib.results import atomic_write_text, resolve  # noqa: E402
 from tdlib.splice import enable_gradient_checkpointing, set_mlp_choice, splice, spliced_mlps  # noqa: E402
@@ -114,7 +115,7 @@ PAPER = Scale(
 TINY_SHAPE = ModelShape("tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
                         source="--cpu-tiny: seconds on a CPU")
-TINY_TRAINING = TrainingDefaults(n_features=32, max_tokens=48, kl_chunk_tokens=16)
+TINY_TRAINING = TrainingDefaults.of(n_features=32, max_tokens=48, kl_chunk_tokens=16)
 TINY = Scale(
     device="cpu", dtype=torch.float32, shapes={name: TINY_SHAPE for name in SHAPES},
     training={name: TINY_TRAINING for name in SHAPES}, train_tokens=None, timed_steps=2,
@@ -429,7 +430,7 @@ def generation_section(pair: str, scale: Scale, budget: Budget, sharing: int = 1
     """``sharing``: how many generation sections (this one included) share what is left of the budget."""
     shape, training = scale.shapes[pair], scale.training[pair]
     device = torch.device(scale.device)
-    model = random_adapter_model(shape, training.n_features, device, scale.dtype)
+    model = random_adapter_model(shape, training.run.n_features, device, scale.dtype)
     set_mlp_choice(model, "adapter")
     n_prompts = 2 * scale.gen_batch
     lengths = torch.randint(scale.gen_prompt_tokens // 2, scale.gen_prompt_tokens + 1, (n_prompts,),
@@ -438,7 +439,7 @@ def generation_section(pair: str, scale: Scale, budget: Budget, sharing: int = 1
                for i, n in enumerate(lengths)]
     decode = partial(decode_each_method, model, prompts, batch_size=scale.gen_batch, device=device)
     check = decode(scale.check_new_tokens, GREEDY_METHODS)
-    record = {"shape": shape.name, "features": training.n_features, "prompts": n_prompts, "batch": scale.gen_batch,
+    record = {"shape": shape.name, "features": training.run.n_features, "prompts": n_prompts, "batch": scale.gen_batch,
               "prompt_tokens": [min(lengths), max(lengths)],
               "check": {"new_tokens": scale.check_new_tokens, **token_check(check)},
               "requested_new_tokens": scale.gen_new_tokens}
@@ -479,7 +480,7 @@ def set_active_features(model, ids: torch.Tensor, l0: float) -> None:
 def attribution_section(pair: str, scale: Scale, budget: Budget) -> dict:
     shape, training = scale.shapes[pair], scale.training[pair]
     device = torch.device(scale.device)
-    model = random_adapter_model(shape, training.n_features, device, scale.dtype)
+    model = random_adapter_model(shape, training.run.n_features, device, scale.dtype)
     set_mlp_choice(model, "adapter")  # the adapter model (mode "target" freezes the target's forward itself)
     ids = random_ids(shape.vocab_size, scale.attribution_prompt_tokens, 0, device)
     set_active_features(model, ids, scale.attribution_l0)
@@ -502,7 +503,7 @@ def attribution_section(pair: str, scale: Scale, budget: Budget) -> dict:
             graphs[mode] = {"seconds": time.perf_counter() - started, "active_features": graph.n_active_features,
                             "feature_nodes": graph.n_features, "nodes": graph.n_nodes, **peak_memory(device)}
         free_memory(device)
-    return {"shape": shape.name, "features": training.n_features, "prompt_tokens": scale.attribution_prompt_tokens,
+    return {"shape": shape.name, "features": training.run.n_features, "prompt_tokens": scale.attribution_prompt_tokens,
             "l0_target": scale.attribution_l0, "max_feature_nodes": scale.attribution_max_feature_nodes,
             "batch_size": scale.attribution_batch_size, "graphs": graphs}
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tdlib.adapter import AdapterSet  # noqa: E402
-from tdlib.models import find_layers, post_mlp_norm_name  # noqa: E402
+from tdlib.models import anatomy  # noqa: E402
 from tdlib.splice import mlp_choice, set_mlp_choice, splice  # noqa: E402
 from tdlib.train import TrainConfig, token_kl, train  # noqa: E402
 
@@ -54,7 +54,7 @@ def tiny_pair(family: str, seed: int = 0, change: float = 1.0, mlp_scales: list[
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for model in (base, target):
-            for block, factor in zip(find_layers(model), mlp_scales or []):
+            for block, factor in zip(anatomy(model).layers, mlp_scales or []):
                 block.mlp.down_proj.weight.mul_(factor)
         for name, parameter in target.named_parameters():
             if ".mlp." in name:
@@ -98,8 +98,8 @@ def post_norm_gain(model, data: RandomTokens | torch.Tensor) -> list[float]:
     over positions (of ``data``'s first batch, or the given token ids): what an adapter placed before the post-MLP
     norm is multiplied by."""
     gains, captured = [], {}
-    blocks = find_layers(model)
-    name = post_mlp_norm_name(model)
+    blocks = anatomy(model).layers
+    name = anatomy(model).post_mlp_norm_name
     handles = [getattr(block, name).register_forward_hook(
         lambda module, args, output, i=i: captured.__setitem__(i, (module, args[0]))) for i, block in enumerate(blocks)]
     ids = data if isinstance(data, torch.Tensor) else data.batch(0)["input_ids"]
@@ -142,7 +142,8 @@ def measure_pair(config: str, l1_weights=None, steps: int | None = None, root: P
 
     from tdlib.faithfulness import evaluate_replacement
     from tdlib.models import PLACEMENTS, load_tokenizer
-    from tdlib.pairs import data_for, resolve_pair
+    from tdlib.pair_data import data_for
+    from tdlib.pairs import resolve_pair
     from tdlib.runs import spliced_target
     from tdlib.sweep import RunSpec, notebook_plan, train_run, validation_batches
 
@@ -151,7 +152,7 @@ def measure_pair(config: str, l1_weights=None, steps: int | None = None, root: P
     tokenizer = load_tokenizer(pair.target)
     batches = validation_batches(pair, plan, tokenizer)
     model = spliced_target(pair)
-    if post_mlp_norm_name(model) is None:
+    if anatomy(model).post_mlp_norm_name is None:
         raise SystemExit(f"{pair.target} has no post-MLP norm, so both placements add at the same place; "
                          "there is nothing to compare (the question arises for Gemma 2 / 3 blocks)")
     rows = [{"pair": pair.name, "run": "hybrid", "held_out_kl": evaluate_replacement(model, batches, "base")["kl"],

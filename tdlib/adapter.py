@@ -17,6 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .models import PLACEMENTS, anatomy, default_placement, unwrap
+from .results import atomic_directory
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 
@@ -89,10 +92,8 @@ class AdapterSet(nn.Module):
         """Adapters shaped for ``model`` (a transformers model or an nnsight wrapper); all layers by default.
         ``meta["placement"]`` records where they add their output (``tdlib.models.default_placement`` unless
         given); ``tdlib.splice.attach_adapters`` honours it."""
-        from .models import PLACEMENTS, default_placement, find_layers, unwrap
-
         inner = unwrap(model)
-        n_layers = len(find_layers(inner))
+        n_layers = anatomy(inner).n_layers
         config = AdapterConfig(d_model=inner.config.hidden_size, n_features=n_features)
         meta = {"placement": default_placement(inner), **dict(kw.pop("meta", None) or {})}
         if meta["placement"] not in PLACEMENTS:
@@ -107,8 +108,6 @@ class AdapterSet(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``adapter_config.json`` + ``adapters.safetensors``; the folder appears only when complete."""
-        from .results import atomic_directory
-
         directory = Path(directory)
         with atomic_directory(directory) as staging:
             tensors = {name: p.detach().cpu().contiguous() for name, p in self.adapters.state_dict().items()}

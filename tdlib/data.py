@@ -1,6 +1,5 @@
 """Training text for adapters: batches that are a pure function of the step (so resumed runs see the same data).
 
-* ``OrganismTraces``: the organism's distillation data (prompt + reasoning trace), held-out problems excluded.
 * ``ReasoningTraces``: OpenThoughts3-style JSONL (``{"conversations": [{"from": "human", "value": ...},
   {"from": "gpt", "value": ...}]}``), rendered as the paper's released code does (``render_trace``): the chat
   template for the turns before the response, up to and including the generation prompt, then the response's raw
@@ -10,6 +9,8 @@ Why not ``apply_chat_template`` on the whole conversation: DeepSeek-R1-Distill's
 ``</think>`` in an assistant turn, so it would delete the reasoning the adapters are meant to learn
 (tests/fixtures/ holds that template; the tests check the reasoning survives). A tokenizer without a chat template
 needs ``prompt_format="plain"`` (a pair file's ``prompt_format`` field, docs/real_models.md).
+
+The organism's own training text: ``tdlib.organism.traces.OrganismTraces``.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .organism import task
-from .organism.build import OrganismConfig, eval_problems, get_config
+from .generate import encode_prompt
+
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -34,35 +35,6 @@ def pad_batch(tokenizer, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         input_ids[row, :len(sequence)] = torch.tensor(sequence)
         attention_mask[row, :len(sequence)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-class OrganismTraces:
-    """Batches of organism reasoning traces; ``split="validation"`` draws from a separate seed stream."""
-
-    def __init__(self, tokenizer, config: str | OrganismConfig = "organism", batch_size: int = 8, seed: int = 0,
-                 split: str = "train"):
-        if split not in ("train", "validation"):
-            raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-        self.tokenizer = tokenizer
-        self.config = get_config(config)
-        self.batch_size = batch_size
-        self.seed = seed + (0 if split == "train" else 500_000)
-        self.held_out = {p.expression for p in eval_problems(self.config)}
-
-    def problems(self, step: int) -> list[task.Problem]:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        problems = []
-        while len(problems) < self.batch_size:
-            problem = task.sample_problem(rng, self.config.min_terms, self.config.max_terms, self.config.max_term)
-            if problem.expression not in self.held_out:
-                show_steps = rng.random() < self.config.show_steps_share
-                problems.append(task.Problem(problem.terms, problem.ops, show_steps=show_steps))
-        return problems
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        texts = [p.prompt + task.reasoning_trace(p) for p in self.problems(step)]
-        eos = self.tokenizer.eos_token_id
-        return pad_batch(self.tokenizer, [self.tokenizer(t)["input_ids"] + [eos] for t in texts])
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
@@ -156,8 +128,6 @@ def encode_trace(tokenizer, messages: list[dict], prompt_format: str = "chat",
     """Token ids of a training trace: prompt ids, then response ids, then EOS (the prompt and the response are
     tokenized separately, as the model reads a prompt and then generates; the prompt by ``tdlib.generate.encode_prompt``,
     as every other path renders it), cut to ``max_tokens``."""
-    from .generate import encode_prompt
-
     prompt, response = render_trace(tokenizer, messages, prompt_format)
     ids = encode_prompt(tokenizer, prompt)
     ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"]

@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import inspect
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import recipe
+from .data import pad_batch
+from .evaluation import count_hesitations, evaluate_items
+from .faithfulness import bootstrap_ratio
+from .generate import SamplingConfig
+from .pair_data import reference_responses
+from .residual import capture_features
 from .steer import FeatureSet, ablate_features, add_feature_directions, features_by_layer, n_chosen
 from .splice import mlp_choice
 
@@ -71,7 +78,6 @@ def decision_key(pair) -> DecisionKey | None:
             return ids, [(i, d) for i, d in placed if d.mechanism != mechanisms.DISTRACTOR]
 
         return DecisionKey("organism", organism_tokens, organism_decisions, mechanisms.MECHANISMS)
-    from . import recipe
 
     if recipe.is_built(pair):
         return DecisionKey(pair.name, recipe.token_decisions, recipe.decisions, recipe.PLANTED)
@@ -122,8 +128,6 @@ def held_out_references(pair, tokenizer, n_selection_problems: int) -> dict:
     reference traces of its held-out problems, split where notebook 05's rollouts stop (the first
     ``n_selection_problems``); a hub pair's are its validation traces, which share no problem with the benchmark
     notebook 05 rolls out, split in halves."""
-    from .pairs import reference_responses
-
     references = reference_responses(pair, tokenizer)
     if pair.kind.has_ground_truth:
         selection, evaluation = references[:n_selection_problems], references[n_selection_problems:]
@@ -144,8 +148,6 @@ def held_out_references(pair, tokenizer, n_selection_problems: int) -> dict:
 def held_out_items(evalset, n_selection_problems: int, limit: int | None = None):
     """The benchmark items notebook 05 never rolled out (it takes the first ``n_selection_problems``), at most
     ``limit``; a clear error when none are left or a question appears on both sides."""
-    from dataclasses import replace
-
     selection, evaluation = evalset.items[:n_selection_problems], evalset.items[n_selection_problems:]
     evaluation = evaluation[:limit] if limit else evaluation
     if not evaluation:
@@ -204,8 +206,6 @@ class DecisionProbabilities:
         return (self.trigger_sum, self.trigger_n) if where == TRIGGER else (self.elsewhere_sum, self.elsewhere_n)
 
     def summary(self, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-        from .faithfulness import bootstrap_ratio
-
         out = {}
         for where in (TRIGGER, ELSEWHERE):
             total, n = self._arrays(where)
@@ -231,8 +231,6 @@ def logits_at(model, batch: dict[str, torch.Tensor], indices: list[int]) -> torc
 def decision_probabilities(model, tokenizer, traces: DecisionTraces, token: int, condition: Condition,
                            batch_size: int = 32) -> DecisionProbabilities:
     """Teacher-forced: the probability of ``token`` at every decision point of ``traces`` under ``condition``."""
-    from .data import pad_batch
-
     sums = np.zeros((4, len(traces)))
     by_label: dict[str, list] = {}
     device = next(model.parameters()).device
@@ -266,9 +264,6 @@ def decision_activations(model, tokenizer, traces: DecisionTraces, batch_size: i
     """The adapter model's feature activations at the decision points, per layer: ``fire_rate`` (share of decision
     points where a feature fires), and mean activations where the trace hesitates (``hesitate``) and where it does
     not (``go_on``)."""
-    from .data import pad_batch
-    from .residual import capture_features
-
     totals: dict[str, dict[int, torch.Tensor]] = {"fires": {}, "hesitate": {}, "go_on": {}}
     counts = {"points": 0, "hesitate": 0, "go_on": 0}
     device = next(model.parameters()).device
@@ -379,8 +374,6 @@ def sampled_condition(model, tokenizer, evalset, condition: Condition, key: Deci
                       sampling, batch_size: int = 64, desc: str = "sample", n_bootstrap: int = 1000) -> dict:
     """Sampled generation under ``condition``: accuracy (pass@1), mean length, the word per 1,000 response tokens
     and the share of the key's hesitations that sit at planted triggers, intervals from a bootstrap over problems."""
-    from .bench import count_hesitations, evaluate_items
-
     with ExitStack() as stack:
         condition.context(model, stack)
         scores, generation, _ = evaluate_items(model, tokenizer, evalset.items, benchmark=evalset.benchmark,
@@ -409,8 +402,6 @@ def sampled_condition(model, tokenizer, evalset, condition: Condition, key: Deci
 
 
 def _ratio(numerators: np.ndarray, denominators: np.ndarray, n_bootstrap: int) -> dict:
-    from .faithfulness import bootstrap_ratio
-
     value = float(numerators.sum() / denominators.sum()) if denominators.sum() else float("nan")
     return {"mean": value, "ci": list(bootstrap_ratio(numerators, denominators, n_bootstrap, 0))}
 
@@ -584,8 +575,6 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
     ``model``: the spliced adapter run (``tdlib.runs.load_named``); ``evalset``: the pair's benchmark, of which
     the problems after ``config.n_selection_problems`` are evaluated; ``entries``: notebook 05's selected features
     in selection order (each with its "group")."""
-    from .generate import SamplingConfig
-
     key = decision_key(pair)
     if key is None:
         raise ValueError(f"pair {pair.name!r} has no answer key for its decision points (only pairs built here "

@@ -20,14 +20,21 @@ Only rank 0 writes the run folder (checkpoints, log, adapters); other ranks chec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .models import find_layers
+from .models import anatomy, load_tokenizer
+from .pair_data import data_for
+from .pairs import resolve_pair
+from .runs import run_dir, spliced_target, write_run_info
+from .splice import attach_adapters
+from .sweep import adapter_run_name, default_plan
 from .train import TrainConfig, TrainResult, cut_for_step, local_mse_objective, new_adapters, objective, train
 
 
@@ -58,7 +65,7 @@ class ShardedBatches:
 def _step_objective(model, batch, config: TrainConfig, step: int):
     if config.kind == "local_mse":
         return local_mse_objective(model, batch, config)
-    return objective(model, batch, config, cut_for_step(config, len(find_layers(model)), step))
+    return objective(model, batch, config, cut_for_step(config, anatomy(model).n_layers, step))
 
 
 def all_reduce_mean(step: int, parameters) -> None:
@@ -132,10 +139,6 @@ def run_config(pair, l1_weight: float | None = None, world_size: int = 1, steps:
     """The ``TrainConfig`` of one data-parallel adapter run: notebook 01's run at ``l1_weight`` for this pair
     (``tdlib.sweep.default_plan``; None: its first), with ``batch_size`` global (default: ``world_size`` x the
     pair's) and each given option in place of the pair's default."""
-    from dataclasses import replace
-
-    from .sweep import adapter_run_name, default_plan
-
     plan = default_plan(pair)
     l1_weight = plan.l1_weights[0] if l1_weight is None else l1_weight
     wanted = adapter_run_name(l1_weight)
@@ -148,14 +151,7 @@ def run_config(pair, l1_weight: float | None = None, world_size: int = 1, steps:
 
 def main(argv: list[str] | None = None) -> None:
     """Train one adapter run of a pair data-parallel; rank 0 saves it where ``tdlib.sweep`` finds it."""
-    import dataclasses
-    import time
-
-    from .models import load_tokenizer
-    from .pairs import data_for, resolve_pair
-    from .splice import attach_adapters
     from .sweep import adapter_run_name
-    from .runs import run_dir, spliced_target, write_run_info
 
     parser = argparse.ArgumentParser(description="data-parallel adapter training (launch with torchrun)")
     parser.add_argument("--config", default="organism", help="pair configuration (tdlib.pairs)")

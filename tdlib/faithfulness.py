@@ -20,7 +20,7 @@ The figures of these numbers are in ``tdlib.plots``.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from . import metrics
 from .data import pad_batch
 from .generate import encode_prompt, generate_greedy
 from .residual import capture_features, capture_mlp_inputs, capture_residuals
+from .runs import load_named
 from .splice import is_spliced, mlp_choice, mlp_difference, spliced_mlps
 
 
@@ -475,8 +476,6 @@ def evaluate_faithfulness(pair, names: list[str], batches: list[dict], config: F
                           passes: list[TargetPass] | None = None, progress: bool = True) -> dict[str, dict]:
     """{name: summary} for each model, comparing with one cached target pass per batch (``passes``, computed here
     when not given)."""
-    from .runs import load_named
-
     if passes is None:
         passes = target_passes(load_named(pair, "target"), batches, config.uncertain_threshold, config.cache_target)
     results = {}
@@ -485,3 +484,26 @@ def evaluate_faithfulness(pair, names: list[str], batches: list[dict], config: F
         results[name] = summarize(compare(model, batches, passes), config.n_bootstrap, config.seed)
         del model
     return results
+
+
+def faithfulness_results(models: dict, subset_kl: dict, finding: dict, subset_model: str, subset_plan: dict,
+                         evalset, n_sequences: int, n_tokens: int, n_uncertain: int,
+                         settings: FaithfulnessConfig) -> dict:
+    """``02_faithfulness.json`` (without ``config``): each model's on-policy output and internal faithfulness, the
+    layer-subset KLs of ``subset_model`` with their finding, and the text they were measured on.
+    ``subset_plan``: ``{"plan": ..., "subsets": ...}``."""
+    return {
+        "models": models,
+        "subset_kl": subset_kl,
+        "all_layers_kl": finding["all_layers_kl"],
+        "subset_model": subset_model,
+        "subset_plan": subset_plan,
+        "subset_finding": finding,
+        "text": f"held-out prompts ({evalset.source}) + the target's greedy responses (on-policy)",
+        "benchmark": evalset.benchmark,
+        "n_sequences": n_sequences, "n_tokens": n_tokens, "n_uncertain_tokens": n_uncertain,
+        "scored_positions": scored_positions_description(settings.include_prompt),
+        "include_prompt": settings.include_prompt,
+        "settings": asdict(settings),
+        "interval": "95% percentile bootstrap over sequences",
+    }

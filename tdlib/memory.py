@@ -27,6 +27,12 @@ from unittest import mock
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import train as train_module
+from .adapter import AdapterSet
+from .models import anatomy
+from .splice import splice, spliced_mlps
+from .train import TrainConfig, chunked_kl_divergence
+
 GB = 1e9
 """Memory is reported in decimal gigabytes (1e9 bytes), like GPU spec sheets (an 80 GB H100 has 79.6e9 usable)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -135,9 +141,6 @@ def build_meta_spliced(shape: ModelShape, n_features: int, dtype: str = "bfloat1
     """The target spliced with the base's MLPs and one adapter per layer, every tensor on the meta device."""
     from transformers import AttentionInterface, Qwen2ForCausalLM
 
-    from .adapter import AdapterSet
-    from .splice import splice
-
     AttentionInterface.register(ATTENTION, _meta_flash_attention)
     config = shape.qwen2_config()
     config._attn_implementation = ATTENTION
@@ -163,8 +166,6 @@ class ParameterCounts:
 
 
 def count_parameters(model) -> ParameterCounts:
-    from .splice import spliced_mlps
-
     mlps = spliced_mlps(model)
     base = sum(p.numel() for m in mlps for p in m.base_mlp.parameters())
     adapters = sum(p.numel() for m in mlps for p in m.adapter.parameters())
@@ -194,11 +195,9 @@ class SavedActivations:
 
 @contextmanager
 def _layer_tracker(model):
-    from .models import find_layers
-
     state = {"layer": None, "calls": []}
     handles = []
-    for layer in find_layers(model):
+    for layer in anatomy(model).layers:
         def enter(module, args, kwargs):
             state["layer"] = len(state["calls"])
             state["calls"].append(0)
@@ -216,12 +215,10 @@ def _layer_tracker(model):
 
 def _meta_safe_sparsity(model, features, mask):
     """``tdlib.train.sparsity`` without its ``.cpu()`` copy of L0 (a meta tensor has no values to copy)."""
-    from .models import get_mlp
-
     l1 = torch.zeros((), device=mask.device)
     tokens = mask.sum()
     for layer, acts in features.items():
-        norms = get_mlp(model, layer).adapter.decoder_norms()
+        norms = anatomy(model).mlp(layer).adapter.decoder_norms()
         l1 = l1 + ((acts * norms).sum(-1) * mask).sum() / tokens
     return l1, torch.zeros(len(features))
 
@@ -238,9 +235,6 @@ def measure_saved_activations(model, seq_tokens: int, cut: int = 1,
     ``cut=1`` is the worst case of the paper's cut range 1..L: both bridges run L-1 layers with grad.
     ``kl_chunk_tokens``: run the chunked KL (``TrainConfig.kl_chunk_tokens``) under real checkpointing.
     A tensor saved by two operations is counted twice (an upper bound)."""
-    from . import train as train_module
-    from .train import TrainConfig, chunked_kl_divergence
-
     shape_config = model.config
     n_layers = shape_config.num_hidden_layers
     vocab = shape_config.vocab_size

@@ -1,11 +1,13 @@
 """Model layer: load a (base, target) pair, find every layer's MLP in any decoder, check a pair is compatible.
 
-One way to reach ``layers[i].mlp`` for any architecture (nnterp-style): ``find_layers`` knows where each
-transformers family keeps its decoder blocks, and ``mlp_of`` where the block keeps its MLP.
+One way to reach a model's parts for any architecture (nnterp-style): ``anatomy(model)`` resolves where its family
+keeps the decoder blocks, each block's MLP, attention and post-MLP norm, the final norm and the head, validates
+them once (an unsupported model is refused there, by name) and caches the result on the model.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,47 +41,8 @@ def _get_path(root: nn.Module, path: str):
     return root
 
 
-def layers_path(model) -> str:
-    """Dotted path of the decoder block list, e.g. ``"model.layers"``."""
-    inner = unwrap(model)
-    for path in LAYER_PATHS:
-        if isinstance(_get_path(inner, path), nn.ModuleList):
-            return path
-    raise ValueError(
-        f"cannot find the decoder layers of {type(inner).__name__}: none of {LAYER_PATHS} is a ModuleList; "
-        "add this architecture's path to tdlib.models.LAYER_PATHS")
-
-
-def find_layers(model) -> nn.ModuleList:
-    return _get_path(unwrap(model), layers_path(model))
-
-
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 """Attribute names of a decoder block's attention module (Llama/Qwen/Gemma/Mistral, GPT-2, GPT-NeoX)."""
-
-
-def attention_name(block: nn.Module) -> str | None:
-    """The attribute name of ``block``'s attention module, or None when the block has none of ``ATTENTION_NAMES``."""
-    return next((name for name in ATTENTION_NAMES if isinstance(getattr(block, name, None), nn.Module)), None)
-
-
-def attention_of(block: nn.Module) -> nn.Module:
-    """``block``'s attention module; a clear error when it has none of ``ATTENTION_NAMES``."""
-    name = attention_name(block)
-    if name is None:
-        raise ValueError(f"cannot find the attention of {type(block).__name__} (looked for {ATTENTION_NAMES})")
-    return getattr(block, name)
-
-
-def mlp_name(model) -> str:
-    """Attribute name of the MLP inside a decoder block (``"mlp"`` for Qwen2, Llama, Gemma, GPT-2, NeoX)."""
-    block = find_layers(model)[0]
-    for name in MLP_NAMES:
-        if isinstance(getattr(block, name, None), nn.Module):
-            return name
-    raise ValueError(f"cannot find the MLP of {type(block).__name__}; add its attribute name to MLP_NAMES")
-
-
 # Block norms that act on the MLP's output before it joins the residual stream (Gemma 2 and 3's
 # ``post_feedforward_layernorm``). Families without one (Qwen2, Llama, Gemma, GPT-2, NeoX) add the MLP's output to
 # the residual stream as it is.
@@ -90,13 +53,124 @@ PLACEMENTS = ("mlp_output", "residual")
 are the same otherwise). docs/real_models.md has the measurement behind the default."""
 
 
-def post_mlp_norm_name(model) -> str | None:
-    """Attribute name of the norm a block applies to its MLP's output (``None`` when the family has none)."""
-    block = find_layers(model)[0]
-    for name in POST_MLP_NORM_NAMES:
-        if isinstance(getattr(block, name, None), nn.Module):
-            return name
-    return None
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation module, by its class name (RMSNorm, LayerNorm, Gemma3RMSNorm, ...; not the adapters'
+    ``PostMLPNorm`` wrapper, which adds an adapter's output after the norm it holds)."""
+    name = type(module).__name__
+    return "norm" in name.lower() and name != "PostMLPNorm"
+
+
+def _first_child(block: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if isinstance(getattr(block, name, None), nn.Module)), None)
+
+
+@dataclass(eq=False)
+class Anatomy:
+    """A decoder's parts, resolved and validated once per model (``anatomy(model)``) and cached on it; every module
+    of the package reaches layers, MLPs, attention, norms and the head through it.
+
+    Modules are read through their names at each access, so swapping a block's MLP (``tdlib.splice``) or wrapping
+    its post-MLP norm is seen at once."""
+
+    model: nn.Module
+    """The torch module (unwrapped from nnsight)."""
+    layers_path: str
+    """Dotted path of the decoder block list, e.g. ``"model.layers"``."""
+    layers: nn.ModuleList
+    mlp_name: str
+    """Attribute name of the MLP inside a block (``"mlp"`` for Qwen2, Llama, Gemma, GPT-2, NeoX)."""
+    attention_name: str | None
+    """Attribute name of the attention inside a block (None for a family with none of ``ATTENTION_NAMES``)."""
+    post_mlp_norm_name: str | None
+    """Attribute name of the norm a block applies to its MLP's output (Gemma 2 / 3); None for families without."""
+    final_norm_name: str | None
+    """Dotted name of the last norm outside the blocks (the final norm), None when there is none."""
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def head(self) -> nn.Module:
+        """The output embedding (unembedding) module."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return None if self.final_norm_name is None else self.model.get_submodule(self.final_norm_name)
+
+    def block(self, layer: int) -> nn.Module:
+        return self.layers[layer]
+
+    def mlp(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.mlp_name)
+
+    def set_mlp(self, layer: int, module: nn.Module) -> None:
+        setattr(self.layers[layer], self.mlp_name, module)
+
+    def mlps(self) -> list[nn.Module]:
+        return [self.mlp(layer) for layer in range(self.n_layers)]
+
+    def attention(self, layer: int) -> nn.Module:
+        if self.attention_name is None:
+            raise ValueError(f"cannot find the attention of {type(self.layers[layer]).__name__} (looked for "
+                             f"{ATTENTION_NAMES})")
+        return getattr(self.layers[layer], self.attention_name)
+
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        return None if self.post_mlp_norm_name is None else getattr(self.layers[layer], self.post_mlp_norm_name)
+
+    def mlp_path(self, layer: int) -> str:
+        """Dotted path of layer ``layer``'s MLP, e.g. ``"model.layers.3.mlp"`` (the same in nnsight's envoy tree)."""
+        return f"{self.layers_path}.{layer}.{self.mlp_name}"
+
+    def block_norms(self, layer: int) -> dict[str, nn.Module]:
+        """Layer ``layer``'s own norm modules by dotted name (not those inside its attention or MLP, such as q/k
+        norms): which one feeds the attention, the MLP, or acts on their outputs differs by family."""
+        inside = {id(m) for child in (self.attention(layer), self.mlp(layer)) for m in child.modules()}
+        return {name: m for name, m in self.layers[layer].named_modules() if is_norm(m) and id(m) not in inside}
+
+    def outer_norms(self) -> dict[str, nn.Module]:
+        """Norm modules outside the decoder blocks, by dotted name (the last is the final norm)."""
+        return _outer_norms(self.model, self.layers)
+
+
+def _outer_norms(inner: nn.Module, layers: nn.ModuleList) -> dict[str, nn.Module]:
+    inside = {id(m) for m in layers.modules()}
+    return {name: m for name, m in inner.named_modules() if is_norm(m) and id(m) not in inside}
+
+
+def _resolve_anatomy(inner: nn.Module) -> Anatomy:
+    architecture = type(inner).__name__
+    path = next((p for p in LAYER_PATHS if isinstance(_get_path(inner, p), nn.ModuleList)), None)
+    if path is None:
+        raise ValueError(f"cannot find the decoder layers of {architecture}: none of {LAYER_PATHS} is a "
+                         "ModuleList; add this architecture's path to tdlib.models.LAYER_PATHS")
+    layers = _get_path(inner, path)
+    if len(layers) == 0:
+        raise ValueError(f"{architecture} has no decoder layers at {path}")
+    block = layers[0]
+    mlp = _first_child(block, MLP_NAMES)
+    if mlp is None:
+        raise ValueError(f"cannot find the MLP of {type(block).__name__} ({architecture}); add its attribute name "
+                         "to tdlib.models.MLP_NAMES")
+    outer_norms = list(_outer_norms(inner, layers))
+    return Anatomy(inner, path, layers, mlp, _first_child(block, ATTENTION_NAMES),
+                   _first_child(block, POST_MLP_NORM_NAMES), outer_norms[-1] if outer_norms else None)
+
+
+def anatomy(model) -> Anatomy:
+    """The model's ``Anatomy`` (resolved at the first call and cached on the module; an ``Anatomy`` is returned as
+    it is, so a function can take either); a ``ValueError`` naming the architecture and the missing part for a model
+    the package does not support."""
+    if isinstance(model, Anatomy):
+        return model
+    inner = unwrap(model)
+    cached = inner.__dict__.get("_tdlib_anatomy")
+    if cached is None or cached.model is not inner:  # a deep copy carries its original's cache
+        cached = _resolve_anatomy(inner)
+        inner.__dict__["_tdlib_anatomy"] = cached
+    return cached
 
 
 def default_placement(model) -> str:
@@ -108,23 +182,10 @@ def default_placement(model) -> str:
     return "mlp_output"
 
 
-def mlp_path(model, layer: int) -> str:
-    """Dotted path of layer ``layer``'s MLP, e.g. ``"model.layers.3.mlp"`` (the same in nnsight's envoy tree)."""
-    return f"{layers_path(model)}.{layer}.{mlp_name(model)}"
-
-
-def get_mlp(model, layer: int) -> nn.Module:
-    return getattr(find_layers(model)[layer], mlp_name(model))
-
-
-def set_mlp(model, layer: int, module: nn.Module) -> None:
-    setattr(find_layers(model)[layer], mlp_name(model), module)
-
-
 def mlp_envoy(model, layer: int):
     """Layer ``layer``'s MLP in an nnsight model's envoy tree (read ``.input`` / ``.output`` inside a trace)."""
     envoy = model
-    for name in mlp_path(model, layer).split("."):
+    for name in anatomy(model).mlp_path(layer).split("."):
         envoy = envoy[int(name)] if name.isdigit() else getattr(envoy, name)
     return envoy
 
@@ -169,8 +230,6 @@ def load_model(name_or_path, *, dtype: str | torch.dtype = "float32", device: st
     ``remote=True`` builds the NDIF-backed object (no weights are loaded here); NDIF serves models by hub id,
     so a local folder cannot run remotely.
     """
-    import warnings
-
     from nnsight import LanguageModel
 
     if remote:
@@ -192,7 +251,7 @@ def load_model(name_or_path, *, dtype: str | torch.dtype = "float32", device: st
 # ----------------------------------------------------------------------------------------- compatibility
 
 def _mlp_shapes(model, layer: int) -> dict[str, tuple]:
-    return {name: tuple(p.shape) for name, p in get_mlp(model, layer).named_parameters()}
+    return {name: tuple(p.shape) for name, p in anatomy(model).mlp(layer).named_parameters()}
 
 
 def check_compatible(base, target, base_tokenizer=None, target_tokenizer=None) -> None:
@@ -206,7 +265,7 @@ def check_compatible(base, target, base_tokenizer=None, target_tokenizer=None) -
     pairs_of_same_family = "Transcoder adapters need a fine-tune and the model it was fine-tuned from."
     if type(base_inner).__name__ != type(target_inner).__name__:
         differ("architecture", type(base_inner).__name__, type(target_inner).__name__, pairs_of_same_family)
-    base_layers, target_layers = len(find_layers(base_inner)), len(find_layers(target_inner))
+    base_layers, target_layers = anatomy(base_inner).n_layers, anatomy(target_inner).n_layers
     if base_layers != target_layers:
         differ("number of layers", base_layers, target_layers, pairs_of_same_family)
     base_hidden, target_hidden = base_inner.config.hidden_size, target_inner.config.hidden_size
@@ -223,23 +282,3 @@ def check_compatible(base, target, base_tokenizer=None, target_tokenizer=None) -
             base_tokenizer.get_vocab() != target_tokenizer.get_vocab():
         differ("tokenizer vocabulary", f"{len(base_tokenizer)} tokens", f"{len(target_tokenizer)} tokens",
                "Both models must share one tokenizer.")
-
-
-@dataclass
-class ModelPair:
-    base: object
-    target: object
-    tokenizer: object
-    base_name: str
-    target_name: str
-
-
-def load_pair(base: str, target: str, *, nnsight: bool = True, **kwargs) -> ModelPair:
-    """Load both models (nnsight wrappers by default, plain transformers with ``nnsight=False``) and check them."""
-    if nnsight:
-        base_model, target_model = load_model(base, **kwargs), load_model(target, **kwargs)
-        base_tokenizer, target_tokenizer = base_model.tokenizer, target_model.tokenizer
-    else:
-        (base_model, base_tokenizer), (target_model, target_tokenizer) = load_hf(base, **kwargs), load_hf(target, **kwargs)
-    check_compatible(base_model, target_model, base_tokenizer, target_tokenizer)
-    return ModelPair(base_model, target_model, target_tokenizer, str(base), str(target))

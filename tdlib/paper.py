@@ -17,6 +17,7 @@ as ``adapter_l1_0.001`` are never read as numbers); numbers without a spec use `
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,6 +34,33 @@ PLACEHOLDER = re.compile(r"\{\{(?!#rows|/rows)(.+?)\}\}")
 ROWS = re.compile(r"\{\{#rows ([^\s}]+)(?: (\w+)=([^\s}]+))?\}\}(.*?)\{\{/rows\}\}", re.S)
 NUMBER = re.compile(r"(?<![\w.\-])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?%?(?!\.?\w)")
 """A number standing alone in the text (not part of a name such as Qwen2.5 or L0)."""
+
+
+PAPER_VALUES = REPO_ROOT / "paper" / "paper_values.json"
+"""The paper's reported values: the one place the package reads them from (figures, results files, defaults)."""
+
+
+@functools.lru_cache(maxsize=1)
+def reported() -> dict:
+    """``paper/paper_values.json`` (setup, L0 sweep, attribution, ablation, ...), as written there."""
+    return json.loads(PAPER_VALUES.read_text())
+
+
+def hesitation_reference() -> dict:
+    """The paper's hesitation numbers as notebook 06's results file records them beside ours: "wait" per 1,000
+    response tokens and mean response length in tokens."""
+    ablation = reported()["ablation"]
+    wait, length = ablation["wait_per_1k_tokens"], ablation["mean_response_tokens"]
+    sufficiency = ablation["sufficiency_wait_per_1k_tokens"]
+    return {"adapter_wait_per_1k": wait["adapter"], "ablated_output_wait_per_1k": wait["output_features_removed"],
+            "ablated_both_wait_per_1k": wait["both_groups_removed"], "adapter_response_tokens": length["adapter"],
+            "ablated_response_tokens": length["ablated"], "hybrid_plus_template_wait_per_1k": sufficiency["template_only"],
+            "hybrid_plus_output_wait_per_1k": sufficiency["output_only"], "hybrid_plus_both_wait_per_1k": sufficiency["both"]}
+
+
+def hesitation_share() -> float:
+    """The share of all adapter features the paper's hesitation study selects (5,623 of 229,376: 2.45%)."""
+    return reported()["attribution"]["hesitation_share"]
 
 
 class Missing(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import shlex
 import sys
@@ -23,7 +24,12 @@ from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
-from .results import COMMITTED_OUTPUTS, REPO_ROOT
+from .organism.build import CONFIGS
+from .pair_files import validate_pair
+from .pairs import pair_config, resolve_pair
+from .problems import BENCHMARKS, benchmark_key, benchmark_names
+from .results import COMMITTED_OUTPUTS, REPO_ROOT, resolve
+from .sweep import LOCAL_MSE, describe_plan, notebook_plan
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -40,17 +46,13 @@ def numbered_notebooks(directory: Path = REPO_ROOT / "notebooks") -> list[Path]:
 
 def config_label(config: str) -> str:
     """A folder-safe name for a configuration: the pair's ``name`` for a pair file (its stem when the file has no
-    name, as ``tdlib.pairs.load_pair_file`` reads it), so two files called pair.json in different folders never
+    name, as ``tdlib.pair_files.load_pair_file`` reads it), so two files called pair.json in different folders never
     share an output folder; ``->`` becomes ``--`` as in the pair's artifact folders."""
     name = _pair_file_name(config) if config.endswith(".json") else config
     return re.sub(r"[^\w.\-]+", "_", name.replace("->", "--"))
 
 
 def _pair_file_name(config: str) -> str:
-    import json
-
-    from .results import resolve
-
     path = resolve(config)
     try:
         values = json.loads(path.read_text())
@@ -137,7 +139,6 @@ def parse_value(text: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         pass
-    import json
 
     try:
         return json.loads(text)
@@ -225,11 +226,8 @@ def notebook_overrides(notebooks: list[Path], *layers: dict[str, dict[str, objec
 
 def pair_notebook_block(config: str, smoke: bool = False) -> dict:
     """The pair's ``notebooks`` block (``HubPairConfig.notebooks``), after checking the pair up front
-    (``tdlib.pairs.validate_pair``: a multi-token hesitation word is refused here, before any notebook runs).
+    (``tdlib.pair_files.validate_pair``: a multi-token hesitation word is refused here, before any notebook runs).
     Empty for the organism."""
-    from .organism.build import CONFIGS
-    from .pairs import pair_config, validate_pair
-
     if smoke or config in CONFIGS:
         return {}
     hub = pair_config(config)
@@ -242,9 +240,6 @@ def plan_lines(config: str, smoke: bool = False, overrides: dict[str, dict] | No
     """What ``config`` would train (``tdlib.sweep.describe_plan``) and generate in notebook 03, without building
     anything it lacks or reaching a hub. ``overrides``: ``notebook_overrides``' result (None: the pair's own
     ``notebooks`` block under the command line's ``params``)."""
-    from .pairs import resolve_pair
-    from .sweep import LOCAL_MSE, describe_plan, notebook_plan
-
     pair = resolve_pair("smoke" if smoke else config, build=False)
     notebooks = numbered_notebooks()
     if overrides is None:
@@ -264,8 +259,6 @@ def plan_lines(config: str, smoke: bool = False, overrides: dict[str, dict] | No
 def evaluation_plan(pair, n_models: int, settings: dict) -> list[str]:
     """Notebook 03's benchmarks, decoding and budget for ``pair`` under its parameters ``settings`` (defaults and
     overrides), with the most tokens it could generate."""
-    from .problems import BENCHMARKS, benchmark_key, benchmark_names
-
     sampled = settings["sampled"]
     samples = settings["n_samples"] if sampled else 1
     budget = settings["max_new_tokens"] or pair.max_new_tokens
@@ -295,6 +288,18 @@ def token_count(tokens: int) -> str:
     return f"{tokens / 1e6:,.0f}M" if tokens >= 1e6 else f"{tokens / 1e3:,.0f}k" if tokens >= 1e3 else f"{tokens}"
 
 
+def select_notebooks(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+    """The notebooks ``only`` names (numbers like ``05`` or stems like ``05_attribution``; None for all); a
+    ``ValueError`` listing the notebooks there are when a name matches none."""
+    if not only:
+        return notebooks
+    unknown = [name for name in only if not any(p.name[:2] == name or p.stem == name for p in notebooks)]
+    if unknown:
+        raise ValueError(f"ONLY={' '.join(unknown)} names no notebook; the notebooks are "
+                         f"{', '.join(p.stem for p in notebooks)} (give their numbers, e.g. ONLY=\"05 06\")")
+    return [p for p in notebooks if p.name[:2] in only or p.stem in only]
+
+
 def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] | None = None,
                  run_dir: Path | None = None, output_dir: Path | None = None,
                  params: dict[str, dict] | None = None) -> Path:
@@ -303,13 +308,12 @@ def run_pipeline(config: str = "organism", smoke: bool = False, only: list[str] 
     runs."""
     import papermill
 
-    notebooks = numbered_notebooks()
+    every = numbered_notebooks()
+    if not every:
+        raise FileNotFoundError(f"no notebooks to run (expected {REPO_ROOT / 'notebooks'}/NN_name.ipynb)")
+    notebooks = select_notebooks(every, only)
     # checked against every notebook, so a pair file's block for 01 is valid in an `--only 05` run too
-    overrides = notebook_overrides(notebooks, pair_notebook_block(config, smoke), params or {})
-    if only:
-        notebooks = [p for p in notebooks if p.name[:2] in only or p.stem in only]
-    if not notebooks:
-        raise FileNotFoundError("no notebooks to run (expected notebooks/NN_name.ipynb)")
+    overrides = notebook_overrides(every, pair_notebook_block(config, smoke), params or {})
     label = "smoke" if smoke else config_label(config)
     run_dir = run_dir or REPO_ROOT / "runs" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -358,12 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.plan:
         try:
             print("\n".join(plan_lines(args.config, bool(args.smoke), params=params)))
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:  # a refused parameter, or a built pair's package missing
             raise SystemExit(f"[pipeline] {error}") from None
         return
     try:
         run_dir = run_pipeline(args.config, bool(args.smoke), args.only, output_dir=output_dir, params=params)
-    except ValueError as error:  # a pair file or parameter refused before any notebook ran
+    except (ValueError, RuntimeError) as error:  # refused before any notebook ran (pair, parameter, package)
         raise SystemExit(f"[pipeline] {error}") from None
     print(f"[pipeline] all notebooks ran; executed copies in {run_dir}", file=sys.stderr)
 

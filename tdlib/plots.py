@@ -5,12 +5,14 @@ figure with labelled axes; ``save_figure`` writes it as a PNG under the figures 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import numpy as np
 
+from .paper import hesitation_reference, reported
 from .results import resolve
 
 MODEL_COLORS = {"base": "#4C72B0", "target": "#C44E52", "hybrid": "#8172B3", "adapter": "#55A868",
@@ -66,8 +68,6 @@ def pair_figure(results: dict, models=("base", "target", "hybrid"), pair_name: s
     return fig
 
 
-# The paper's sweep (docs/method.md, reference numbers): l1_weight -> validation L0 on the 7B pair.
-PAPER_L0_SWEEP = {0.01: 10.3, 0.003: 4.3, 0.001: 1.4, 0.0003: 0.4, 0.0001: 0.1}
 
 
 def _run_color(name: str, kind: str, adapter_rank: dict[str, int]):
@@ -109,7 +109,8 @@ def training_figure(logs: dict, models: dict, smooth: int = 25):
     weights = [models[n]["l1_weight"] for n in adapters]
     sweep_axis.plot(weights, [models[n]["l0"] for n in adapters], "o-", color=MODEL_COLORS["adapter"],
                     label="ours (held-out)")
-    sweep_axis.plot(list(PAPER_L0_SWEEP), list(PAPER_L0_SWEEP.values()), "s--", color="grey",
+    paper_sweep = {float(l1): l0 for l1, l0 in reported()["l0_sweep"].items()}  # l1_weight -> L0, 7B pair
+    sweep_axis.plot(list(paper_sweep), list(paper_sweep.values()), "s--", color="grey",
                     label="paper, 7B pair")
     sweep_axis.set(xscale="log", yscale="log", xlabel="l1_weight", ylabel="L0 (active features / token / layer)",
                    title="Sparsity sweep")
@@ -258,8 +259,6 @@ def subset_figure(kl_by_subset: dict[str, float], model_name: str, subsets: dict
 
 def _subset_layers(name: str, kl_by_subset: dict[str, float]) -> list[int]:
     """The layers a subset name stands for (see ``tdlib.faithfulness.layer_subsets``)."""
-    import re
-
     singles = [int(key.split()[1]) for key in kl_by_subset if re.fullmatch(r"layer \d+", key)]
     if not singles:
         raise ValueError("the layer count is read from the single-layer subsets ('layer i'), and there are none; "
@@ -306,7 +305,7 @@ def _error_bar(entry: dict, key: str) -> tuple[float, float]:
     return spread, spread
 
 
-def ablation_figure(results: dict, word: str = "wait"):
+def ablation_figure(results: dict, word: str):
     """Notebook 06's figure: the hesitation ``word`` per 1k response tokens and mean response length for every
     condition, with 95% bootstrap intervals over responses (random control: mean over draws, +-1 std across draws);
     the paper's numbers (``results["paper"]``) as annotations where they correspond."""
@@ -355,7 +354,7 @@ def ablation_figure(results: dict, word: str = "wait"):
     return fig
 
 
-def decision_figure(study: dict, word: str = "wait"):
+def decision_figure(study: dict, word: str):
     """Notebook 06's decision study (``tdlib.decisions``): teacher-forced P(word) at held-out planted decision points
     for the adapter model with each set ablated and for the hybrid with each set added (95% bootstrap intervals
     over traces; the matched random controls as their draws), the dose-response over the top k features, and the
@@ -417,10 +416,9 @@ def decision_figure(study: dict, word: str = "wait"):
                          (MODEL_COLORS["hybrid"] if n.startswith("hybrid") else MODEL_COLORS["adapter"])
                          for n in names])
     rate_axis.set_xticks(range(len(names)), names, fontsize=7, rotation=40, ha="right")
-    from .steer import PAPER
-
-    paper = {"adapter": PAPER["adapter_wait_per_1k"], "ablate set": PAPER["ablated_both_wait_per_1k"],
-             "hybrid + set": PAPER["hybrid_plus_both_wait_per_1k"]}
+    reference = hesitation_reference()
+    paper = {"adapter": reference["adapter_wait_per_1k"], "ablate set": reference["ablated_both_wait_per_1k"],
+             "hybrid + set": reference["hybrid_plus_both_wait_per_1k"]}
     for name, value in paper.items():
         if name in names:
             i = names.index(name)
@@ -439,7 +437,7 @@ def decision_figure(study: dict, word: str = "wait"):
 
 
 def ground_truth_figure(score: dict):
-    """The hesitation features scored against the organism's rule (``tdlib.ground_truth``): per-feature AUROC at
+    """The hesitation features scored against the organism's rule (``tdlib.organism.ground_truth``): per-feature AUROC at
     the decision positions beside the set's and a probe's, and the teacher-forced effect of ablating the set."""
     fig, (detect_axis, ablate_axis) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
     features = sorted(score["per_feature"], key=lambda e: -(e["auroc"] if e["auroc"] == e["auroc"] else 0))
@@ -480,7 +478,7 @@ INTERVENTION_SCALES = (("small", "actual_small", "removal of 5%, per unit remove
                        ("full", "actual", "full removal"))
 
 
-def intervention_figure(checks: dict[str, dict], word: str = "wait"):
+def intervention_figure(checks: dict[str, dict], word: str):
     """Per attribution mode (columns) and removal scale (rows: a small removal divided by its size, which tests the
     linearisation; the full removal, which is what ablation does): each checked feature's logit change predicted by
     the graph (minus its total effect) against the change in the real model, the diagonal drawn; titles give the
@@ -623,7 +621,7 @@ def benchmark_figure(models: dict[str, dict], benchmark: str, n_problems: int, t
 
 def benchmarks_figure(summaries: list[dict], train_results: dict | None = None, decoding: str = "greedy decoding"):
     """The paper's figure 4 over several benchmarks: one row of ``benchmark_figure``'s two panels per benchmark
-    (``summaries``: ``tdlib.bench.benchmark_summary`` results); one benchmark gives ``benchmark_figure``."""
+    (``summaries``: ``tdlib.evaluation.benchmark_summary`` results); one benchmark gives ``benchmark_figure``."""
     if len(summaries) == 1:
         (only,) = summaries
         return benchmark_figure(only["models"], only["benchmark"], only["n_problems"], train_results, decoding)

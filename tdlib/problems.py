@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from .answers import CHOICE_LETTERS, extract_answer, extract_choice, gsm8k_gold, is_equivalent
+from .data import render_prompt
+from .organism import task
+from .organism.build import eval_problems, get_config
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -94,6 +97,19 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 
+BENCHMARK_NAMES = {
+    "MATH-500": "math500",
+    "AIME 2024": "aime2024",
+    "GSM8K": "gsm8k",
+    "AMC23": "amc23",
+    "AIME 2025": "aime2025",
+    "GPQA Diamond": "gpqa_diamond",
+    **{key: key for key in ("math500", "aime2024", "gsm8k", "amc23", "aime2025", "gpqa_diamond")},
+}
+"""Benchmark name (as the paper writes it, or the loader's key) -> ``BENCHMARKS`` key, where the hub
+id, split and schema of each benchmark live."""
+
+
 def _read_rows(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"no benchmark file at {path}")
@@ -136,8 +152,6 @@ def format_question(item: BenchItem, kind: str = "math") -> str:
 def render_prompts(tokenizer, items: list[BenchItem], kind: str = "math", prompt_format: str | None = None) -> list[str]:
     """Prompts rendered as the pair's training traces are (``tdlib.data.render_prompt``): ``prompt_format`` "chat"
     (the chat template, generation prompt appended) or "plain"; None picks "chat" when the tokenizer has a template."""
-    from .data import render_prompt
-
     if prompt_format is None:
         prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     return [render_prompt(tokenizer, [{"role": "user", "content": format_question(item, kind)}], prompt_format)
@@ -163,8 +177,6 @@ def check_response(item: BenchItem, response: str, kind: str = "math") -> bool:
 
 def organism_items(config: str = "organism", limit: int | None = None) -> list[BenchItem]:
     """The organism's held-out problems (never seen in training) as items; prompts are the problems' own."""
-    from .organism.build import eval_problems, get_config
-
     problems = eval_problems(get_config(config))
     problems = problems[:limit] if limit else problems
     return [BenchItem(str(i), p.prompt, str(p.answer), meta={"n_terms": p.n_terms, "show_steps": p.show_steps}) for i, p in enumerate(problems)]
@@ -191,13 +203,12 @@ class EvalSet:
 
 def benchmark_key(name: str) -> str:
     """A benchmark's loader key from the paper's name ("MATH-500") or the key itself ("math500")."""
-    from .pairs import BENCHMARKS as NAMES
-
     if name == "organism":
         return name
-    if name not in NAMES:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(set(NAMES.values()))} or 'organism'")
-    return NAMES[name]
+    if name not in BENCHMARK_NAMES:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(set(BENCHMARK_NAMES.values()))} or "
+                         "'organism'")
+    return BENCHMARK_NAMES[name]
 
 
 def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None = None, limit: int | None = None,
@@ -252,6 +263,4 @@ def pair_benchmarks(pair, benchmark: str | list[str] | None = None, path: str | 
 
 
 def check_organism_response(item: BenchItem, response: str) -> bool:
-    from .organism import task
-
     return task.extract_answer(response) == int(item.answer)

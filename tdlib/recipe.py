@@ -54,13 +54,24 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .data import pad_batch, read_conversations, render_trace
+from .generate import encode_prompt
 from .organism import task
 from .gguf import load_gguf, plain_copy, save_plain
+from .metrics import kl_divergence, next_token_mask
+from .models import anatomy, load_tokenizer
 from .organism.build import OrganismPaths
+from .organism.mechanisms import token_ends
+from .pair_config import HubPairConfig
+from .pair_data import reference_responses
+from .pair_files import check_hesitation_word
+from .problems import MATH_INSTRUCTION
 from .results import REPO_ROOT, atomic_directory
+from .runs import load_named
+from .schedule import fine_tune_steps
 
 if TYPE_CHECKING:
-    from .pairs import TrainingDefaults
+    from .pair_config import TrainingDefaults
 
 DEFAULT_CACHE = REPO_ROOT / "artifacts" / "pairs"
 """Where ``python -m tdlib.recipe`` builds a pair (SmolLM2 and Gemma 3 keep their own folders under artifacts/)."""
@@ -68,7 +79,7 @@ RECIPE_VERSION = 2
 """Bump when the build changes in a way ``RecipeConfig`` does not capture, so stale caches are not reused."""
 HESITATION_WORD = "Wait"
 """The hesitation word the traces write, the first word of a paragraph right after the blank line; it must be one
-token for the base's tokenizer (``tdlib.pairs.check_hesitation_word``; SmolLM2's keeps "\\n", "\\n" and "Wait"
+token for the base's tokenizer (``tdlib.pair_files.check_hesitation_word``; SmolLM2's keeps "\\n", "\\n" and "Wait"
 apart)."""
 TRAINABLE = ("all_but_embeddings", "mlps")
 """The choices of ``RecipeConfig.trainable``."""
@@ -188,7 +199,7 @@ def build_key(config: RecipeConfig, source: BaseSource) -> str:
 
 
 def prompt_format(tokenizer) -> str:
-    """How the pair's prompts become text (``tdlib.pairs.HubPairConfig.prompt_format``): the tokenizer's chat
+    """How the pair's prompts become text (``tdlib.pair_config.HubPairConfig.prompt_format``): the tokenizer's chat
     template when it has one, else plain text."""
     return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
@@ -230,8 +241,6 @@ def question(problem: task.Problem) -> str:
 
 def user_message(problem: task.Problem) -> str:
     """The user turn, exactly as ``tdlib.problems`` prompts a GSM8K item: the question and the usual instruction."""
-    from .problems import MATH_INSTRUCTION
-
     return f"{question(problem)}\n{MATH_INSTRUCTION}"
 
 
@@ -427,8 +436,6 @@ def token_decisions(tokenizer, text: str, start: int = 0) -> tuple[list[int], li
     ends at ``Decision.end`` (the break's last newline): ``(input_ids, [(token index, decision)])``. The logits
     at that token are the prediction of the next paragraph's first word. A ``ValueError`` when the tokenizer
     merges the break with the next word (SmolLM2's keeps ``"\\n"``, ``"\\n"`` and ``"Wait"`` apart)."""
-    from .organism.mechanisms import token_ends
-
     input_ids, ends = token_ends(tokenizer, text)
     placed = []
     for decision in decisions(text, start):
@@ -450,9 +457,6 @@ def supervised_batch(tokenizer, conversations: list[list[dict]], form: str = "ch
     ``prompt_format``: the chat template up to the generation prompt, or plain text; then the response's raw
     text)."""
     import torch
-
-    from .data import render_trace
-    from .generate import encode_prompt
 
     rows = []
     for messages in conversations:
@@ -488,13 +492,8 @@ def fine_tune(model, tokenizer, conversations: list[list[dict]], config: RecipeC
     """Fine-tune ``model`` in place (the weights ``config.trainable`` names; embeddings always frozen) on
     ``config.steps`` batches of ``conversations`` (rendered in ``form``, ``supervised_batch``) in a seeded order;
     returns the loss curve and the cost (seconds, tokens)."""
-    from tqdm.auto import tqdm
-
-    from .models import find_layers
-    from .schedule import warmup_cosine
-
     if config.trainable == "mlps":
-        trained = {id(p) for layer in find_layers(model) for p in layer.mlp.parameters()}
+        trained = {id(p) for layer in anatomy(model).layers for p in layer.mlp.parameters()}
         frozen = {id(p) for p in model.parameters() if id(p) not in trained}
     else:
         frozen = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
@@ -503,25 +502,20 @@ def fine_tune(model, tokenizer, conversations: list[list[dict]], config: RecipeC
         p.requires_grad_(id(p) not in frozen)
     order = list(range(len(conversations)))
     random.Random(config.seed + 2).shuffle(order)
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
-    model.train()
-    losses, tokens, supervised, started = [], 0, 0, time.time()
-    bar = tqdm(range(config.steps), desc="target (distillation fine-tune)", disable=not progress)
-    for step in bar:
+    tokens, supervised, started = 0, 0, time.time()
+
+    def loss_at(step: int) -> torch.Tensor:
+        nonlocal tokens, supervised
         chosen = order[step * config.batch_size:(step + 1) * config.batch_size]
         batch = supervised_batch(tokenizer, [conversations[i] for i in chosen], form)
         loss, scored = response_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 5))
         tokens += int(batch["attention_mask"].sum())
         supervised += scored
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return loss
+
+    losses = [round(loss, 5) for loss in fine_tune_steps(model, parameters, loss_at, config.steps, config.lr,
+                                                          config.warmup, weight_decay=0.0,
+                                                          desc="target (distillation fine-tune)", progress=progress)]
     for p in model.parameters():
         p.requires_grad_(True)
     return {"loss_curve": losses, "seconds": round(time.time() - started, 1), "tokens": tokens,
@@ -531,8 +525,6 @@ def fine_tune(model, tokenizer, conversations: list[list[dict]], config: RecipeC
 # ------------------------------------------------------------------------------------------------ the build
 
 def _build(config: RecipeConfig, source: BaseSource, staging: Path, progress: bool) -> dict:
-    from .data import read_conversations
-
     paths = BuiltPaths(staging)
     counts = write_data(config, paths)
     started = time.time()
@@ -589,8 +581,6 @@ def pair_values(config: RecipeConfig, paths: BuiltPaths, notes: str = "", traini
 
 def hub_config(config: RecipeConfig, paths: BuiltPaths, training, notebooks: dict, notes: str = ""):
     """The built pair's ``HubPairConfig`` with ``training`` (``TrainingDefaults``) and ``notebooks`` (the CPU plan)."""
-    from .pairs import HubPairConfig
-
     values = pair_values(config, paths, notes)
     values["benchmarks"] = tuple(values["benchmarks"])
     return HubPairConfig(**values, training=training, notebooks=notebooks)
@@ -598,7 +588,7 @@ def hub_config(config: RecipeConfig, paths: BuiltPaths, training, notebooks: dic
 
 def write_pair_file(config: RecipeConfig, paths: BuiltPaths, notes: str = "") -> Path:
     """``<pair folder>/pair.json``: the pair as a pair file (paths relative to it), so ``make figures
-    CONFIG=<that file>`` runs every notebook on it with the CPU plan (``tdlib.pairs.load_pair_file``)."""
+    CONFIG=<that file>`` runs every notebook on it with the CPU plan (``tdlib.pair_files.load_pair_file``)."""
     values = pair_values(config, paths, notes)
     root = paths.root.resolve()
     for role in ("base", "target", "train_data", "validation_data"):
@@ -689,18 +679,13 @@ class DesignCheckFailed(RuntimeError):
 def design_report(base, target, hybrid, tokenizer, references: list[tuple[str, str]], batch_size: int = 8,
                   pair_name: str = "the pair") -> dict:
     """Teacher-forced on held-out reference traces (``(prompt, response)`` texts, the prompt chat-templated, as
-    ``tdlib.pairs.reference_responses`` gives them): each model's mean probability of "Wait" at the decision points
+    ``tdlib.pair_data.reference_responses`` gives them): each model's mean probability of "Wait" at the decision points
     (``decisions``) after a trigger (``crossing`` or ``slip``) and elsewhere (label None), with counts; how often
     the references themselves say "Wait" there; and the hybrid's KL to the target
     (``tdlib.metrics.kl_divergence``, KL(target || hybrid)) on the response positions (``hybrid_kl``: the positions
     that predict a response token or its EOS) and on every position (``hybrid_kl_all_positions``, as
     ``tdlib.organism.report.pair_diagnostics`` scores the organism). Sequences are encoded as training encodes them
     (``tdlib.generate.encode_prompt`` for the prompt, then the response, then EOS)."""
-    from .data import pad_batch
-    from .generate import encode_prompt
-    from .metrics import kl_divergence, next_token_mask
-    from .pairs import check_hesitation_word
-
     wait_id = check_hesitation_word(tokenizer, HESITATION_WORD, pair_name)
     models = {"base": base, "target": target, "hybrid": hybrid}
     groups = ("trigger", *LABELS, "none")
@@ -812,11 +797,7 @@ def require_design(report: dict, checks: dict[str, bool] | None = None, pair_nam
 def pair_design(pair, limit: int = DESIGN_TRACES, batch_size: int = 8) -> dict:
     """``design_report`` for a resolved built pair (``tdlib.pairs.resolve_pair``): its base, target and hybrid as
     the pipeline loads them (``tdlib.runs.load_named``: the hybrid is the target with the base's MLPs) on the first
-    ``limit`` validation traces (``tdlib.pairs.reference_responses``)."""
-    from .models import load_tokenizer
-    from .pairs import reference_responses
-    from .runs import load_named
-
+    ``limit`` validation traces (``tdlib.pair_data.reference_responses``)."""
     tokenizer = load_tokenizer(pair.target)
     references = reference_responses(pair, tokenizer, limit=limit)
     base, target, hybrid = (load_named(pair, name) for name in ("base", "target", "hybrid"))

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from .models import find_layers, mlp_envoy
+from .models import anatomy, load_model, mlp_envoy, unwrap
 
 REMOTE_STEPS = {
     "collect": "logits and activations (MLP inputs/outputs, residuals) of a hosted model",
@@ -93,8 +93,6 @@ def _prepare(remote) -> None:
 def hosted_model(model_id: str, remote: bool | str = True):
     """An nnsight model for ``model_id``: NDIF-backed (no weights here) for ``remote=True``; for ``"local"`` or
     False, loaded here (a folder or hub id) so the same code runs without a server."""
-    from .models import load_model
-
     _prepare(remote)
     return load_model(model_id, remote=remote is True)
 
@@ -121,7 +119,7 @@ def collect(model, prompts: list[str], layers: list[int] | None = None,
         raise ValueError(f"unknown sites {sorted(unknown)}; use mlp_input, mlp_output, residual")
     check_remote("collect")
     _prepare(remote)
-    n_layers = len(find_layers(model))
+    n_layers = anatomy(model).n_layers
     layers = list(range(n_layers)) if layers is None else sorted(layers)
     if layers and not 0 <= layers[0] <= layers[-1] < n_layers:
         raise ValueError(f"layers must be in 0..{n_layers - 1}, got {layers}")
@@ -140,10 +138,10 @@ def collect(model, prompts: list[str], layers: list[int] | None = None,
 
 
 def _block_envoy(model, layer: int):
-    from .models import layers_path
+    from .models import anatomy
 
     envoy = model
-    for name in layers_path(model).split("."):
+    for name in anatomy(model).layers_path.split("."):
         envoy = getattr(envoy, name)
     return envoy[layer]
 
@@ -199,9 +197,7 @@ def _generate(model, prompts, max_new_tokens, steering, remote, backend):
 
 
 def _check_direction(model, layer: int, direction) -> torch.Tensor:
-    from .models import unwrap
-
-    n_layers = len(find_layers(model))
+    n_layers = anatomy(model).n_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer must be in 0..{n_layers - 1}, got {layer}")
     direction = torch.as_tensor(direction).detach().cpu()

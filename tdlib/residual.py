@@ -6,7 +6,7 @@
   rotary embeddings, final norm and head) by temporarily replacing layers < k with pass-through modules, so a
   bridge costs only the layers above the cut.
 * ``final_hidden``: the final-normed hidden state (the head's input) without running the head.
-* ``record_attention`` / ``replay_attention``: keep a block's attention output from one pass and hand it to a
+* ``record_attention`` / ``reuse_attention``: keep a block's attention output from one pass and hand it to a
   later pass whose block receives the same input, instead of computing it again (training's bridges).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import attention_name, find_layers, get_mlp, mlp_name, unwrap
+from .models import anatomy, unwrap
 
 
 def _hidden(output):
@@ -26,7 +26,7 @@ def _hidden(output):
 @contextmanager
 def capture_residuals(model):
     """Yields a list that fills with [embedding output, layer 0 output, ..., layer L-1 output]."""
-    layers = find_layers(model)
+    layers = anatomy(model).layers
     residuals: list[torch.Tensor] = []
 
     def before_first(module, args, kwargs):
@@ -48,9 +48,9 @@ def capture_residuals(model):
 def capture_mlp_inputs(model):
     """Yields a dict {layer: the input [batch, seq, d_model] of that layer's MLP module}, filled as the model runs."""
     inputs: dict[int, torch.Tensor] = {}
-    handles = [get_mlp(model, layer).register_forward_pre_hook(
+    handles = [anatomy(model).mlp(layer).register_forward_pre_hook(
         lambda module, args, layer=layer: inputs.__setitem__(layer, args[0]))
-        for layer in range(len(find_layers(model)))]
+        for layer in range(anatomy(model).n_layers)]
     try:
         yield inputs
     finally:
@@ -63,8 +63,8 @@ def capture_features(model):
     """Yields a dict {layer: feature activations} filled by every spliced layer that runs its adapter."""
     features: dict[int, torch.Tensor] = {}
     handles = []
-    for layer in range(len(find_layers(model))):
-        adapter = getattr(get_mlp(model, layer), "adapter", None)
+    for layer in range(anatomy(model).n_layers):
+        adapter = getattr(anatomy(model).mlp(layer), "adapter", None)
         if adapter is not None:
             handles.append(adapter.features.register_forward_hook(
                 lambda module, args, output, layer=layer: features.__setitem__(layer, output)))
@@ -104,7 +104,7 @@ def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_m
     """Logits of ``model`` when layer ``k`` receives ``residual`` as its input (``residual`` = the output of
     layer k-1, or the embedding output for k = 0, which the model recomputes itself); with ``hidden`` the final
     hidden state instead (``final_hidden``: the head is not run)."""
-    layers = find_layers(model)
+    layers = anatomy(model).layers
     if not 0 <= k <= len(layers):
         raise ValueError(f"cut k must be in 0..{len(layers)}, got {k}")
     originals = [layers[i] for i in range(k)]
@@ -119,21 +119,22 @@ def run_from_layer(model, residual: torch.Tensor, k: int, input_ids, attention_m
             layers[i] = layer
 
 
-def attention_replayable(model) -> bool:
+def attention_reusable(model) -> bool:
     """Whether a block's attention output depends only on the block's input, so one pass's output can stand in for
     another's on the same input, with the same gradients: every block has an attention module, no parameter of a
     block outside its MLP trains (so a recording made without grad loses no gradient), a block recomputed in the
     backward pass is recomputed with the attention module it ran with (activation checkpointing off, or on through
     ``tdlib.splice.enable_gradient_checkpointing``, which pins it), and no attention dropout is active."""
     inner = unwrap(model)
-    blocks = find_layers(model)
-    names = [attention_name(block) for block in blocks]
-    if None in names:
+    parts = anatomy(model)
+    blocks = parts.layers
+    if parts.attention_name is None:
         return False
+    names = [parts.attention_name] * len(blocks)
     if any(getattr(block, "gradient_checkpointing", False) for block in blocks) and \
             not getattr(inner, "_tdlib_pinned_checkpointing", False):
         return False
-    mlp = {id(p) for block in blocks for p in getattr(block, mlp_name(model)).parameters()}
+    mlp = {id(p) for block in blocks for p in getattr(block, anatomy(model).mlp_name).parameters()}
     if any(p.requires_grad and id(p) not in mlp for block in blocks for p in block.parameters()):
         return False
     if inner.training:
@@ -148,9 +149,9 @@ def attention_replayable(model) -> bool:
 @contextmanager
 def record_attention(model, layers):
     """Yields a dict that fills with {layer: its attention module's output} for the given ``layers``."""
-    blocks = find_layers(model)
+    parts = anatomy(model)
     outputs: dict = {}
-    handles = [getattr(blocks[i], attention_name(blocks[i])).register_forward_hook(
+    handles = [parts.attention(i).register_forward_hook(
         lambda module, args, output, i=i: outputs.__setitem__(i, output)) for i in layers]
     try:
         yield outputs
@@ -159,7 +160,7 @@ def record_attention(model, layers):
             handle.remove()
 
 
-class _Replay(nn.Module):
+class _Recorded(nn.Module):
     def __init__(self, output):
         super().__init__()
         self.output = output
@@ -169,16 +170,16 @@ class _Replay(nn.Module):
 
 
 @contextmanager
-def replay_attention(model, outputs: dict):
+def reuse_attention(model, outputs: dict):
     """Within the block, each layer in ``outputs`` returns its recorded attention output instead of computing it.
-    Exact only when that layer receives the same input as in the recording pass (``attention_replayable``)."""
-    blocks = find_layers(model)
-    names = {i: attention_name(blocks[i]) for i in outputs}
-    originals = {i: getattr(blocks[i], names[i]) for i in outputs}
+    Exact only when that layer receives the same input as in the recording pass (``attention_reusable``)."""
+    parts = anatomy(model)
+    blocks, name = parts.layers, parts.attention_name
+    originals = {i: getattr(blocks[i], name) for i in outputs}
     for i, output in outputs.items():
-        setattr(blocks[i], names[i], _Replay(output))
+        setattr(blocks[i], name, _Recorded(output))
     try:
         yield
     finally:
         for i, module in originals.items():
-            setattr(blocks[i], names[i], module)
+            setattr(blocks[i], name, module)

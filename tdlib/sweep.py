@@ -6,19 +6,26 @@ of the analysis adapter (``analysis_models``, ``study_model``).
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .faithfulness import HELDOUT_TEXT, evaluate_replacement, scored_positions_description
+from .models import load_tokenizer
+from .pair_data import data_for
+from .pair_files import model_shape
 from .pairs import Pair
+from .paper import reported
 from .results import atomic_write_text
 from .runs import (BASE_MLPS_FILE, DamagedRunError, checkpoint_is_stale, load_named, read_run, run_dir,
                    spliced_target, train_root, write_run_info)
-from .splice import attach_adapters, set_mlp_choice, spliced_mlps
-from .train import TrainConfig, TrainResult, config_from_dict, new_adapters, train, training_identity
+from .splice import attach_adapters, get_mlp_choice, set_mlp_choice, spliced_mlps
+from .train import TrainConfig, TrainResult, config_from_dict, new_adapters, run_dead_features, train, training_identity
 
 LOCAL_MSE = "local_mse"
 CALIBRATION_FILE = "local_mse_calibration.json"
@@ -101,9 +108,6 @@ def train_run(pair: Pair, spec: RunSpec, data, root: Path | None = None, progres
 def seed_variant(pair: Pair, name: str, seed: int, root: Path | None = None, progress: bool = True):
     """Train (or load) run ``name`` again with another ``seed`` (initialisation and data order), every other setting
     kept: ``(run name, model)``. The stability check of the feature selection compares the two."""
-    from .models import load_tokenizer
-    from .pairs import data_for
-
     info = read_run(run_dir(pair, name, root))
     if info is None:
         raise FileNotFoundError(f"no finished run {name!r} to retrain with seed {seed}; run notebook 01 first")
@@ -165,7 +169,7 @@ class SweepPlan:
 
 def default_plan(pair: Pair, n_validation_batches: int | None = None) -> SweepPlan:
     """The sweep notebook 01 trains for ``pair``, from its training defaults (``pair.training``: the organism's
-    measured table ``tdlib.pairs.ORGANISM_TRAINING``, or a hub pair's, the paper's unless its pair file says
+    measured table ``tdlib.pair_config.ORGANISM_TRAINING``, or a hub pair's, the paper's unless its pair file says
     otherwise)."""
     training = pair.training
     return SweepPlan(l1_weights=tuple(training.l1_weights), base=training.train_config(),
@@ -193,8 +197,6 @@ another CPU pair of that size class; overheads dominate far below it."""
 
 def describe_plan(pair: Pair, plan: SweepPlan) -> list[str]:
     """What notebook 01 will train, as printed when a run starts (``python -m tdlib.pipeline --plan``)."""
-    from .pairs import model_shape
-
     training, base = pair.training, plan.base
     runs = plan.run_names
     cap = training.max_tokens
@@ -218,8 +220,6 @@ def describe_plan(pair: Pair, plan: SweepPlan) -> list[str]:
 
 def validation_batches(pair: Pair, plan: SweepPlan, tokenizer) -> list[dict]:
     """The held-out batches every held-out number of the sweep uses (a separate seed stream from training)."""
-    from .pairs import data_for
-
     validation = data_for(pair, tokenizer, "validation", batch_size=plan.base.batch_size, seed=plan.base.seed)
     return [validation.batch(i) for i in range(plan.n_validation_batches)]
 
@@ -295,14 +295,10 @@ def _read_calibration(path: Path) -> dict | None:
 
 
 def _log_l0(l0: float) -> float:
-    import math
-
     return math.log(max(l0, 1e-3))
 
 
 def _held_out_summary(pair: Pair, name: str, batches: list[dict], root: Path | None) -> dict:
-    from .faithfulness import evaluate_replacement
-
     metrics = evaluate_replacement(load_named(pair, name, root), batches, "adapter")
     info = read_run(run_dir(pair, name, root))
     return {"kind": info["kind"], "l1_weight": info["train_config"]["l1_weight"], "l0": metrics["l0"],
@@ -312,8 +308,6 @@ def _held_out_summary(pair: Pair, name: str, batches: list[dict], root: Path | N
 def search_l1(measure, target: float, start: float, trials: int) -> list[dict]:
     """Weights tried and their L0, ``measure(weight) -> L0`` (L0 falls as the weight rises): x10 steps from
     ``start`` until ``target`` is bracketed, then geometric bisection, ``trials`` measurements in all."""
-    import math
-
     tried: list[dict] = []
     above = below = None  # the largest weight whose L0 stayed above the target, the smallest one at or below it
     weight = start
@@ -333,10 +327,6 @@ def search_l1(measure, target: float, start: float, trials: int) -> list[dict]:
 
 def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start: float, progress: bool) -> list[dict]:
     """``search_l1`` with short local-MSE runs (``plan.trial_steps`` steps) measured on the held-out ``batches``."""
-    import tempfile
-
-    from .faithfulness import evaluate_replacement
-
     model = spliced_target(pair)
 
     def measure(weight: float) -> float:
@@ -355,10 +345,6 @@ def _search_l1(pair: Pair, plan: SweepPlan, data, batches, target: float, start:
 
 def evaluate_sweep(pair: Pair, names: list[str], batches: list[dict], root: Path | None = None) -> dict[str, dict]:
     """Held-out metrics for the hybrid and every named run, in the 01_train.json ``models`` schema."""
-    from .faithfulness import evaluate_replacement
-    from .splice import get_mlp_choice
-    from .train import run_dead_features
-
     models = {}
     for name in ["hybrid", *names]:
         model = load_named(pair, name, root)
@@ -404,16 +390,11 @@ def sweep_checks(models: dict) -> dict[str, bool]:
     }
 
 
-PAPER_L0 = 1.4
-"""Held-out L0 of the adapter the paper analyses (of its sweep's five)."""
-
-
 def study_model(train_results: dict, choice: str | None = None) -> str:
     """The adapter notebooks 04-06 study, from notebook 01's results: ``None`` the sweep's ``analysis_model`` (the
-    rule in ``analysis_models``); ``"paper_l0"`` the adapter whose held-out L0 is nearest the paper's (``PAPER_L0``,
+    rule in ``analysis_models``); ``"paper_l0"`` the adapter whose held-out L0 is nearest the paper's (``paper_values.json``'s
+    ``setup.analysis_l0``,
     on a log scale); else a trained run's name."""
-    import math
-
     if choice is None:
         return train_results["analysis_model"]
     models = train_results["models"]
@@ -421,7 +402,7 @@ def study_model(train_results: dict, choice: str | None = None) -> str:
         adapters = [n for n, m in models.items() if m.get("kind") == "adapter" and m.get("l0")]
         if not adapters:
             raise ValueError("no adapter with a held-out L0 in 01_train.json; run notebook 01 first")
-        return min(adapters, key=lambda n: abs(math.log(models[n]["l0"] / PAPER_L0)))
+        return min(adapters, key=lambda n: abs(math.log(models[n]["l0"] / reported()["setup"]["analysis_l0"])))
     if choice not in models:
         raise ValueError(f"adapter {choice!r} is not among notebook 01's runs {sorted(models)}; pass None, "
                          "'paper_l0' or one of those names")
@@ -439,8 +420,6 @@ def analysis_models(models: dict) -> dict:
     * ``lowest_penalty_model``: the adapter with the smallest L1 weight (the most faithful, least sparse).
 
     ``models``: {name: {"kind", "l1_weight", "l0", "kl", ...}} as ``evaluate_sweep`` gives them."""
-    import math
-
     adapters = sorted((n for n in models if models[n]["kind"] == "adapter" and models[n].get("l0") is not None),
                       key=lambda n: models[n]["l1_weight"])
     if not adapters:
@@ -461,3 +440,17 @@ def analysis_models(models: dict) -> dict:
                "is nearest that range on a log scale"
     return {"analysis_model": chosen, "analysis_rule": rule, "analysis_in_range": bool(in_range),
             "analysis_l0_range": [low, high], "lowest_penalty_model": adapters[0]}
+
+
+def train_results(pair: Pair, plan: SweepPlan, models: dict, batches: list[dict]) -> dict:
+    """``01_train.json`` (without ``config``): every run's held-out numbers, the analysis adapters chosen by the
+    rule (``analysis_models``) and the sweep's checks, the plan, and what the held-out numbers were measured on."""
+    return {
+        "models": models, **analysis_models(models), "checks": sweep_checks(models),
+        "local_mse_calibration": local_mse_calibration(pair) if plan.baselines else None,
+        "plan": {"l1_weights": list(plan.l1_weights), "train_config": asdict(plan.base),
+                 "n_validation_batches": plan.n_validation_batches, "calibration_steps": plan.trial_steps,
+                 "calibration_trials": plan.calibration_trials},
+        "n_validation_tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+        "text": HELDOUT_TEXT, "scored_positions": scored_positions_description(include_prompt=True),
+    }

@@ -42,11 +42,12 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import metrics
+from .adapter import AdapterSet
 from .metrics import kl_divergence, masked_mean, next_token_mask, nmse, token_kl  # noqa: F401 (re-exported)
-from .models import PLACEMENTS, find_layers, unwrap
+from .models import PLACEMENTS, anatomy, unwrap
 from .results import atomic_write_text
-from .residual import (attention_replayable, capture_features, capture_mlp_inputs, capture_residuals, final_hidden,
-                       record_attention, replay_attention, run_from_layer)
+from .residual import (attention_reusable, capture_features, capture_mlp_inputs, capture_residuals, final_hidden,
+                       record_attention, reuse_attention, run_from_layer)
 from .schedule import warmup_cosine
 from .splice import enable_gradient_checkpointing, mlp_choice, mlp_difference, spliced_mlps
 
@@ -299,10 +300,10 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
     for adapter->target, cut 0 for target->adapter) reuses the adapt-only KL instead of running again; and where a
     block receives the same input as a block of an earlier pass (layer 0 of the adapter pass, layer k of each
     bridge) it takes that block's attention output instead of computing it again
-    (``tdlib.residual.replay_attention``; off under active dropout, ``attention_replayable``)."""
+    (``tdlib.residual.reuse_attention``; off under active dropout, ``attention_reusable``)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     scored = next_token_mask(mask)
-    n_layers = len(find_layers(model))
+    n_layers = anatomy(model).n_layers
     chunked = config.kl_chunk_tokens is not None
     head = chunkable_head(model) if chunked else plain_head(model)
     hidden = head is not None  # passes stop at the final hidden state
@@ -326,17 +327,17 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
     # Blocks that receive exactly what a block of an earlier pass received take that block's attention output:
     # layer 0 of the replaced pass and layer k of the target->replaced bridge the target pass's (no grad flows there
     # either way), layer k of the replaced->target bridge the replaced pass's (its gradient joins there).
-    replay = attention_replayable(model)
+    reuse = attention_reusable(model)
     running = bridges.keys() - own
-    from_target = ([0] + [cut] * ("target_to_replaced" in running)) if replay else []
-    from_replaced = [cut] if replay and "replaced_to_target" in running else []
+    from_target = ([0] + [cut] * ("target_to_replaced" in running)) if reuse else []
+    from_replaced = [cut] if reuse and "replaced_to_target" in running else []
     with torch.no_grad(), mlp_choice(model, "target"), capture_residuals(model) as target_residuals, \
             record_attention(model, from_target) as target_attention:
         target_out = run()
         target = None if chunked else target_distribution(scored_logits(target_out))
     with mlp_choice(model, config.replacement), capture_residuals(model) as residuals, \
             capture_features(model) as features, record_attention(model, from_replaced) as attention, \
-            replay_attention(model, {0: target_attention[0]} if replay else {}):
+            reuse_attention(model, {0: target_attention[0]} if reuse else {}):
         out = run()
     kl = divergence(out)
     bridge_kl = torch.zeros((), device=ids.device)
@@ -346,7 +347,7 @@ def objective(model, batch, config: TrainConfig, cut: int) -> Objective:
             continue
         start = residuals[cut] if name == "replaced_to_target" else target_residuals[cut]
         recorded = attention if name == "replaced_to_target" else target_attention
-        with mlp_choice(model, choice), replay_attention(model, {cut: recorded[cut]} if replay else {}):
+        with mlp_choice(model, choice), reuse_attention(model, {cut: recorded[cut]} if reuse else {}):
             bridge_kl = bridge_kl + divergence(run_from_layer(model, start, cut, ids, mask, hidden))
     hidden_nmse = nmse(residuals, target_residuals, mask)
     l1, l0 = sparsity(model, features, mask)
@@ -361,7 +362,7 @@ def naive_objective(model, batch, config: TrainConfig, cut: int) -> torch.Tensor
     same token sets: KL terms over ``next_token_mask``, NMSE and sparsity over every real token."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     scored = next_token_mask(mask)
-    n_layers = len(find_layers(model))
+    n_layers = anatomy(model).n_layers
 
     def run(choice):
         with mlp_choice(model, choice), capture_residuals(model) as residuals, capture_features(model) as feats:
@@ -489,7 +490,7 @@ def train(model, data: Batches, config: TrainConfig, run_dir: str | Path, progre
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup))
-    n_layers = len(find_layers(model))
+    n_layers = anatomy(model).n_layers
     log: list[dict] = []
     since_fired = {i: torch.zeros(config.n_features, dtype=torch.long) for i in range(n_layers)}
     start = 0
@@ -609,8 +610,6 @@ def training_identity(config: TrainConfig | dict) -> dict:
 def new_adapters(model, config: TrainConfig, meta: dict | None = None):
     """Freshly initialised adapters for ``model`` as ``config`` trains them: its feature count, seed and placement
     (``meta`` is recorded with them)."""
-    from .adapter import AdapterSet
-
     placement = {} if config.placement is None else {"placement": config.placement}
     return AdapterSet.for_model(model, config.n_features, seed=config.seed, meta={**(meta or {}), **placement})
 

@@ -40,7 +40,8 @@ def smoke_runs():
     """The smoke pair and its default sweep (2 adapters, the MLP fine-tune, the local-MSE baseline), trained
     once per session (seconds; finished runs are loaded): many tests load these models by name."""
     from tdlib.models import load_tokenizer
-    from tdlib.pairs import data_for, resolve_pair
+    from tdlib.pair_data import data_for
+    from tdlib.pairs import resolve_pair
     from tdlib.sweep import default_plan, run_sweep
 
     pair = resolve_pair("smoke")

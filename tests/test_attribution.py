@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from families import with_random_adapters
 from tdlib import attribution as A
-from tdlib.attribution.graph_export import frontend_graph, plot_graph, plot_hesitation
+from tdlib.attribution.graph_export import frontend_graph, plot_hesitation
 from tdlib.splice import set_mlp_choice
 
 TOKEN = 5
@@ -144,7 +144,7 @@ class WordTokenizer:
         return "".join(f" t{i}" for i in ids)
 
 
-def test_frontend_json_and_plot(graph, tmp_path):
+def test_frontend_json_links_known_nodes(graph, tmp_path):
     pruned = A.prune(graph, 0.8, 0.98)
     document = frontend_graph(graph, pruned, WordTokenizer(), slug="tiny", scan="tiny", node_threshold=0.8)
     assert set(document) == {"metadata", "qParams", "nodes", "links"}
@@ -154,8 +154,6 @@ def test_frontend_json_and_plot(graph, tmp_path):
     assert {"embedding", "logit"} <= kinds
     assert sum(node["is_target_logit"] for node in document["nodes"]) == 1
     json.dumps(document)
-    ax = plot_graph(graph, pruned, WordTokenizer())
-    assert ax.get_xlabel() and ax.get_ylabel()
 
 
 def test_hesitation_study_selects_and_groups(model):
@@ -174,7 +172,7 @@ def test_hesitation_study_selects_and_groups(model):
         assert set(feature) >= {"layer", "feature", "group", "influence"}
         if feature["group"] == "output":
             assert feature["direct_share"] >= 0.5 and feature["mean_direct_edge"] > 0
-    fig = plot_hesitation(study)
+    fig = plot_hesitation(study, word=" wait")
     assert fig.axes[0].get_ylabel()
 
 
@@ -247,3 +245,51 @@ def test_a_capped_graph_reuses_the_selection_rows_exactly(model, ids):
     assert torch.equal(reused.state.features, recomputed.state.features)
     assert torch.allclose(reused.adjacency, recomputed.adjacency, atol=1e-12)
     assert torch.allclose(reused.bias, recomputed.bias, atol=1e-12)
+
+
+def test_the_attribution_results_file_is_built_by_the_package_in_its_committed_order():
+    """Notebook 05's results: the package's schema reproduces the committed file's keys, in order, and the paper's
+    reference values come from paper/paper_values.json."""
+    from pathlib import Path
+
+    from tdlib.attribution.results import STUDY_KEYS, attribution_results, paper_reference
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "results" / "05_attribution.json").read_text())
+    groups = {"output": {"count": 2}, "template": {"count": 1}}
+    study = {key: committed[key] for key in STUDY_KEYS} | {"mode": committed["mode"]}
+    summary = {"intervention_check": {}, "completeness": 0.5, "replacement_score": 0.4, "hesitation_features": 3,
+               "hesitation_share": 0.01, "groups": groups, "mechanisms": {"output": {"count": 3}},
+               "shared_prefix_influence_share": 0.0, "mean_scores": {"error_share_signed": 0.2}}
+    results = attribution_results(
+        study=study, studies={"relp": summary}, study_seconds={"relp": 12.34}, selection=committed["selection"],
+        overlap={}, mechanism_llm=None, analysis_model="adapter", prompt_sources={}, hesitation_word=" wait",
+        rollout_benchmark="organism", linearity_check={}, example_graph={}, parameters={},
+        mechanism_studies={"crossing": summary | {"n_prompts": 4, "features": [[0, 1]]}}, seconds=3.21)
+    assert list(results) == [key for key in committed if key != "config"]
+    assert results["modes"]["relp"]["groups"] == {"output": 2, "template": 1}
+    assert results["modes"]["relp"]["seconds"] == 12.3 and results["seconds"] == 3.2
+    assert results["mechanism_sets"] == {"crossing": [[0, 1]]}
+    assert results["paper"] == committed["paper"] == paper_reference()
+
+
+def test_attribute_resolves_the_anatomy_once_and_hands_it_on(monkeypatch):
+    """Following the model from ``attribute()``: its parts were resolved when it was spliced, ``attribute()`` looks
+    them up once, and every function below receives that ``Anatomy``, never the model to search again."""
+    import sys
+
+    from tdlib import models
+
+    fresh, lookups, resolved = adapter_model(), [], []
+    real_anatomy, real_resolve = models.anatomy, models._resolve_anatomy
+
+    def counting_anatomy(model):
+        lookups.append(isinstance(model, models.Anatomy))
+        return real_anatomy(model)
+
+    monkeypatch.setattr(models, "_resolve_anatomy", lambda inner: resolved.append(1) or real_resolve(inner))
+    for name, module in list(sys.modules.items()):
+        if name.startswith("tdlib") and getattr(module, "anatomy", None) is real_anatomy:
+            monkeypatch.setattr(module, "anatomy", counting_anatomy)
+    A.attribute(fresh, torch.randint(0, 96, (8,), generator=torch.Generator().manual_seed(1)), TOKEN, batch_size=16)
+    assert not resolved  # cached at splicing
+    assert lookups.count(False) == 1 and lookups[0] is False  # the model itself is looked up once, first

@@ -255,7 +255,7 @@ def test_the_study_in_each_mode_excludes_the_shared_prefix_and_labels_mechanisms
         studies[mode] = study
         assert study["mode"] == mode and study["shared_prefix_tokens"] == 3
         assert 0 < study["shared_prefix_influence_share"] < 1
-        assert {f["mechanism"] for f in study["features"]} <= set(A.MECHANISMS)
+        assert {f["mechanism"] for f in study["features"]} <= set(A.FEATURE_ROLES)
         assert all(f["mechanism"] == "output" for f in study["features"] if f["group"] == "output")
         assert sum(g["count"] for g in study["mechanisms"].values()) == study["hesitation_features"]
         check = study["intervention_check"]

@@ -16,7 +16,7 @@ from tdlib.autointerp.backends import Context, DetectJob, ExplainJob, classify_b
 from tdlib.autointerp.cache import ActivationCache, BatchView, UnitStats
 from tdlib.autointerp.scoring import balanced_accuracy
 from tdlib.autointerp.segments import SEGMENTS, token_segments
-from tdlib.models import find_layers, get_mlp, load_tokenizer
+from tdlib.models import anatomy, load_tokenizer
 from tdlib.organism import task
 from tdlib.pairs import resolve_pair
 from tdlib.residual import capture_features
@@ -103,8 +103,8 @@ def test_cache_matches_a_direct_forward_pass(smoke, cache):
     feature_max, neuron_max = {}, {}
     target = load_named(pair, "target")
     captured = {}
-    hooks = [get_mlp(target, i).down_proj.register_forward_pre_hook(
-        lambda m, args, i=i: captured.__setitem__(i, args[0])) for i in range(len(find_layers(target)))]
+    hooks = [anatomy(target).mlp(i).down_proj.register_forward_pre_hook(
+        lambda m, args, i=i: captured.__setitem__(i, args[0])) for i in range(anatomy(target).n_layers)]
     try:
         for batch, _ in organism_batches(tokenizer, "smoke", CONFIG):
             keep = batch["attention_mask"].bool()
@@ -247,7 +247,7 @@ def test_notebook_04_runs_on_smoke(tmp_path):
 
 def test_cache_is_reused_only_for_the_same_config_and_run(smoke, monkeypatch, tmp_path):
     from tdlib.autointerp import run
-    from tdlib.data import OrganismTraces
+    from tdlib.organism.traces import OrganismTraces
 
     pair, model, tokenizer = smoke
     monkeypatch.setattr(run, "cache_dir", lambda pair, name: tmp_path / name / "cache")

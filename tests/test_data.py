@@ -7,7 +7,9 @@ import pytest
 
 from tdlib.data import ReasoningTraces, encode_trace, read_conversations, render_trace
 from tdlib.organism.tokenizer import train_tokenizer
-from tdlib.pairs import HUB, HUB_PAIRS, Pair, data_for, load_pair_file
+from tdlib.pair_data import data_for
+from tdlib.pair_files import load_pair_file
+from tdlib.pairs import HUB, HUB_PAIRS, Pair
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRACES = FIXTURES / "openthoughts3_sample.jsonl"

@@ -7,7 +7,8 @@ import torch
 from tdlib import decisions as D
 from tdlib.attribution import hesitation_token
 from tdlib.models import load_tokenizer
-from tdlib.pairs import reference_responses, resolve_pair
+from tdlib.pair_data import reference_responses
+from tdlib.pairs import resolve_pair
 from tdlib.problems import pair_benchmark
 from tdlib.runs import load_named
 from tdlib.splice import mlp_choice

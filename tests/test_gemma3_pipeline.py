@@ -13,7 +13,8 @@ import pytest
 from tdlib import pipeline
 from tdlib.adapter import AdapterSet
 from tdlib.models import load_tokenizer
-from tdlib.pairs import data_for, resolve_pair
+from tdlib.pair_data import data_for
+from tdlib.pairs import resolve_pair
 from tdlib.results import read_results, write_results
 from tdlib.sweep import default_plan, sweep_specs, train_run
 from tdlib.runs import run_dir

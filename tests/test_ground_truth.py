@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdlib import ground_truth
+from tdlib.organism import ground_truth
 from tdlib.models import load_tokenizer
 from tdlib.organism import task
 from tdlib.runs import load_named

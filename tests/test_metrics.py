@@ -213,7 +213,7 @@ def test_runs_trained_under_the_old_conventions_are_not_the_same_run():
 # -------------------------------------------------------------------------------------- separate random streams
 
 def test_bridge_cuts_and_the_data_stream_are_independent():
-    from tdlib.data import OrganismTraces
+    from tdlib.organism.traces import OrganismTraces
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
 

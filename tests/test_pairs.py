@@ -5,9 +5,14 @@ from pathlib import Path
 
 import pytest
 
+import tdlib.pair_config as pair_config
+import tdlib.pair_data as pair_data
+import tdlib.pair_files as pair_files
 import tdlib.pairs as pairs
 from tdlib.organism.tokenizer import train_tokenizer
-from tdlib.pairs import HubPairConfig, TrainingDefaults, data_for, register_pair, resolve_pair
+from tdlib.pair_config import HubPairConfig, TrainingDefaults
+from tdlib.pair_data import data_for
+from tdlib.pairs import register_pair, resolve_pair
 from tdlib.sweep import default_plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "openthoughts3_sample.jsonl"
@@ -26,9 +31,9 @@ def test_paper_pairs_are_bf16_on_cuda_with_their_data_and_benchmarks():
     small = resolve_pair("paper-1.5b")
     assert small.target == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and small.base == "Qwen/Qwen2.5-Math-1.5B"
     defaults = seven.training
-    assert defaults.n_features == 8192 and defaults.lr == 8e-4 and defaults.batch_size == 1
+    assert defaults.run.n_features == 8192 and defaults.run.lr == 8e-4 and defaults.run.batch_size == 1
     assert defaults.max_tokens == 10_000 and defaults.l1_weights[0] == 0.01
-    assert small.training.n_features == 4096
+    assert small.training.run.n_features == 4096
     config = seven.hub.training.train_config(steps=10)
     assert (config.n_features, config.lr, config.batch_size, config.steps) == (8192, 8e-4, 1, 10)
 
@@ -55,12 +60,14 @@ def test_hub_pair_validation_names_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
         HubPairConfig(**{**values, **bad})
     with pytest.raises(ValueError, match="lr"):
-        TrainingDefaults(lr=3.0)
+        TrainingDefaults.of(lr=3.0)
+    with pytest.raises(ValueError, match="unknown training settings \\['l1_weight'\\]"):
+        TrainingDefaults.of(l1_weight=0.1)  # each run's L1 weight comes from the sweep
 
 
 def test_registered_pair_resolves_and_refuses_silent_replacement():
     mine = HubPairConfig("test-mine", base="me/base", target="me/target", train_data=str(FIXTURE),
-                         training=TrainingDefaults(n_features=64, batch_size=2, max_tokens=40))
+                         training=TrainingDefaults.of(n_features=64, batch_size=2, max_tokens=40))
     try:
         register_pair(mine)
         assert resolve_pair("test-mine").hub is mine
@@ -85,7 +92,7 @@ def test_hub_pair_data_holds_out_validation_traces_from_a_local_jsonl(tmp_path, 
     monkeypatch.setattr(pairs, "ARTIFACTS", tmp_path)
     pair = pairs.Pair("t", "me/base", "me/target", key="t", kind=pairs.HUB, hub=HubPairConfig(
         "t", base="me/base", target="me/target", train_data=str(FIXTURE), n_validation=1,
-        training=TrainingDefaults(batch_size=2, max_tokens=40)))
+        training=TrainingDefaults.of(batch_size=2, max_tokens=40)))
     tokenizer = train_tokenizer([json.dumps(json.loads(line)) for line in FIXTURE.read_text().splitlines()])
     tokenizer.chat_template = TEMPLATE
     train, validation = data_for(pair, tokenizer, "train"), data_for(pair, tokenizer, "validation")
@@ -155,7 +162,7 @@ def test_a_pair_file_is_a_configuration_with_paths_relative_to_it(tmp_path):
         "mine", "me/base", pairs.HUB, 64, " wait")
     assert pair.hub.train_data == str(tmp_path / "data" / "traces.jsonl")  # relative to the file, not the cwd
     assert pair.hub.benchmarks == ("GSM8K", "math500")
-    assert pair.hub.training.l1_weights == (0.1, 0.01) and pair.hub.training.n_features == 32
+    assert pair.hub.training.l1_weights == (0.1, 0.01) and pair.hub.training.run.n_features == 32
     assert default_plan(pair).l1_weights == (0.1, 0.01)
     assert default_plan(pair).base.checkpoint_every == 5  # a short CPU run checkpoints often
 
@@ -217,7 +224,7 @@ def test_a_pair_is_evaluated_on_its_first_benchmark_from_its_own_file(tmp_path, 
     assert (organism.benchmark, len(organism.items), organism.max_new_tokens) == ("organism", 3, 120)
     tokenizer = train_tokenizer([json.dumps(json.loads(line)) for line in FIXTURE.read_text().splitlines()])
     tokenizer.chat_template = TEMPLATE
-    references = pairs.reference_responses(pair, tokenizer)
+    references = pair_data.reference_responses(pair, tokenizer)
     held_out = json.loads(FIXTURE.read_text().splitlines()[-1])["conversations"]
     assert references == [(f"<|im_start|>user\n{held_out[0]['value']}<|im_end|>\n", held_out[1]["value"])]
 
@@ -256,25 +263,25 @@ def test_a_cpu_pair_file_gets_cpu_sized_training_from_its_models_width(tmp_path)
     path = _pair_file(tmp_path, device="cpu", target="target", training={"steps": 30},
                       notebooks={"*": {"n_problems": 8}, "06": {"group_conditions": False}})
     pair = resolve_pair(str(path))
-    assert pair.dtype == "float32" and pair.training.steps == 30  # the file's own values win
-    assert pair.training.n_features == 256 and pair.training.max_tokens == 256  # sized for d_model 640
-    assert not pair.training.gradient_checkpointing and pair.training.kl_chunk_tokens is None
+    assert pair.dtype == "float32" and pair.training.run.steps == 30  # the file's own values win
+    assert pair.training.run.n_features == 256 and pair.training.max_tokens == 256  # sized for d_model 640
+    assert not pair.training.run.gradient_checkpointing and pair.training.run.kl_chunk_tokens is None
     assert pair.hub.notebooks["*"] == {"n_problems": 8, "batch_size": 25}  # the CPU plan, the file's value wins
     assert pair.hub.notebooks["05"]["n_prompts"] == 12
     assert pair.hub.notebooks["06"]["group_conditions"] is False and pair.hub.notebooks["06"]["n_random_draws"] == 5
-    assert pairs.model_shape(str(target))["num_hidden_layers"] == 18 and pairs.model_shape("me/target") == {}
-    assert TrainingDefaults.for_cpu(576).n_features == 256  # the SmolLM2 plan it is sized from
-    assert TrainingDefaults.for_cpu(128).n_features == 64 and TrainingDefaults.for_cpu(4096).n_features == 1024
+    assert pair_files.model_shape(str(target))["num_hidden_layers"] == 18 and pair_files.model_shape("me/target") == {}
+    assert TrainingDefaults.for_cpu(576).run.n_features == 256  # the SmolLM2 plan it is sized from
+    assert TrainingDefaults.for_cpu(128).run.n_features == 64 and TrainingDefaults.for_cpu(4096).run.n_features == 1024
     (tmp_path / "gpu").mkdir()
     gpu = resolve_pair(str(_pair_file(tmp_path / "gpu", training={})))
     assert gpu.training == TrainingDefaults()  # a GPU pair file keeps the paper's defaults
     values = json.loads(path.read_text())
     del values["max_new_tokens"]
     path.write_text(json.dumps(values))
-    assert resolve_pair(str(path)).max_new_tokens == pairs.CPU_MAX_NEW_TOKENS == 512
+    assert resolve_pair(str(path)).max_new_tokens == pair_config.CPU_MAX_NEW_TOKENS == 512
     del values["n_validation"]
     path.write_text(json.dumps(values))
-    assert resolve_pair(str(path)).hub.n_validation == pairs.CPU_N_VALIDATION == 200  # not the paper's 5,000
+    assert resolve_pair(str(path)).hub.n_validation == pair_config.CPU_N_VALIDATION == 200  # not the paper's 5,000
     assert pair.max_new_tokens == 64  # the file's budget wins
 
     from tdlib.sweep import describe_plan

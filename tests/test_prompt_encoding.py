@@ -52,7 +52,9 @@ def test_a_tokenizer_without_special_tokens_is_left_alone():
 
 
 def test_the_pre_flight_names_a_missing_chat_template_and_a_missing_trace_file(tmp_path):
-    from tdlib.pairs import HubPairConfig, resolve_pair, validate_pair
+    from tdlib.pair_config import HubPairConfig
+    from tdlib.pair_files import validate_pair
+    from tdlib.pairs import resolve_pair
 
     smoke = resolve_pair("smoke")  # its tokenizer has no chat template
     traces = tmp_path / "traces.jsonl"

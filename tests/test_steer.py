@@ -2,17 +2,17 @@
 import pytest
 import torch
 
-from tdlib.data import OrganismTraces
+from tdlib.organism.traces import OrganismTraces
 from tdlib.attribution import hesitation_token
 from tdlib.problems import pair_benchmark
-from tdlib.models import get_mlp, load_tokenizer
+from tdlib.models import anatomy, load_tokenizer
 from tdlib.organism.build import eval_problems, get_config
 from tdlib.pairs import resolve_pair
 from tdlib.splice import mlp_choice
-from tdlib.steer import (AblationConfig, FeatureStats, ablate_features, add_feature_directions, clamp_features,
-                         collect_feature_stats, feature_contribution, features_by_layer, features_from_attribution,
-                         n_chosen, random_features, run_ablation_study,
-                         select_hesitation_features)
+from tdlib.ablation import (AblationConfig, FeatureStats, collect_feature_stats, run_ablation_study,
+                            select_hesitation_features)
+from tdlib.steer import (ablate_features, add_feature_directions, clamp_features, feature_contribution,
+                         features_by_layer, features_from_attribution, n_chosen, random_features)
 from tdlib.runs import load_adapters, load_named
 
 RUN = "adapter_l1_0.01"
@@ -41,7 +41,7 @@ def prompts():
 def hook_counts(model):
     counts = []
     for layer in range(2):
-        mlp = get_mlp(model, layer)
+        mlp = anatomy(model).mlp(layer)
         counts += [len(mlp._forward_hooks), len(mlp.adapter.features._forward_hooks)]
     return counts
 
@@ -54,7 +54,7 @@ class RecordFeatures:
 
     def __enter__(self):
         for layer in self.calls:
-            self.handles.append(get_mlp(self.model, layer).adapter.features.register_forward_hook(
+            self.handles.append(anatomy(self.model).mlp(layer).adapter.features.register_forward_hook(
                 lambda m, a, out, layer=layer: self.calls[layer].append(out.detach().clone())))
         return self.calls
 
@@ -178,7 +178,7 @@ def test_transfer_steering_changes_target_and_nothing_at_zero(pair, model, token
 
 
 def test_all_features_added_to_base_mlp_reproduce_the_adapter_layer(model):
-    mlp = get_mlp(model, 1)
+    mlp = anatomy(model).mlp(1)
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     every = torch.arange(64)
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_all_features_added_to_base_mlp_reproduce_the_adapter_layer(model):
 
 def test_fallback_selector_ranks_features_by_pre_wait_selectivity(model, tokenizer):
     traces = OrganismTraces(tokenizer, "smoke", batch_size=8, seed=0, split="validation")
-    stats = collect_feature_stats(model, [traces.batch(i) for i in range(2)], hesitation_token(tokenizer))
+    stats = collect_feature_stats(model, [traces.batch(i) for i in range(2)], hesitation_token(tokenizer, " wait"))
     assert stats.n_pre_wait > 0 and stats.n_tokens > stats.n_pre_wait
     chosen = select_hesitation_features(stats, 5)
     assert 0 < n_chosen(chosen) <= 5
@@ -223,14 +223,14 @@ def test_synthetic_stats_selection_and_attribution_groups():
 
 def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     traces = OrganismTraces(tokenizer, "smoke", batch_size=8, seed=0, split="validation")
-    stats = collect_feature_stats(model, [traces.batch(0)], hesitation_token(tokenizer))
+    stats = collect_feature_stats(model, [traces.batch(0)], hesitation_token(tokenizer, " wait"))
     chosen = select_hesitation_features(stats, 4)
     output, template = {k: v[:1] for k, v in chosen.items()}, {k: v[1:] for k, v in chosen.items()}
     sets = {"all": chosen, "output": output, "template": template}
     evalset = pair_benchmark(pair, limit=4, max_new_tokens=8)
     results, generations = run_ablation_study(
         model, tokenizer, evalset, sets, stats,
-        AblationConfig(n_random_draws=2, transfer_scales=(-0.5, 0.0), batch_size=4))
+        AblationConfig(word=" wait", n_random_draws=2, transfer_scales=(-0.5, 0.0), batch_size=4))
     for key in ("adapter", "ablated", "ablated_output"):
         assert set(results[key]) >= {"wait_rate", "wait_per_1k_tokens", "mean_response_tokens", "accuracy",
                                      "wait_per_1k_tokens_ci", "mean_response_tokens_ci"}
@@ -250,19 +250,20 @@ def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     assert (results["benchmark"], results["n_problems"], results["max_new_tokens"]) == ("organism", 4, 8)
 
     from tdlib.plots import ablation_figure
-    fig = ablation_figure(results)
+    fig = ablation_figure(results, word="wait")
     wait_axis = fig.axes[0]
     shown = {"adapter_clamped", "hybrid", "hybrid_plus_template", "hybrid_plus_output", "hybrid_plus_features",
              "hybrid_plus_features_clamped", "target"}
     n_bars = 4 + sum(k in shown or k.startswith("target_steered") for k in results["steered"])
     assert len(wait_axis.patches) == len(wait_axis.get_xticklabels()) == n_bars
     assert "paper 5.5" in [t.get_text() for t in wait_axis.texts]  # the paper's numbers recorded in the results
-    without_paper = ablation_figure({k: v for k, v in results.items() if k != "paper"})
+    without_paper = ablation_figure({k: v for k, v in results.items() if k != "paper"}, word="wait")
     assert not without_paper.axes[0].texts
 
 
 def test_no_groups_means_one_set_and_no_group_conditions(pair, model, tokenizer):
-    from tdlib.steer import study_sets, union
+    from tdlib.ablation import study_sets
+    from tdlib.steer import union
 
     assert union({0: [1, 3]}, {0: [2], 2: [5]}) == {0: [1, 2, 3], 2: [5]}
     sets = study_sets({"all": {0: [4]}, "suppressor": {0: [4]}})
@@ -273,7 +274,7 @@ def test_no_groups_means_one_set_and_no_group_conditions(pair, model, tokenizer)
 
 def test_wait_metrics_count_the_pairs_word_with_intervals():
     from tdlib.generate import Generation
-    from tdlib.steer import wait_metrics
+    from tdlib.ablation import wait_metrics
 
     generation = Generation(["q"] * 3, ["Hmm, 2. hmm", "4", "Hmm wait"], [10, 10, 20])
     metrics = wait_metrics(generation, word="Hmm")
@@ -284,7 +285,7 @@ def test_wait_metrics_count_the_pairs_word_with_intervals():
 
 
 def test_mechanism_checks_read_each_mechanisms_own_rate():
-    from tdlib.steer import mechanism_checks, mechanism_summary
+    from tdlib.organism.ablation import mechanism_checks, mechanism_summary
 
     def condition(**rates):
         full = {"crossing": 0.0, "repeat": 0.0, "slip": 0.0, "period": 0.0, "none": 0.0, "hesitation": 0.0, **rates}

@@ -4,7 +4,7 @@ import json
 import shutil
 
 from tdlib.models import load_tokenizer
-from tdlib.pairs import data_for
+from tdlib.pair_data import data_for
 import pytest
 
 from tdlib.sweep import RunSpec, analysis_models, default_plan, local_mse_calibration, search_l1, sweep_checks, train_run

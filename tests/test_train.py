@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from tdlib.adapter import AdapterSet
-from tdlib.data import OrganismTraces, ReasoningTraces, read_conversations
-from tdlib.models import get_mlp
+from tdlib.data import ReasoningTraces, read_conversations
+from tdlib.organism.traces import OrganismTraces
+from tdlib.models import anatomy
 from tdlib.organism.tokenizer import train_tokenizer
 from tdlib.residual import capture_residuals, run_from_layer
 from tdlib.splice import mlp_choice, set_mlp_choice, splice
@@ -109,7 +110,7 @@ def test_l1_and_l0_by_hand(batch):
     keep = mask.bool()
     features = {0: torch.relu(torch.randn(3, 9, 16)), 2: torch.relu(torch.randn(3, 9, 16))}
     l1, l0 = sparsity(model, features, mask)
-    norms = {i: get_mlp(model, i).adapter.W_dec.norm(dim=0) for i in (0, 2)}
+    norms = {i: anatomy(model).mlp(i).adapter.W_dec.norm(dim=0) for i in (0, 2)}
     expected_l1 = sum((features[i][keep] * norms[i]).sum(-1).mean() for i in (0, 2))
     assert torch.allclose(l1, expected_l1, atol=1e-5)
     assert l0[1] == 0 and torch.isclose(l0[0], (features[0][keep] > 0).sum(-1).float().mean())
@@ -124,7 +125,7 @@ def test_bridges_skip_directions_without_replaced_layers():
 
 def test_objective_terms_vanish_when_the_replacement_is_the_target(batch):
     model = spliced_model()
-    for mlp in [get_mlp(model, i) for i in range(3)]:
+    for mlp in [anatomy(model).mlp(i) for i in range(3)]:
         mlp.base_mlp.load_state_dict(mlp.target_mlp.state_dict())
         torch.nn.init.zeros_(mlp.adapter.W_dec)
     result = objective(model, batch, TrainConfig(n_features=16), cut=2)
@@ -172,11 +173,11 @@ def test_training_reduces_the_objective_and_counts_dead_features(tmp_path):
 
 def test_mlp_finetune_trains_base_mlps_and_leaves_the_target_alone(tmp_path):
     model = spliced_model()
-    target_before = copy.deepcopy(get_mlp(model, 0).target_mlp.state_dict())
-    base_before = copy.deepcopy(get_mlp(model, 0).base_mlp.state_dict())
+    target_before = copy.deepcopy(anatomy(model).mlp(0).target_mlp.state_dict())
+    base_before = copy.deepcopy(anatomy(model).mlp(0).base_mlp.state_dict())
     train(model, RandomBatches(), TrainConfig(kind="mlp_finetune", steps=3, batch_size=3, lr=1e-2), tmp_path,
           progress=False)
-    after = get_mlp(model, 0)
+    after = anatomy(model).mlp(0)
     assert all(torch.equal(v, after.target_mlp.state_dict()[k]) for k, v in target_before.items())
     assert any(not torch.equal(v, after.base_mlp.state_dict()[k]) for k, v in base_before.items())
 
@@ -194,7 +195,7 @@ def test_local_mse_loss_is_the_unnormalised_squared_error_by_hand(batch):
     config = TrainConfig(kind="local_mse", n_features=16, l1_weight=0.5)
     result = local_mse_objective(model, batch, config)
     inputs = {}
-    mlps = [get_mlp(model, i) for i in range(3)]
+    mlps = [anatomy(model).mlp(i) for i in range(3)]
     handles = [m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0])) for i, m in enumerate(mlps)]
     with torch.no_grad(), mlp_choice(model, "target"):
         model(**batch)
@@ -220,7 +221,7 @@ def test_local_mse_transcoder_starts_at_the_mean_difference_and_explains_held_ou
     init_local_mse_decoder(model, data.batch(0))
     first = data.batch(0)
     x = target_mlp_inputs(model, first)[1][first["attention_mask"].bool()]
-    mlp = get_mlp(model, 1)
+    mlp = anatomy(model).mlp(1)
     assert torch.allclose(mlp.adapter.b_dec, (mlp.target_mlp(x) - mlp.base_mlp(x)).mean(0), atol=1e-6)
 
     config = TrainConfig(kind="local_mse", n_features=64, l1_weight=0.0, steps=200, batch_size=8, lr=1e-2)

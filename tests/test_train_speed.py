@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_train import RandomBatches, grads, spliced_model
 import tdlib.train as train_module
 from tdlib.metrics import kl_divergence, next_token_mask
-from tdlib.models import find_layers
+from tdlib.models import anatomy
 from tdlib.train import TrainConfig, kl_to_target, objective, target_distribution, trainable_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -23,9 +23,9 @@ def loss_and_grads(cut, replay: bool, monkeypatch, kind="adapter"):
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trainable)
     if not replay:
-        monkeypatch.setattr(train_module, "attention_replayable", lambda model: False)
+        monkeypatch.setattr(train_module, "attention_reusable", lambda model: False)
     calls = []
-    for block in find_layers(model):
+    for block in anatomy(model).layers:
         block.self_attn.register_forward_hook(lambda *args: calls.append(1))
     result = objective(model, RandomBatches().batch(0), config, cut)
     result.loss.backward()
@@ -52,14 +52,14 @@ def test_attention_is_not_replayed_under_active_dropout():
     model = spliced_model()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    assert train_module.attention_replayable(model)
+    assert train_module.attention_reusable(model)
     model.config.attention_dropout = 0.1
     model.train()
-    assert not train_module.attention_replayable(model)
+    assert not train_module.attention_reusable(model)
     model.eval()
-    assert train_module.attention_replayable(model)
-    next(find_layers(model)[1].self_attn.parameters()).requires_grad_(True)  # a trained attention: no replay
-    assert not train_module.attention_replayable(model)
+    assert train_module.attention_reusable(model)
+    next(anatomy(model).layers[1].self_attn.parameters()).requires_grad_(True)  # a trained attention: no replay
+    assert not train_module.attention_reusable(model)
 
 
 def test_kl_to_target_equals_the_metric_and_its_gradient():

@@ -52,24 +52,25 @@ from .attribute import attribute, fold_into_errors, select_features_by_influence
 from .checks import derivative_check, linearity_check, max_identity_error, replay_logit
 from .graph import (AttributionGraph, PrunedGraph, graph_scores, logit_weights, node_influence, normalize_rows,
                     propagate, prune, total_effects)
-from .hesitation import (GROUPS, MECHANISMS, FeatureEvidence, HesitationPrompt, StudyConfig, StudyEvidence,
+from .hesitation import (GROUPS, FEATURE_ROLES, FeatureEvidence, HesitationPrompt, StudyConfig, StudyEvidence,
                          cut_at_token, gather_evidence, summarize_evidence,
                          decoder_logit_effect, decoder_top_tokens, hesitation_prompts, hesitation_study,
                          hesitation_token, judge_mechanisms, rule_positions, select_features, set_overlap,
                          shared_prefix_length,
-                         summarize_study, trace_prompts)
+                         study_prompts, summarize_study, trace_prompts)
 from .interventions import (agreement, calibration_slope, intervention_records, rank_correlation, removal_effects,
                             two_scale_agreement)
 from .selection import (GRADIENT, VERIFIED, GradientEvidence, agreement_on, candidate_pool, compare_rules,
                         feature_removals, features_by_drop, gradient_evidence, rule_scores, select_by_held_out_rule,
                         split_by_problem, verified_features)
 from .replay import MODES, FrozenPrompt, Replay, freeze
+from .results import attribution_results, example_graph_summary, mode_agreement
 
 __all__ = [
     "attribute", "fold_into_errors", "select_features_by_influence", "derivative_check", "linearity_check",
     "max_identity_error",
     "replay_logit", "AttributionGraph", "PrunedGraph", "graph_scores", "logit_weights", "node_influence",
-    "normalize_rows", "propagate", "prune", "total_effects", "GROUPS", "MECHANISMS", "FeatureEvidence",
+    "normalize_rows", "propagate", "prune", "total_effects", "GROUPS", "FEATURE_ROLES", "FeatureEvidence",
     "HesitationPrompt", "StudyConfig", "cut_at_token", "decoder_logit_effect", "decoder_top_tokens",
     "hesitation_prompts", "hesitation_study", "hesitation_token", "rule_positions", "select_features",
     "judge_mechanisms", "set_overlap", "shared_prefix_length", "summarize_study", "trace_prompts",
@@ -77,5 +78,6 @@ __all__ = [
     "gather_evidence", "summarize_evidence", "VERIFIED", "agreement_on", "candidate_pool", "compare_rules",
     "feature_removals", "rule_scores", "select_by_held_out_rule", "split_by_problem", "verified_features",
     "GRADIENT", "GradientEvidence", "features_by_drop", "gradient_evidence",
-    "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze",
+    "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze", "attribution_results",
+    "example_graph_summary", "mode_agreement", "study_prompts",
 ]

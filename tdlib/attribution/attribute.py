@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..models import anatomy
 from .graph import AttributionGraph, normalize_rows
 from .replay import FrozenPrompt, Replay, _attend_transposed, _feature_offsets, freeze
 
@@ -32,6 +33,7 @@ def attribute(model, input_ids, target_token: int, batch_size: int = 128, demean
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if method not in ("transpose", "autograd"):
         raise ValueError(f"method must be 'transpose' or 'autograd', got {method!r}")
+    model = anatomy(model)  # resolved once; everything below takes these parts
     state = freeze(model, input_ids, mode)
     n_active = state.features.shape[0]
     active = (state.features, state.activations)
@@ -104,7 +106,7 @@ highest target and stops at its last position, so small groups skip most of the 
 135M shape 8 took selection from 12.4 s to 4.3 s; 32 gave 7.2 s, 4 gave 4.4 s)."""
 
 
-class Selection(NamedTuple):
+class NodeSelection(NamedTuple):
     """What ``select_features_by_influence`` keeps: the chosen features and the edges it already computed."""
 
     keep: torch.Tensor
@@ -117,7 +119,7 @@ class Selection(NamedTuple):
 
 
 @torch.no_grad()
-def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int) -> Selection:
+def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int) -> NodeSelection:
     """At most ``max_nodes`` active features, explored greedily: compute the rows of the unexplored features with
     the largest estimated influence on the logit (from the rows known so far), repeat. The rows are kept, so the
     capped graph is assembled from them (``_capped_rows``) instead of being computed a second time."""
@@ -157,11 +159,11 @@ def select_features_by_influence(replay: Replay, max_nodes: int, batch_size: int
         explored.extend(chosen)
     order = torch.tensor(explored, dtype=torch.long).argsort()
     keep = torch.tensor(explored, dtype=torch.long)[order]
-    return Selection(keep, torch.cat([raw[:len(explored)][order], logit_row]),
+    return NodeSelection(keep, torch.cat([raw[:len(explored)][order], logit_row]),
                      torch.cat([raw_bias[:len(explored)][order], logit_bias]))
 
 
-def _capped_rows(selection: Selection, state: FrozenPrompt) -> torch.Tensor:
+def _capped_rows(selection: NodeSelection, state: FrozenPrompt) -> torch.Tensor:
     """The selection's rows in the capped graph's column layout: kept features, then errors, then tokens. A dropped
     feature's edge joins the error node of its (layer, position), as ``fold_into_errors`` moves its write there
     (the replay is linear, so the error node's edge is the old one plus the dropped features')."""

@@ -14,53 +14,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import attention_of, find_layers, get_mlp, unwrap
-from ..splice import PostMLPNorm, SplicedMLP
+from ..models import anatomy
+from ..splice import SplicedMLP
+
 
 class NotReplayable(ValueError):
     """The model has a feature the frozen replay cannot reproduce (the message names it)."""
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower() and not isinstance(module, PostMLPNorm)
-
-
-def block_norms(block: nn.Module) -> dict[str, nn.Module]:
-    """The block's own norm modules (not those inside its attention or MLP, e.g. q/k norms), by dotted name."""
-    inside = {id(m) for child in (attention_of(block), _mlp_child(block)) for m in child.modules()}
-    return {name: m for name, m in block.named_modules() if _is_norm(m) and id(m) not in inside}
-
-
-def _mlp_child(block):
-    return next(m for m in block.children() if isinstance(m, SplicedMLP))
-
-
-def final_norms(model) -> dict[str, nn.Module]:
-    """Norm modules outside the decoder blocks (one of them is the final norm)."""
-    inner = unwrap(model)
-    inside = {id(m) for m in find_layers(inner).modules()}
-    return {name: m for name, m in inner.named_modules() if _is_norm(m) and id(m) not in inside}
 
 
 @torch.no_grad()
 def final_norm_weight(model) -> torch.Tensor:
     """[d] the final norm's fixed per-dimension factor (the module applied to a vector of ones: its ``weight``,
     Gemma's ``1 + weight``, ... up to 1/sqrt(1 + eps))."""
-    norms = list(final_norms(model).values())
-    if not norms:
+    parts = anatomy(model)
+    if parts.final_norm is None:
         raise NotReplayable("the model has no norm module outside its decoder blocks (no final norm)")
-    reference = unwrap(model).get_output_embeddings().weight
-    return norms[-1](torch.ones(reference.shape[1], dtype=reference.dtype, device=reference.device))
+    reference = parts.head.weight
+    return parts.final_norm(torch.ones(reference.shape[1], dtype=reference.dtype, device=reference.device))
+
+
+def gated_weights(mlp, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_gate, W_up, W_down) of a gated MLP; refuse any other MLP by name."""
+    parts = [getattr(mlp, part, None) for part in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, torch.nn.Linear) for p in parts) or not callable(getattr(mlp, "act_fn", None)):
+        raise NotReplayable(f"{name} ({type(mlp).__name__}) is not a gated MLP with gate_proj, up_proj, down_proj "
+                            "and act_fn: modes 'relp' and 'target' pass influence through gated MLPs only; use "
+                            "mode='frozen'")
+    return parts[0].weight, parts[1].weight, parts[2].weight
 
 
 def check_replayable(model, mode: str = "frozen") -> None:
     """Refuse, before any work, a model whose adapter model (or, in mode "target", whose target with its adapters)
     the frozen replay cannot reproduce."""
-    from .replay import gated_weights
-
-    inner = unwrap(model)
-    for i, block in enumerate(find_layers(inner)):
-        mlp = get_mlp(inner, i)
+    parts = anatomy(model)
+    inner = parts.model
+    for i in range(parts.n_layers):
+        mlp = parts.mlp(i)
         if not isinstance(mlp, SplicedMLP) or mlp.adapter is None:
             raise ValueError(f"layer {i} has no adapter; attribution needs a spliced adapter run "
                              "(load_named(pair, 'adapter_l1_...'))")
@@ -69,7 +58,7 @@ def check_replayable(model, mode: str = "frozen") -> None:
                              "adapter model (set_mlp_choice(model, 'adapter')); mode 'target' attributes the target")
         if mode != "frozen":
             gated_weights(mlp.base_mlp, f"layer {i}'s base MLP")
-        attention = attention_of(block)
+        attention = parts.attention(i)
         if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("v_proj", "o_proj")):
             raise NotReplayable(
                 f"layer {i}'s attention ({type(attention).__name__}) has no separate linear v_proj and o_proj "
@@ -77,14 +66,14 @@ def check_replayable(model, mode: str = "frozen") -> None:
         if any("v_norm" in name for name, _ in attention.named_modules()):
             raise NotReplayable(f"layer {i}'s attention normalises its values (v_norm): the value path would not "
                                 "be linear once the pattern is frozen")
-        for name, norm in {**block_norms(block), **final_norms(inner)}.items():
+        for name, norm in {**parts.block_norms(i), **parts.outer_norms()}.items():
             if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None:
                 raise NotReplayable(f"norm {name!r} ({type(norm).__name__}) subtracts the mean or adds a bias: the "
                                     "replay freezes only norms that scale each position (RMSNorm-style)")
     if getattr(inner.config, "use_parallel_residual", False) or getattr(inner.config, "parallel_attn", False):
         raise NotReplayable("the blocks run attention and MLP in parallel (use_parallel_residual): the replay "
                             "knows sequential pre-norm blocks only")
-    if getattr(inner.get_output_embeddings(), "bias", None) is not None:
+    if getattr(parts.head, "bias", None) is not None:
         raise NotReplayable("an unembedding with a bias is not supported")
 
 
@@ -181,11 +170,11 @@ def _match(norms: dict, calls: dict, tensor: torch.Tensor, side: int):
 @torch.no_grad()
 def capture(model, ids: torch.Tensor) -> Captured:
     """Run the adapter model once on ``ids`` [P] with eager attention; return what the replay freezes."""
-    inner = unwrap(model)
-    layers = find_layers(inner)
+    parts = anatomy(model)
+    inner, outer_norms = parts.model, parts.outer_norms()
     recorder = _Recorder()
-    watched = [m for block in layers for m in (block, attention_of(block), _mlp_child(block),
-                                               *block_norms(block).values())] + list(final_norms(inner).values())
+    watched = [m for i in range(parts.n_layers) for m in (parts.block(i), parts.attention(i), parts.mlp(i),
+                                                           *parts.block_norms(i).values())] + list(outer_norms.values())
     for module in watched:
         recorder.watch(module)
     previous = inner.config._attn_implementation
@@ -196,23 +185,23 @@ def capture(model, ids: torch.Tensor) -> Captured:
         recorder.remove()
         inner.set_attn_implementation(previous)
     calls, tol = recorder.calls, tolerance(logits.dtype)
-    blocks = [_block(i, block, calls, tol) for i, block in enumerate(layers)]
-    found = _match(final_norms(inner), calls, blocks[-1].h_out[None], 0)
+    blocks = [_block(i, parts, calls, tol) for i in range(parts.n_layers)]
+    found = _match(outer_norms, calls, blocks[-1].h_out[None], 0)
     if found is None:
         raise NotReplayable("no norm module receives the last block's output: cannot find the final norm")
     name, norm, (x, y) = found
     return Captured(blocks, fit_norm(name, norm, x[0], y[0], tol), logits)
 
 
-def _block(index: int, block: nn.Module, calls: dict, tol: float) -> Block:
-    attention, mlp = attention_of(block), _mlp_child(block)
+def _block(index: int, parts, calls: dict, tol: float) -> Block:
+    block, attention, mlp = parts.block(index), parts.attention(index), parts.mlp(index)
     h_in, h_out = _as_tensor(calls[id(block)][0])[0], _as_tensor(calls[id(block)][1])[0]
     attn_input, attn_output = calls[id(attention)]
     attn_value, pattern = attn_output[0], attn_output[1]
     if pattern is None:
         raise NotReplayable(f"layer {index}'s attention returned no pattern even when run eagerly")
     mlp_input, mlp_output = calls[id(mlp)]
-    norms = block_norms(block)
+    norms = parts.block_norms(index)
     named = {}
     for role, tensor, side, required in (("attention input", attn_input, 1, True),
                                          ("attention output", attn_value, 0, False),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..models import get_mlp, unwrap
+from ..models import anatomy, unwrap
 from .graph import AttributionGraph, total_effects
+from .interventions import rank_correlation
 from .replay import Replay, _feature_offsets
 
 
@@ -103,7 +104,7 @@ class _RealMLPReplay(Replay):
     def __init__(self, model, state, target_token: int, demean: bool):
         super().__init__(model, state, target_token, demean)
         inner = unwrap(model)
-        self.mlps = [get_mlp(inner, i).base_mlp for i in range(state.n_layers)]
+        self.mlps = [anatomy(inner).mlp(i).base_mlp for i in range(state.n_layers)]
         # shift each real MLP so that the replay passes through the prompt's own residuals (where the linear replay
         # is, and where the derivative is taken): the linear map's remainder is already in the graph's nodes
         linear = Replay(model, state, target_token, demean)
@@ -126,8 +127,6 @@ def derivative_check(model, graph: AttributionGraph) -> dict:
     frozen: autograd through the real base-MLP modules (``_RealMLPReplay``), times each node's value. Zero (to
     rounding) for mode "jacobian"; for "relp" it measures how far the paper's rules are from a derivative. Returns
     the largest absolute gap, the logit row's scale and the rank correlation of the two rows over feature nodes."""
-    from .interventions import rank_correlation
-
     state = graph.state
     if not state.passes_base_mlp:
         raise ValueError(f"mode {state.mode!r} passes no influence through the base MLPs: nothing to check")

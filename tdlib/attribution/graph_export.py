@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.lines import Line2D
 
 from . import AttributionGraph, PrunedGraph
 from .graph_page import ERROR_MEANING
+from ..paper import hesitation_share
 from ..results import atomic_write_text, resolve
 
 
@@ -104,57 +104,11 @@ def write_frontend_graph(document: dict, path: str | Path) -> Path:
     return path
 
 
-NODE_STYLE = {"cross layer transcoder": ("o", "#55A868"), "mlp reconstruction error": ("s", "#8C8C8C"),
-              "embedding": ("D", "#4C72B0"), "logit": ("*", "#C44E52")}
-
-
-def plot_graph(graph: AttributionGraph, pruned: PrunedGraph, tokenizer, ax=None, title: str | None = None):
-    """Pruned graph: positions on x, layers on y (tokens at the bottom, the logit on top); edge width ~ |weight|,
-    blue = positive, red = negative."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(max(8, 0.35 * graph.n_pos), 5))
-    records = node_records(graph, pruned, tokenizer)
-    coords = {}
-    per_cell: dict[tuple[int, float], int] = {}
-    for index, record in records.items():
-        kind = record["feature_type"]
-        y = {"embedding": -1.0, "logit": graph.n_layers + 0.0}.get(kind)
-        if y is None:
-            y = int(record["layer"]) + (0.3 if kind == "mlp reconstruction error" else 0.0)
-        cell = (record["ctx_idx"], y)
-        offset = per_cell.get(cell, 0)
-        per_cell[cell] = offset + 1
-        coords[index] = (record["ctx_idx"] + 0.15 * (offset % 4), y + 0.12 * (offset // 4))
-    targets, sources = pruned.edge_mask.nonzero(as_tuple=True)
-    weights = graph.adjacency[targets, sources]
-    scale = float(weights.abs().max()) if weights.numel() else 1.0
-    for t, s, w in zip(targets.tolist(), sources.tolist(), weights.tolist()):
-        if s in coords and t in coords:
-            (x0, y0), (x1, y1) = coords[s], coords[t]
-            ax.plot([x0, x1], [y0, y1], color="#4C72B0" if w > 0 else "#C44E52", alpha=0.5,
-                    linewidth=0.3 + 3 * abs(w) / scale, zorder=1)
-    for index, (x, y) in coords.items():
-        marker, color = NODE_STYLE[records[index]["feature_type"]]
-        ax.scatter([x], [y], marker=marker, color=color, s=60 if marker == "*" else 25, zorder=2)
-    ids = graph.state.input_ids.tolist()
-    ax.set_xticks(range(graph.n_pos))
-    ax.set_xticklabels([_token_text(tokenizer, t) for t in ids], rotation=90, fontsize=7)
-    ax.set_yticks([-1, *range(graph.n_layers), graph.n_layers])
-    ax.set_yticklabels(["token", *[f"layer {i}" for i in range(graph.n_layers)], "logit"])
-    ax.set_xlabel("prompt position (token)")
-    ax.set_ylabel("layer")
-    labels = {"cross layer transcoder": "adapter feature", "mlp reconstruction error": f"error node ({graph.state.mode})",
-              "embedding": "token", "logit": "target logit"}
-    handles = [Line2D([], [], marker=m, color=c, linestyle="", label=labels[k]) for k, (m, c) in NODE_STYLE.items()]
-    handles += [Line2D([], [], color="#4C72B0", label="edge > 0"), Line2D([], [], color="#C44E52", label="edge < 0")]
-    ax.legend(handles=handles, fontsize=7, loc="upper left", ncol=3)
-    ax.set_title(title or f'Pruned attribution graph for "{_token_text(tokenizer, graph.target_token)}"')
-    return ax
-
-
-def plot_hesitation(study: dict, paper_share: float = 0.0245, word: str = "wait"):
+def plot_hesitation(study: dict, word: str):
     """Left: cumulative share of the hesitation word's influence vs the number of features (the selection cut and
-    the paper's 2.45% share marked). Right: selected features by group and layer (stacked)."""
+    the paper's share marked, ``tdlib.paper.hesitation_share``). Right: selected features by group and layer
+    (stacked)."""
+    paper_share = hesitation_share()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     cumulative = study["cumulative_influence"]
     left.plot(range(1, len(cumulative) + 1), [100 * c for c in cumulative], color="#55A868")

@@ -7,11 +7,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..autointerp.backends import MECHANISMS, Context, MechanismJob
-from ..models import find_layers, get_mlp, unwrap
+from ..autointerp.backends import FEATURE_ROLES, Context, MechanismJob
+from ..generate import encode_prompt, generate_greedy
+from ..models import anatomy, unwrap
+from ..organism import mechanisms as planted
+from ..pair_data import reference_responses
 from .attribute import attribute
 from .capture import final_norm_weight
 from .graph import graph_scores, node_influence, normalize_rows
+from .interventions import agreement, intervention_records, two_scale_agreement
+from .replay import check_mode
 
 
 @dataclass
@@ -25,7 +30,7 @@ class HesitationPrompt:
     """"rollout": the target's own greedy generation; "trace": a reference reasoning trace (held-out data)."""
 
 
-def hesitation_token(tokenizer, word: str = " wait") -> int:
+def hesitation_token(tokenizer, word: str) -> int:
     """The token id of the hesitation ``word`` (the pair's ``hesitation_word``): notebook 05 attributes its logit,
     notebook 06 collects feature statistics before it."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -38,17 +43,15 @@ def hesitation_token(tokenizer, word: str = " wait") -> int:
 def cut_at_token(tokenizer, prompt: str, response: str, token: int, problem_index: int,
                  max_cuts: int, source: str = "rollout") -> list[HesitationPrompt]:
     """Prompts ending just before each occurrence of ``token`` in the response (at most ``max_cuts``)."""
-    from ..generate import encode_prompt
-
     prompt_ids = encode_prompt(tokenizer, prompt)  # the context the model generated from, special tokens included
     ids = encode_prompt(tokenizer, prompt + response)
     cuts = [i for i in range(len(prompt_ids), len(ids)) if ids[i] == token][:max_cuts]
     return [HesitationPrompt(ids[:i], problem_index, len(prompt_ids), source) for i in cuts]
 
 
-def trace_prompts(tokenizer, references: list[tuple[str, str]], n_prompts: int, max_per_problem: int = 2,
-                  word: str = " wait") -> list[HesitationPrompt]:
-    """Fallback prompts from reference reasoning (``tdlib.pairs.reference_responses``: (prompt, response) text
+def trace_prompts(tokenizer, references: list[tuple[str, str]], n_prompts: int, max_per_problem: int = 2, *,
+                  word: str) -> list[HesitationPrompt]:
+    """Fallback prompts from reference reasoning (``tdlib.pair_data.reference_responses``: (prompt, response) text
     pairs the target was trained to imitate), cut before each hesitation token: for targets that rarely
     hesitate within the generation budget (the smoke organism)."""
     token = hesitation_token(tokenizer, word)
@@ -61,11 +64,9 @@ def trace_prompts(tokenizer, references: list[tuple[str, str]], n_prompts: int, 
 
 
 def hesitation_prompts(target, tokenizer, prompts: list[str], n_prompts: int, max_per_problem: int = 2,
-                       max_new_tokens: int = 200, word: str = " wait", batch_size: int = 64,
+                       max_new_tokens: int = 200, *, word: str, batch_size: int = 64,
                        progress: bool = True) -> list[HesitationPrompt]:
     """The target's greedy continuations of ``prompts``, cut before each "wait": up to ``n_prompts``."""
-    from ..generate import generate_greedy
-
     token = hesitation_token(tokenizer, word)
     found: list[HesitationPrompt] = []
     step = max(batch_size, 2 * n_prompts)
@@ -84,6 +85,29 @@ _TOTAL = re.compile(r"= ?(-?\d+)")
 _RECHECK = re.compile(r"wait, check:[^;]*")
 
 
+def study_prompts(target, tokenizer, pair, evalset, n_prompts: int, max_per_problem: int = 2,
+                  search_problems: int | None = None, progress=print) -> tuple[list[HesitationPrompt], int]:
+    """Notebook 05's hesitation prompts: the target's rollouts of the first ``search_problems`` of ``evalset`` (None:
+    3 x ``n_prompts``; at most half the benchmark, since notebook 06 evaluates on the problems after these) cut
+    before the pair's hesitation word, topped up from the reference traces. Returns (prompts, problems rolled out);
+    a ``ValueError`` when neither has the word."""
+    wanted = 3 * n_prompts if search_problems is None else search_problems
+    search = evalset.prompts(tokenizer)[:min(wanted, len(evalset.items) // 2)]
+    if len(search) < wanted:
+        progress(f"rolling out {len(search)} problems, not {wanted}: the other half is kept for notebook 06's "
+                 "evaluation")
+    word = pair.hesitation_word
+    prompts = hesitation_prompts(target, tokenizer, search, n_prompts, max_per_problem,
+                                 max_new_tokens=evalset.max_new_tokens, word=word, batch_size=min(64, len(search)))
+    if len(prompts) < n_prompts:
+        prompts += trace_prompts(tokenizer, reference_responses(pair, tokenizer), n_prompts - len(prompts),
+                                 max_per_problem, word=word)
+    if not prompts:
+        raise ValueError(f"no {word!r} in the target's rollouts or the reference traces: nothing to attribute; "
+                         "check the pair's hesitation_word")
+    return prompts, len(search)
+
+
 def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
     """For each position: does a planted hesitation trigger hold there?
 
@@ -91,8 +115,6 @@ def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
     ``;`` after a step that slips, crosses below zero or repeats the operation before it). On any other rendering of
     the task (SmolLM2's sentences, ``3 - 8 = -5.``): every position after a written total that crossed below zero,
     until the next total."""
-    from ..organism import mechanisms as planted
-
     pieces = [tokenizer.decode([token]) for token in ids]
     text = "".join(pieces)
     start = sum(len(piece) for piece in pieces[:prompt_tokens])
@@ -165,8 +187,6 @@ class StudyConfig:
     """... and it fires on at least this share of those tokens' occurrences (else ``input_abstract``)."""
 
     def __post_init__(self):
-        from .replay import check_mode
-
         check_mode(self.mode)
         if not 0 < self.influence_mass <= 1 or not 0 <= self.output_direct_share <= 1:
             raise ValueError("influence_mass must be in (0, 1] and output_direct_share in [0, 1]")
@@ -247,8 +267,6 @@ def gather_evidence(model, tokenizer, prompts: list[HesitationPrompt], token: in
     """Attribute the "wait" logit on every prompt in ``config.mode``: aggregate influence per feature (layer, id) over
     the prompts ``select_on`` (default: all), record every prompt's predicted feature removals, and check each
     graph's top features against removals in the real model at two scales (``config.small_removal`` and full)."""
-    from .interventions import intervention_records
-
     if not prompts:
         raise ValueError("no hesitation prompts: the target never said the hesitation word in its rollouts")
     select_on = list(range(len(prompts))) if select_on is None else sorted(set(select_on))
@@ -280,7 +298,7 @@ def gather_evidence(model, tokenizer, prompts: list[HesitationPrompt], token: in
             prefix_influence += influences[1]
         del graph, influence
     return StudyEvidence(stats, per_prompt, token_counts, checks, predictions, prefix, prefix_influence,
-                         feature_influence, select_on, prompts, config, len(find_layers(unwrap(model))))
+                         feature_influence, select_on, prompts, config, anatomy(model).n_layers)
 
 
 def _predicted_feature_removals(graph, prefix: int) -> dict[tuple[int, int], float]:
@@ -331,8 +349,6 @@ def summarize_evidence(evidence: StudyEvidence, model, tokenizer, token: int,
                        selected: list[tuple[int, int]] | None = None) -> dict:
     """The study's JSON-ready dict: the features ``selected`` (default: the fewest carrying
     ``config.influence_mass`` of the influence on the selection prompts), grouped, with the intervention check."""
-    from .interventions import agreement, two_scale_agreement
-
     config, prompts = evidence.config, evidence.prompts
     chosen = [prompts[n] for n in evidence.select_on]
     study = summarize_study(evidence.stats, evidence.per_prompt, config, evidence.n_layers, _width(model), model,
@@ -377,7 +393,7 @@ def _contexts(entry: FeatureEvidence, prompts: list[HesitationPrompt], tokenizer
 
 
 def _width(model) -> int:
-    return get_mlp(unwrap(model), 0).adapter.W_enc.shape[0]
+    return anatomy(model).mlp(0).adapter.W_enc.shape[0]
 
 
 def select_features(stats: dict, influence_mass: float) -> list[tuple[int, int]]:
@@ -402,7 +418,7 @@ def decoder_logit_effect(model, layer: int, feature: int, token: int, demean: bo
     unembed = inner.get_output_embeddings().weight
     weight = final_norm_weight(inner) if final_weight is None else final_weight
     direction = (unembed[token] - (unembed.mean(0) if demean else 0)) * weight
-    return float(get_mlp(inner, layer).adapter.W_dec[:, feature] @ direction)
+    return float(anatomy(inner).mlp(layer).adapter.W_dec[:, feature] @ direction)
 
 
 @torch.no_grad()
@@ -412,7 +428,7 @@ def decoder_top_tokens(model, layer: int, feature: int, k: int = 5,
     inner = unwrap(model)
     unembed = inner.get_output_embeddings().weight
     weight = final_norm_weight(inner) if final_weight is None else final_weight
-    scores = unembed @ (get_mlp(inner, layer).adapter.W_dec[:, feature] * weight)
+    scores = unembed @ (anatomy(inner).mlp(layer).adapter.W_dec[:, feature] * weight)
     return (scores - scores.mean()).topk(k).indices.tolist()
 
 
@@ -428,7 +444,7 @@ def token_profile(entry: FeatureEvidence, token_counts: dict[int, int], top: int
 
 
 def mechanism_label(group: str, token_share: float, reliability: float, config: StudyConfig) -> str:
-    """The offline mechanism label (``MECHANISMS``) of a selected feature."""
+    """The offline mechanism label (``FEATURE_ROLES``) of a selected feature."""
     if group == "output":
         return "output"
     simple = token_share >= config.simple_token_share and reliability >= config.simple_token_reliability
@@ -477,7 +493,7 @@ def summarize_study(stats, per_prompt, config: StudyConfig, n_layers: int, width
         members = [f for f in features if f["group"] == name]
         groups[name] = _group_summary(members, n_layers)
     mechanisms = {name: _group_summary([f for f in features if f["mechanism"] == name], n_layers)
-                  for name in MECHANISMS}
+                  for name in FEATURE_ROLES}
     scores = {key: float(sum(p[key] for p in per_prompt) / len(per_prompt))
               for key in ("replacement_score", "completeness", "error_share_abs_direct", "feature_share_abs_direct",
                           "error_share_signed", "p_wait", "n_active_features", "n_feature_nodes", "n_tokens")}
@@ -529,7 +545,7 @@ def judge_mechanisms(study: dict, backend) -> dict:
     labels = backend.mechanism(jobs)
     for feature, label in zip(study["features"], labels):
         feature["mechanism_llm"] = label
-    counts = {name: sum(1 for label in labels if label == name) for name in (*MECHANISMS, None)}
+    counts = {name: sum(1 for label in labels if label == name) for name in (*FEATURE_ROLES, None)}
     answered = [(f["mechanism"], l) for f, l in zip(study["features"], labels) if l is not None]
     return {"counts": {str(k): v for k, v in counts.items()},
             "agreement_with_offline": sum(a == b for a, b in answered) / len(answered) if answered else float("nan"),

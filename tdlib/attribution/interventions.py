@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..models import get_mlp, unwrap
+from ..models import anatomy, unwrap
 from ..splice import mlp_choice, write_site
 from .graph import AttributionGraph
 
@@ -76,7 +76,7 @@ def _removed(model, graph: AttributionGraph, nodes: list[int], fraction: float =
     handles = []
     try:
         for layer, entries in by_layer.items():
-            mlp = get_mlp(model, layer)
+            mlp = anatomy(model).mlp(layer)
             rows, positions, ids, values = (list(column) for column in zip(*entries))
             if state.mode != "target":
                 handles.append(mlp.adapter.features.register_forward_hook(_scaling(rows, positions, ids,

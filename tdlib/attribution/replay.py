@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import POST_MLP_NORM_NAMES, attention_of, find_layers, get_mlp, unwrap
+from ..models import anatomy
 from ..splice import PostMLPNorm, mlp_choice
-from .capture import FrozenNorm, NotReplayable, capture, check_replayable, fit_norm, tolerance
+from .capture import FrozenNorm, NotReplayable, capture, check_replayable, fit_norm, gated_weights, tolerance
 
 MODES = ("frozen", "relp", "target", "jacobian")
 """How the replay treats each base MLP (module docstring): a constant error node, passed through linearly by the
@@ -134,20 +134,21 @@ def freeze(model, input_ids, mode: str = "frozen") -> FrozenPrompt:
     Refuses (``NotReplayable``, naming the feature) a model the replay cannot reproduce, before running it, and
     checks that the replay reproduces every block's output and the logits."""
     check_mode(mode)
-    check_replayable(model, mode)
-    inner = unwrap(model)
+    parts = anatomy(model)
+    check_replayable(parts, mode)
+    inner = parts.model
     ids = torch.as_tensor(input_ids, device=next(inner.parameters()).device).reshape(-1)
-    with mlp_choice(inner, "target" if mode == "target" else "adapter"):
-        captured = capture(inner, ids)
+    with mlp_choice(parts, "target" if mode == "target" else "adapter"):
+        captured = capture(parts, ids)
     tol = tolerance(captured.logits.dtype)
     h = captured.blocks[0].h_in.clone()
     embeddings = h.clone()
     rows: dict[str, list] = {key: [] for key in ("attn", "attn_out", "mlp", "decoder", "base", "errors", "bias",
                                                  "mlp_bias", "gate", "up", "features", "activations", "patterns")}
-    for index, (block, frozen) in enumerate(zip(find_layers(inner), captured.blocks)):
-        h = _freeze_layer(index, block, get_mlp(inner, index), frozen, h, rows, tol, mode)
+    for index, frozen in enumerate(captured.blocks):
+        h = _freeze_layer(index, parts, frozen, h, rows, tol, mode)
     final = captured.final
-    logits = inner.get_output_embeddings()(final.apply(h))[-1]
+    logits = parts.head(final.apply(h))[-1]
     softcap = getattr(inner.config, "final_logit_softcapping", None)
     linear = mode != "frozen"
     state = FrozenPrompt(
@@ -216,16 +217,6 @@ def _activation_slope(act_fn, gate: torch.Tensor) -> torch.Tensor:
     return slope
 
 
-def gated_weights(mlp, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W_gate, W_up, W_down) of a gated MLP; refuse any other MLP by name."""
-    parts = [getattr(mlp, part, None) for part in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(p, torch.nn.Linear) for p in parts) or not callable(getattr(mlp, "act_fn", None)):
-        raise NotReplayable(f"{name} ({type(mlp).__name__}) is not a gated MLP with gate_proj, up_proj, down_proj "
-                            "and act_fn: modes 'relp' and 'target' pass influence through gated MLPs only; use "
-                            "mode='frozen'")
-    return parts[0].weight, parts[1].weight, parts[2].weight
-
-
 def linearised_mlp(x, weights, gate_coef, up_coef):
     """The linearised gated MLP on ``x`` [..., P, d] with per-position factors [P, d_ff] (no constant)."""
     w_gate, w_up, w_down = weights
@@ -233,16 +224,17 @@ def linearised_mlp(x, weights, gate_coef, up_coef):
     return ((x @ w_gate.T) * gate_coef[:n_pos] + (x @ w_up.T) * up_coef[:n_pos]) @ w_down.T
 
 
-def _post_norm_module(block):
-    """The block's post-MLP norm module itself (unwrapped from ``PostMLPNorm``)."""
-    norm = next(getattr(block, name) for name in POST_MLP_NORM_NAMES if hasattr(block, name))
+def _post_norm_module(parts, layer: int):
+    """Layer ``layer``'s post-MLP norm module itself (unwrapped from ``PostMLPNorm``)."""
+    norm = parts.post_mlp_norm(layer)
     return norm.norm if isinstance(norm, PostMLPNorm) else norm
 
 
-def _freeze_layer(index, block, mlp, frozen, h, rows, tol, mode):
+def _freeze_layer(index, parts, frozen, h, rows, tol, mode):
     n_pos, d = h.shape
     identity = FrozenNorm.identity(n_pos, d, h)
-    attention = attention_of(block)
+    mlp = parts.mlp(index)
+    attention = parts.attention(index)
     attn_out = frozen.attn_out or identity
     bias = attn_out.apply(_value_bias(attention, frozen.pattern.shape[0]).expand(n_pos, -1))
     h = h + attn_out.apply(_attend(attention, frozen.pattern, frozen.attn_in.apply(h)[None])[0]) + bias
@@ -266,7 +258,7 @@ def _freeze_layer(index, block, mlp, frozen, h, rows, tol, mode):
                                rule="jacobian" if mode == "jacobian" else "relp")
         base_frame = post
         if mode == "target" and residual:  # the norm's scale on the base MLP's own output, not the target MLP's
-            norm = _post_norm_module(block)
+            norm = _post_norm_module(parts, index)
             base_output = mlp.base_mlp(x)
             base_frame = fit_norm(f"layer {index}'s post-MLP norm", norm, base_output, norm(base_output), tol)
         base_out = base_frame.apply(linear.apply(x))
@@ -322,18 +314,19 @@ class Replay:
     """The frozen (linear) replacement model of one prompt: run it from any node values."""
 
     def __init__(self, model, state: FrozenPrompt, target_token: int, demean: bool = True):
-        inner = unwrap(model)
+        parts = anatomy(model)
+        mlps = parts.mlps()
         self.state = state
-        self.attentions = [attention_of(block) for block in find_layers(inner)]
-        self.adapters = [get_mlp(inner, i).adapter for i in range(len(self.attentions))]
-        unembed = inner.get_output_embeddings().weight
+        self.attentions = [parts.attention(i) for i in range(parts.n_layers)]
+        self.adapters = [mlp.adapter for mlp in mlps]
+        unembed = parts.head.weight
         direction = unembed[target_token] - (unembed.mean(0) if demean else 0)
         self.logit_direction = (direction * state.final_weight).detach()
         self.target_token = int(target_token)
         self.demean = demean
         self.encoders = torch.stack([a.W_enc * weight for a, weight in zip(self.adapters, state.mlp_weight)])
-        self.base_weights = ([gated_weights(get_mlp(inner, i).base_mlp, f"layer {i}'s base MLP")
-                              for i in range(len(self.attentions))] if state.passes_base_mlp else None)
+        self.base_weights = ([gated_weights(mlp.base_mlp, f"layer {i}'s base MLP") for i, mlp in enumerate(mlps)]
+                             if state.passes_base_mlp else None)
 
     def run(self, embeddings, errors, activations, biases, mlp_biases, n_layers=None, n_pos=None,
             recompute=False):

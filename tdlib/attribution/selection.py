@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..models import find_layers, get_mlp, unwrap
+from ..models import anatomy, unwrap
 from ..splice import mlp_choice
-from .interventions import rank_correlation
+from .hesitation import summarize_evidence
+from .interventions import rank_correlation, two_scale_agreement
 
 VERIFIED = "verified"
 """The rule that ranks candidates by their measured removal effect on the selection prompts."""
@@ -95,14 +96,14 @@ def gradient_evidence(model, prompts, token: int, prefix: int = 0, select_on=Non
     with mlp_choice(inner, "adapter"):
         for prompt in tqdm(prompts, desc="gradient x activation", disable=not progress):
             leaves, activations, handles = {}, {}, []
-            for layer in range(len(find_layers(inner))):
+            for layer in range(anatomy(inner).n_layers):
                 def leaf(module, args, output, layer=layer):
                     # a zero added to the activations: its gradient is the activation's, with every later feature
                     # still following it (total effects, not direct ones)
                     activations[layer] = output.detach()
                     leaves[layer] = torch.zeros_like(output, requires_grad=True)
                     return output + leaves[layer]
-                handles.append(get_mlp(inner, layer).adapter.features.register_forward_hook(leaf))
+                handles.append(anatomy(inner).mlp(layer).adapter.features.register_forward_hook(leaf))
             try:
                 with torch.enable_grad():
                     ids = torch.as_tensor(prompt.input_ids, device=device)[None]
@@ -132,10 +133,10 @@ def _hesitation_logit(model, ids: torch.Tensor, token: int, demean: bool) -> tor
 def _feature_activations(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's adapter feature activations [P, F] on one prompt ``ids`` [1, P]."""
     captured, handles = {}, []
-    for layer in range(len(find_layers(model))):
+    for layer in range(anatomy(model).n_layers):
         def keep(module, args, output, layer=layer):
             captured[layer] = output[0].detach()
-        handles.append(get_mlp(model, layer).adapter.features.register_forward_hook(keep))
+        handles.append(anatomy(model).mlp(layer).adapter.features.register_forward_hook(keep))
     try:
         model(ids, use_cache=False)
     finally:
@@ -154,7 +155,7 @@ def _zeroing_features(model, rows_by_layer: dict[int, tuple[list[int], list[int]
             output[torch.tensor(rows, device=device)[:, None], torch.arange(start, output.shape[1], device=device)[None],
                    torch.tensor(ids, device=device)[:, None]] = 0.0
             return output
-        handles.append(get_mlp(model, layer).adapter.features.register_forward_hook(zero))
+        handles.append(anatomy(model).mlp(layer).adapter.features.register_forward_hook(zero))
     return handles
 
 
@@ -291,8 +292,6 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
     from the candidate pool by predicted or measured drop (``features_by_drop``), grouped by the graphs of the
     adapter-model mode that ranked best on the selection half. The record also holds the gradient rule's node
     predictions against the graph modes' intervention checks (``gradient_check``)."""
-    from .hesitation import summarize_evidence
-
     prefix = next(iter(studies.values()))["shared_prefix_tokens"]
     evidences = {**evidences, GRADIENT: gradient_evidence(model, prompts, token, prefix, selection,
                                                           progress=progress)}
@@ -331,8 +330,6 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
 def _gradient_check(studies: dict, gradient: GradientEvidence) -> dict:
     """The gradient rule's node predictions against the real removals the graph modes' intervention checks made
     (their nodes, once each; the adapter model's removals only, so mode "target" is left out), at both scales."""
-    from .interventions import two_scale_agreement
-
     records, seen, small = [], set(), None
     for mode, study in studies.items():
         if mode == "target":

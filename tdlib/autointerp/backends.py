@@ -79,7 +79,7 @@ class ClassifyJob:
 
 @dataclass
 class MechanismJob:
-    """A reasoning feature to label by mechanism (``MECHANISMS``): its strongest contexts (activating token
+    """A reasoning feature to label by mechanism (``FEATURE_ROLES``): its strongest contexts (activating token
     marked), the tokens its decoder promotes most, and how much of its influence on the studied logit is direct."""
 
     unit: str
@@ -89,7 +89,10 @@ class MechanismJob:
     """Share of its influence on a studied logit that is direct (attribution only; None in autointerp)."""
 
 
-MECHANISMS = ("output", "input_simple", "input_abstract")
+FEATURE_ROLES = ("output", "input_simple", "input_abstract")
+"""The paper's mechanism labels for a reasoning feature: how it acts (on the output, or read from simple or abstract
+input). Not the organism's planted mechanisms (``tdlib.organism.mechanisms.MECHANISMS``: where a hesitation is
+triggered)."""
 
 
 # ----------------------------------------------------------------------------------------------- offline
@@ -469,7 +472,7 @@ class LLMBackend:
 
 
     def mechanism(self, jobs: list[MechanismJob]) -> list[str | None]:
-        """One mechanism label per job (``MECHANISMS``), None where the reply has none."""
+        """One mechanism label per job (``FEATURE_ROLES``), None where the reply has none."""
         conversations = []
         for job in jobs:
             examples = "\n".join(f"- {_mark(c)}" for c in job.contexts)

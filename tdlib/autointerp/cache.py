@@ -44,7 +44,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..models import find_layers, get_mlp
+from ..models import anatomy
+from ..organism.traces import OrganismTraces
 from ..residual import capture_features
 from ..results import atomic_directory
 from ..splice import is_spliced, mlp_choice
@@ -99,7 +100,7 @@ class CacheConfig:
 
 
 @dataclass
-class Selection:
+class TopContexts:
     """A running top-k of contexts per unit (see the module docstring for the fields)."""
 
     key: torch.Tensor
@@ -108,17 +109,17 @@ class Selection:
     segment: torch.Tensor
 
     @classmethod
-    def empty(cls, n_units: int, k: int, window: int) -> "Selection":
+    def empty(cls, n_units: int, k: int, window: int) -> "TopContexts":
         return cls(torch.full((n_units, k), -math.inf), torch.full((n_units, k, window), -1, dtype=torch.int32),
                    torch.zeros(n_units, k, window), torch.full((n_units, k), -1, dtype=torch.int8))
 
-    def merge(self, other: "Selection") -> "Selection":
+    def merge(self, other: "TopContexts") -> "TopContexts":
         k = self.key.shape[1]
         key = torch.cat([self.key, other.key], 1)
         best, order = key.topk(k, dim=1)
         take = lambda a, b: torch.cat([a, b], 1).gather(  # noqa: E731
             1, order.view(*order.shape, *([1] * (a.dim() - 2))).expand(-1, -1, *a.shape[2:]))
-        return Selection(best, take(self.tokens, other.tokens), take(self.acts, other.acts),
+        return TopContexts(best, take(self.tokens, other.tokens), take(self.acts, other.acts),
                          take(self.segment, other.segment))
 
     @property
@@ -168,7 +169,7 @@ class UnitStats:
     def __init__(self, n_units: int, config: CacheConfig, generator: torch.Generator):
         self.config = config
         self.generator = generator
-        self.selections = {s: Selection.empty(n_units, config.size(s), config.window) for s in SELECTIONS}
+        self.selections = {s: TopContexts.empty(n_units, config.size(s), config.window) for s in SELECTIONS}
         self.fires = torch.zeros(n_units, dtype=torch.long)
         self.act_sum = torch.zeros(n_units, dtype=torch.float64)
         self.seg_mass = torch.zeros(n_units, len(SEGMENTS), dtype=torch.float64)
@@ -194,7 +195,7 @@ class UnitStats:
             for name, key in keys.items():
                 self.selections[name] = self.selections[name].merge(self._candidates(acts, key, view, name))
 
-    def _candidates(self, acts, key, view: BatchView, name: str) -> Selection:
+    def _candidates(self, acts, key, view: BatchView, name: str) -> TopContexts:
         k = min(self.config.size(name), key.shape[1])
         best, position = key.topk(k, dim=1)  # [U, k]
         windows = view.windows[position]  # [U, k, W]
@@ -204,7 +205,7 @@ class UnitStats:
         n_units = acts.shape[0]
         window_acts = acts.gather(1, safe.reshape(n_units, -1)).reshape(safe.shape).masked_fill_(outside, 0.0)
         segment = view.segments[position].to(torch.int8)
-        return Selection(best, tokens, window_acts, segment)
+        return TopContexts(best, tokens, window_acts, segment)
 
 
 class ActivationCache:
@@ -304,7 +305,7 @@ class ActivationCache:
         for kind, layer in meta["units"]:
             prefix = f"{kind}.{layer}"
             record = _Record()
-            record.selections = {s: Selection(*(tensors[f"{prefix}.{s}.{p}"] for p in
+            record.selections = {s: TopContexts(*(tensors[f"{prefix}.{s}.{p}"] for p in
                                                 ("key", "tokens", "acts", "segment"))) for s in SELECTIONS}
             for part in ("fires", "act_sum", "seg_mass", "seg_fires"):
                 setattr(record, part, tensors[f"{prefix}.{part}"])
@@ -340,8 +341,8 @@ def _capture_neurons(model):
     """{layer: act(gate(x)) * up(x)} of the target's MLPs (the input of down_proj), via forward pre-hooks."""
     neurons: dict[int, torch.Tensor] = {}
     handles = []
-    for layer in range(len(find_layers(model))):
-        mlp = get_mlp(model, layer)
+    for layer in range(anatomy(model).n_layers):
+        mlp = anatomy(model).mlp(layer)
         mlp = getattr(mlp, "target_mlp", mlp)
         handles.append(mlp.down_proj.register_forward_pre_hook(
             lambda module, args, layer=layer: neurons.__setitem__(layer, args[0])))
@@ -397,7 +398,7 @@ def build_cache(model, tokenizer, batches, config: CacheConfig, model_info: dict
 
 def stream_batches(data, n_batches: int):
     """``(batch, problems)`` for steps 0..n_batches-1 of a data source with ``.batch(step)`` (e.g.
-    ``tdlib.data.OrganismTraces(..., split="validation")``: held-out traces); ``problems`` comes from
+    ``tdlib.organism.traces.OrganismTraces(..., split="validation")``: held-out traces); ``problems`` comes from
     ``data.problems(step)`` when the source has it (organism traces: enables segment labels), else None."""
     for step in range(n_batches):
         yield data.batch(step), (data.problems(step) if hasattr(data, "problems") else None)
@@ -405,7 +406,5 @@ def stream_batches(data, n_batches: int):
 
 def organism_batches(tokenizer, pair_config: str, config: CacheConfig):
     """Held-out organism traces (the validation stream, never trained on) with their problems."""
-    from ..data import OrganismTraces
-
     traces = OrganismTraces(tokenizer, pair_config, config.batch_size, config.seed, split="validation")
     return stream_batches(traces, config.n_batches)

@@ -18,7 +18,7 @@ import math
 
 import pandas as pd
 
-from .backends import CATEGORIES, MECHANISMS, ClassifyJob, Context, MechanismJob
+from .backends import CATEGORIES, FEATURE_ROLES, ClassifyJob, Context, MechanismJob
 from .cache import ActivationCache
 from .segments import ADDED_BY_DISTILLATION, SEGMENTS
 
@@ -27,7 +27,7 @@ def classify_units(table: pd.DataFrame, cache: ActivationCache, backend, n_examp
                    promoted: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """``table`` with the two levels of the classification: ``category`` (language / domain / reasoning /
     uninterpretable; None where the back end gave no usable answer) and, for reasoning units, ``mechanism``
-    (``backends.MECHANISMS``: output / input_simple / input_abstract; None for the others). ``promoted``: unit
+    (``backends.FEATURE_ROLES``: output / input_simple / input_abstract; None for the others). ``promoted``: unit
     name -> the tokens its output direction promotes most (``page.logit_effects``), shown to the judge."""
     promoted = promoted or {}
     jobs, examples_by_unit = [], {}
@@ -60,7 +60,7 @@ def category_shares(table: pd.DataFrame) -> dict:
         shares[kind]["n_classified"] = int(len(classified))
         labelled = group["mechanism"].dropna() if "mechanism" in group else pd.Series(dtype=object)
         shares[kind]["mechanisms"] = {m: float((labelled == m).mean()) if len(labelled) else math.nan
-                                      for m in MECHANISMS}
+                                      for m in FEATURE_ROLES}
         shares[kind]["n_mechanism_labelled"] = int(len(labelled))
     return shares
 

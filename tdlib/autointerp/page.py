@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..models import get_mlp, unwrap
+from ..models import anatomy, unwrap
 from ..results import atomic_write_text, resolve
 from .cache import ActivationCache, Example
 
@@ -35,7 +35,7 @@ def logit_effects(model, table: pd.DataFrame, vocab: list[str], k: int = 3) -> d
                               + [True] * max(0, unembed.shape[0] - len(vocab)))
     effects = {}
     for row in table.itertuples():
-        mlp = get_mlp(model, row.layer)
+        mlp = anatomy(model).mlp(row.layer)
         if row.kind == "adapter":
             direction = mlp.adapter.W_dec[:, row.unit]
         else:

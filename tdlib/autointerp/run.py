@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..pairs import Pair
+from ..runs import RUN_FILE, run_dir
 from .cache import ActivationCache, CacheConfig, build_cache, stream_batches
 from .classify import category_shares, classify_units, ground_truth_check
+from .page import logit_effects
 from .scoring import ScoringConfig, score_units, summarize_detection
 
 
@@ -23,8 +25,6 @@ def cache_dir(pair: Pair, model_name: str) -> Path:
 def run_fingerprint(pair: Pair, model_name: str, root: Path | None = None) -> str | None:
     """A hash of the run's run.json (rewritten whenever the run is trained again), so a retrained adapter
     never reuses a stale cache."""
-    from ..runs import RUN_FILE, run_dir
-
     path = run_dir(pair, model_name, root) / RUN_FILE
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
@@ -50,8 +50,6 @@ def score_and_classify(cache: ActivationCache, backend, config: ScoringConfig, m
                        n_promoted: int = 10) -> pd.DataFrame:
     """Score every sampled unit, then classify it in two levels; with ``model``, each unit's ``n_promoted`` most
     promoted tokens (``page.logit_effects``) go to the judge."""
-    from .page import logit_effects
-
     table = score_units(cache, backend, config)
     promoted = None
     if model is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..plots import MODEL_COLORS
 from .backends import Context, DetectJob, ExplainJob
 from .cache import ActivationCache, Example
 from .segments import SEGMENTS
@@ -179,8 +180,6 @@ def summarize_detection(table: pd.DataFrame) -> dict:
 def detection_figure(table: pd.DataFrame, backend_name: str = ""):
     """Like the paper's Fig. 5: distributions of detection scores, adapters vs neurons, in the two regimes."""
     import matplotlib.pyplot as plt
-
-    from ..plots import MODEL_COLORS
 
     colors = {"adapter": MODEL_COLORS["adapter"], "neuron": MODEL_COLORS["target"]}
     labels = {"adapter": "adapter features", "neuron": "target MLP neurons"}

@@ -51,7 +51,7 @@ def character_segments(problem: task.Problem) -> tuple[str, list[int]]:
 
 def token_segments(tokenizer, problem: task.Problem, add_eos: bool = True) -> tuple[list[int], list[int]]:
     """``(input_ids, segment ids)`` for ``prompt + trace`` (+ eos), tokenized exactly as
-    ``tdlib.data.OrganismTraces`` does; each token takes the segment of its last character."""
+    ``tdlib.organism.traces.OrganismTraces`` does; each token takes the segment of its last character."""
     text, labels = character_segments(problem)
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids, segments = list(encoded["input_ids"]), []

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..results import atomic_directory
-from ..schedule import warmup_cosine
+from ..schedule import fine_tune_steps
 from . import task
 from .tokenizer import save_tokenizer, train_tokenizer
 
@@ -265,25 +264,17 @@ def train_phase(model, tokenizer, phase: TrainPhase, examples: _Mixture, desc: s
                 parameters: list[torch.nn.Parameter] | None = None) -> tuple[list[float], int]:
     """Train ``model`` (or only ``parameters``) in place on examples from ``examples``; returns the loss curve and
     the number of real (non-padding) tokens seen."""
-    model.train()
     parameters = list(model.parameters()) if parameters is None else parameters
-    optimizer = torch.optim.AdamW(parameters, lr=phase.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(phase.steps, phase.warmup))
-    losses, tokens = [], 0
-    bar = tqdm(range(phase.steps), desc=desc, leave=False)
-    for step in bar:
+    tokens = 0
+
+    def loss_at(step: int) -> torch.Tensor:
+        nonlocal tokens
         batch = _batch(tokenizer, [examples.next() for _ in range(phase.batch_size)])
-        loss = model(**batch).loss
-        loss.backward()
         tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return model(**batch).loss
+
+    losses = fine_tune_steps(model, parameters, loss_at, phase.steps, phase.lr, phase.warmup, weight_decay=0.01,
+                             betas=(0.9, 0.98), desc=desc)
     return losses, tokens
 
 

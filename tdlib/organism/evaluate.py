@@ -5,6 +5,7 @@ from collections import defaultdict
 
 from ..generate import Generation, generate_greedy
 from . import task
+from .mechanisms import expression_rates
 
 
 def _headline(problems: list[task.Problem], responses: list[str], lengths: list[int]) -> dict:
@@ -21,8 +22,6 @@ def _headline(problems: list[task.Problem], responses: list[str], lengths: list[
 def score(problems: list[task.Problem], generation: Generation) -> dict:
     """Headline metrics, a per-difficulty breakdown (number of terms), the same per prompt style (direct Q, or a Q
     asking for steps), and how often each planted mechanism's behaviour shows where its trigger is met."""
-    from .mechanisms import expression_rates
-
     responses, lengths = generation.responses, generation.response_tokens
     by_terms = defaultdict(list)
     for problem, response in zip(problems, responses):

@@ -5,10 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..metrics import kl_divergence, next_token_mask
-from ..models import find_layers
+from ..models import anatomy
 from ..splice import mlp_choice, set_mlp_choice, splice
-from . import task
+from . import mechanisms, task
+from ..data import pad_batch
 from .build import OrganismConfig, OrganismPaths, eval_problems, get_config, load_manifest
+from .evaluate import evaluate
 
 DESIGN_BOUNDS = {
     "min_accuracy_gain": 0.30, "min_length_ratio": 3.0, "target_wait_rate": (0.15, 0.85),
@@ -36,8 +38,6 @@ def load_organism_models(paths: OrganismPaths):
 
 def evaluate_organism(config: str | OrganismConfig, paths: OrganismPaths, batch_size: int = 100) -> tuple[dict, dict]:
     """Results in the 00_pair.json schema, and the generations per model (for inspection)."""
-    from .evaluate import evaluate
-
     config = get_config(config)
     problems = eval_problems(config)
     base, target, hybrid, tokenizer = load_organism_models(paths)
@@ -78,9 +78,7 @@ def pair_diagnostics(hybrid, base, tokenizer, problems: list[task.Problem], batc
     * ``single_swap_kl``: the same KL when only layer i uses the base's MLP (one entry per layer);
     * ``embedding_nmse``: sum((E_base - E_target)^2) / sum(E_target^2) of the (tied) embedding matrices.
     """
-    from ..data import pad_batch
-
-    n_layers = len(find_layers(hybrid))
+    n_layers = anatomy(hybrid).n_layers
     choices = {"hybrid": "base", **{f"layer{i}": ["base" if j == i else "target" for j in range(n_layers)]
                                     for i in range(n_layers)}}
     totals = {name: 0.0 for name in choices}
@@ -110,9 +108,6 @@ def pair_diagnostics(hybrid, base, tokenizer, problems: list[task.Problem], batc
 def hesitation_probability(model, tokenizer, problems: list[task.Problem], batch_size: int = 100) -> dict:
     """Teacher-forced on the target's reference traces: the mean probability ``model`` puts on the hesitation word
     at each mechanism's decision points (where the trace hesitates), and at the points with no trigger."""
-    from ..data import pad_batch
-    from . import mechanisms
-
     wait_id = tokenizer(" " + task.HESITATION, add_special_tokens=False)["input_ids"][0]
     sums = {m: [0.0, 0] for m in (*mechanisms.MECHANISMS, "none")}
     for start in range(0, len(problems), batch_size):

@@ -15,18 +15,26 @@ mechanism that fires (``crossing``, ``repeat``, ``slip``) or none. On them we me
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import pad_batch
-from .models import find_layers
-from .metrics import kl_from_log_probs
-from .organism import task
-from .residual import capture_features
-from .steer import FeatureSet, ablate_features
+from ..data import pad_batch
+from ..models import anatomy
+from ..metrics import kl_from_log_probs
+from . import mechanisms, task
+from .. import attribution as A
+from ..attribution.hesitation import cut_at_token, hesitation_token
+from ..generate import generate_greedy
+from ..residual import capture_features
+from ..runs import load_named
+from ..steer import FeatureSet, ablate_features, features_by_layer
+from ..sweep import seed_variant
+from .build import eval_problems, get_config
+from .mechanisms import DISTRACTOR, MECHANISMS
 
 
 @dataclass
@@ -51,8 +59,6 @@ class DecisionPositions:
 
 def decision_positions(tokenizer, problems: list[task.Problem], batch_size: int = 50) -> DecisionPositions:
     """Tokenise the target's reference traces of ``problems`` and place every decision point of the answer key."""
-    from .organism import mechanisms
-
     out = DecisionPositions([], [], [], [], [], [], [])
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
@@ -232,12 +238,10 @@ def mlp_activations(model, positions: DecisionPositions) -> torch.Tensor:
     """The MLP hidden activations (the input of every layer's ``down_proj``; in a spliced model, of the MLP that
     runs: the base's in the hybrid) at each decision point and answer end: [n decisions + n answers, layers x
     width], decisions first, in ``decision_activations``' order."""
-    from .models import get_mlp
-
     captured: dict[int, torch.Tensor] = {}
     handles = []
-    for layer in range(len(find_layers(model))):
-        mlp = get_mlp(model, layer)
+    for layer in range(anatomy(model).n_layers):
+        mlp = anatomy(model).mlp(layer)
         mlp = getattr(mlp, "base_mlp", mlp)  # a spliced layer: the base MLP is the one the hybrid runs
         handles.append(mlp.down_proj.register_forward_pre_hook(
             lambda module, args, layer=layer: captured.__setitem__(layer, args[0])))
@@ -271,8 +275,6 @@ def _adapter_matrix(model, positions: DecisionPositions) -> tuple[torch.Tensor, 
 def answer_key(positions: DecisionPositions) -> dict[str, np.ndarray]:
     """Per mechanism, the rows (decisions then answer ends, as ``mlp_activations``) it labels positive, and the rows
     it is scored on: hesitation mechanisms on the ``;`` decisions, the distractor on decisions + answer ends."""
-    from .organism.mechanisms import DISTRACTOR, MECHANISMS
-
     labels = [m for batch in positions.mechanisms for m in batch]
     n_answers = sum(len(a) for a in positions.answers)
     decision = np.array([True] * len(labels) + [False] * n_answers)
@@ -382,10 +384,6 @@ def mechanism_prompts(target, tokenizer, problems: list[task.Problem], per_mecha
     period (the distractor): at most ``per_mechanism`` prompts each, topped up from the reference traces when the
     rollouts show a mechanism too rarely (``source`` "trace"). Keys: the mechanisms, ``period``, and
     ``unexplained`` (hesitations at a point with no trigger)."""
-    from .attribution.hesitation import cut_at_token, hesitation_token
-    from .generate import generate_greedy
-    from .organism import mechanisms
-
     wait = hesitation_token(tokenizer, " " + task.HESITATION)
     period = hesitation_token(tokenizer, task.DISTRACTOR)
     found: dict[str, list] = {m: [] for m in (*mechanisms.MECHANISMS, mechanisms.DISTRACTOR, "unexplained")}
@@ -416,3 +414,57 @@ def jaccard(a: list[dict], b: list[dict]) -> float:
     sa = {(f["layer"], f["feature"]) for f in a}
     sb = {(f["layer"], f["feature"]) for f in b}
     return len(sa & sb) / len(sa | sb) if sa | sb else float("nan")
+
+
+def answer_key_study(pair, adapter_model, target, tokenizer, *, study: dict, mode_study: dict, prompts: list,
+                     selection_prompts: list, n_searched: int, wait: int, settings, n_truth_problems: int,
+                     n_mechanism_prompts: int, max_new_tokens: int, model_name: str, stability_seed: int | None,
+                     train_root=None, progress=print) -> dict:
+    """Notebook 05 on the organism: the selected hesitation features (``study``) scored against the answer key on
+    the last ``n_truth_problems`` held-out problems (``score_against_rule``); a study per planted mechanism on
+    prompts cut at its decision points (``settings``: the per-mechanism ``StudyConfig``) and every set scored with
+    baselines (``mechanism_benchmark``); with ``stability_seed``, the same for the analysis adapter retrained with
+    that seed (Jaccard overlap and AUROC of each set). ``mode_study``: the selected mode's own study (the like-for-like
+    set the seeds are compared on). Returns the entries of ``05_attribution.json`` these fill."""
+    from .mechanisms import DISTRACTOR
+
+    problems = eval_problems(get_config(pair.name))
+    n_truth = min(n_truth_problems, len(problems) // 2)  # the tiny smoke organism has 32 problems
+    truth_problems, selection_problems = problems[-n_truth:], problems[:len(problems) - n_truth]
+    overlaps = n_searched > len(selection_problems)
+    if overlaps:
+        progress(f"note: the study's {n_searched} rollout problems overlap the {n_truth} scored ones")
+    truth = score_against_rule(adapter_model, tokenizer, truth_problems, features_by_layer(study["features"]))
+
+    by_mechanism = mechanism_prompts(target, tokenizer, selection_problems, n_mechanism_prompts, max_new_tokens)
+    sources = {m: dict(Counter(p.source for p in ps)) for m, ps in by_mechanism.items()}
+    progress(f"prompts per mechanism: {sources}")
+    period = A.hesitation_token(tokenizer, ".")
+
+    def mechanism_sets(model):
+        found = {m: A.hesitation_study(model, tokenizer, p, period if m == DISTRACTOR else wait, settings)
+                 for m, p in by_mechanism.items() if p and m != "unexplained"}
+        return found, {"hesitation": features_by_layer(study["features"]) if model is adapter_model else None,
+                       **{m: features_by_layer(s["features"]) for m, s in found.items()}}
+
+    base_model, hybrid_model = load_named(pair, "base"), load_named(pair, "hybrid")
+    studies, sets = mechanism_sets(adapter_model)
+    benchmark = mechanism_benchmark(adapter_model, base_model, hybrid_model, tokenizer, truth_problems, sets)
+    stability = None
+    if stability_seed is not None:
+        second_name, second_model = seed_variant(pair, model_name, stability_seed, train_root)
+        second_hesitation = A.hesitation_study(second_model, tokenizer, prompts, wait, settings,
+                                               select_on=selection_prompts)
+        second_studies, second_sets = mechanism_sets(second_model)
+        second_sets["hesitation"] = features_by_layer(second_hesitation["features"])
+        second_scores = mechanism_benchmark(second_model, base_model, hybrid_model, tokenizer, truth_problems,
+                                            second_sets)
+        first = {"hesitation": mode_study["features"], **{m: s["features"] for m, s in studies.items()}}
+        second = {"hesitation": second_hesitation["features"], **{m: s["features"] for m, s in second_studies.items()}}
+        stability = {"seed_model": second_name, **{
+            m: {"jaccard": jaccard(first[m], second[m]), "n_features": [len(first[m]), len(second[m])],
+                "set_auroc": [benchmark["scores"][m].get("set", {}).get("auroc"),
+                              second_scores["scores"][m].get("set", {}).get("auroc")]}
+            for m in first if m in second}}
+    return {"ground_truth": truth, "benchmark": benchmark, "mechanism_studies": studies,
+            "mechanism_prompts": sources, "stability": stability, "selection_overlaps_scoring": overlaps}

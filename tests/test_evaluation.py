@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from tdlib.answers import extract_answer, extract_choice, is_equivalent, last_boxed, normalize_answer
-from tdlib.bench import evaluate_items, recovered_gain, wilson_interval
+from tdlib.evaluation import evaluate_items, recovered_gain, wilson_interval
 from tdlib.generate import SamplingConfig, generate_greedy
 from tdlib.problems import BENCHMARKS, BenchItem, check_response, load_benchmark, organism_items, render_prompts
 
@@ -185,7 +185,7 @@ def _scored(correct, n):
 
 
 def test_gain_interval_is_newcombes_from_the_wilson_intervals():
-    from tdlib.bench import accuracy_gain
+    from tdlib.evaluation import accuracy_gain
 
     # Newcombe (1998), Statistics in Medicine 17:873, example (a): 56/70 vs 48/80, method 10 -> 0.0524 to 0.3339
     gain = accuracy_gain(base=_scored(48, 80), target=_scored(56, 70))
@@ -195,7 +195,7 @@ def test_gain_interval_is_newcombes_from_the_wilson_intervals():
 
 
 def test_recovered_gain_is_undefined_when_the_targets_gain_is_within_its_interval():
-    from tdlib.bench import recovered_gains
+    from tdlib.evaluation import recovered_gains
 
     # target 2% vs base 0% on 50 problems: the formula alone gave a hybrid at 6% a recovered gain of 3.0
     assert recovered_gain(0.06, 0.0, 0.02) == pytest.approx(3.0)
@@ -274,7 +274,7 @@ TRAIN = {"models": {"adapter_l1_0.001": {"kind": "adapter", "l1_weight": 0.001},
 
 
 def test_benchmark_model_names_order():
-    from tdlib.bench import benchmark_model_names
+    from tdlib.evaluation import benchmark_model_names
 
     assert benchmark_model_names(TRAIN) == ["base", "target", "hybrid", "adapter_l1_0.01", "adapter_l1_0.001",
                                             "mlp_finetune", "local_mse"]
@@ -287,7 +287,7 @@ def _entry(accuracy, length, base=0.5, target=0.9):
 
 
 def test_benchmark_checks_pass_and_fail_on_the_numbers():
-    from tdlib.bench import benchmark_checks
+    from tdlib.evaluation import benchmark_checks
 
     models = {"base": _entry(0.5, 5), "target": _entry(0.9, 50), "hybrid": _entry(0.52, 30),
               "adapter_l1_0.01": _entry(0.8, 45), "adapter_l1_0.001": _entry(0.75, 70)}
@@ -317,16 +317,16 @@ def test_benchmark_figure_draws_every_model(tmp_path):
 
 
 def test_hesitations_are_counted_as_words_in_any_case():
-    from tdlib.bench import count_hesitations
+    from tdlib.evaluation import count_hesitations
 
-    assert count_hesitations("2-6=-4; wait, check: ok") == 1
-    assert count_hesitations("So x=3.\n\nWait, no. Hmm, wait... WAIT") == 3
-    assert count_hesitations("we await the answer; waiting is not it; waits") == 0
+    assert count_hesitations("2-6=-4; wait, check: ok", "wait") == 1
+    assert count_hesitations("So x=3.\n\nWait, no. Hmm, wait... WAIT", "wait") == 3
+    assert count_hesitations("we await the answer; waiting is not it; waits", "wait") == 0
     assert count_hesitations("Wait", " wait") == 1
 
 
 def test_pair_checks_ask_the_organism_for_its_design_and_a_real_pair_for_a_difference():
-    from tdlib.bench import pair_checks
+    from tdlib.evaluation import pair_checks
 
     def model(accuracy, tokens, wait_rate):
         return {"accuracy": accuracy, "mean_response_tokens": tokens, "wait_rate": wait_rate,
@@ -349,18 +349,16 @@ def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
     notebook 06's conditions), and a "wait" in the text does not count for it."""
     import dataclasses
 
-    import tdlib.bench as bench
-    import tdlib.models as models
-    import tdlib.runs as runs
+    import tdlib.evaluation as evaluation
     from tdlib.generate import Generation
     from tdlib.pairs import resolve_pair
     from tdlib.problems import EvalSet
-    from tdlib.steer import run_condition
+    from tdlib.ablation import run_condition
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
         return Generation(prompts, ["Hmm, so 2.", "wait, 2."], [4, 3])
 
-    monkeypatch.setattr(bench, "generate_greedy", fake_generate)
+    monkeypatch.setattr(evaluation, "generate_greedy", fake_generate)
     items = [BenchItem("a", "Q: 1+1=?", "2"), BenchItem("b", "Q: 3-1=?", "2")]
     scores = evaluate_items(None, None, items, benchmark="organism", max_new_tokens=5, hesitation_word="Hmm")[0]
     assert scores["wait_rate"] == 0.5
@@ -368,17 +366,16 @@ def test_every_evaluation_counts_the_pairs_own_hesitation_word(monkeypatch):
     metrics, _ = run_condition(None, None, evalset, word="Hmm")
     assert metrics["wait_rate"] == 0.5 and metrics["n_wait"] == 1
     pair = dataclasses.replace(resolve_pair("smoke", build=False), hesitation_word="Hmm")
-    monkeypatch.setattr(models, "load_tokenizer", lambda path: None)
-    monkeypatch.setattr(runs, "load_named", lambda pair, name: None)
-    results, _ = bench.run_benchmark(pair, ["base"], items, benchmark="organism", max_new_tokens=5, progress=False)
+    monkeypatch.setattr(evaluation, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(evaluation, "load_named", lambda pair, name: None)
+    results, _ = evaluation.run_benchmark(pair, ["base"], items, benchmark="organism", max_new_tokens=5, progress=False)
     assert results["base"]["wait_rate"] == 0.5
-    assert bench.run_benchmark(dataclasses.replace(pair, hesitation_word="Oh"), ["base"], items,
+    assert evaluation.run_benchmark(dataclasses.replace(pair, hesitation_word="Oh"), ["base"], items,
                                benchmark="organism", max_new_tokens=5, progress=False)[0]["base"]["wait_rate"] == 0
 
 
 def test_every_benchmark_is_scored_with_each_model_loaded_once_and_written_per_benchmark(monkeypatch, tmp_path):
-    import tdlib.bench as bench
-    from tdlib import models, runs
+    import tdlib.evaluation as evaluation
     from tdlib.generate import Generation
     from tdlib.pairs import resolve_pair
     from tdlib.plots import benchmarks_figure
@@ -392,34 +389,34 @@ def test_every_benchmark_is_scored_with_each_model_loaded_once_and_written_per_b
         return Generation(prompts, [f"wait, {response}" if model == "target" else response] * len(prompts),
                           [3] * len(prompts))
 
-    monkeypatch.setattr(bench, "generate_greedy", fake_generate)
-    monkeypatch.setattr(models, "load_tokenizer", lambda path: None)
-    monkeypatch.setattr(runs, "load_named", lambda pair, name: loaded.append(name) or name)
+    monkeypatch.setattr(evaluation, "generate_greedy", fake_generate)
+    monkeypatch.setattr(evaluation, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(evaluation, "load_named", lambda pair, name: loaded.append(name) or name)
     twos = [BenchItem(str(i), f"Q: {i}+{2 - i}=?", "2") for i in range(3)]
     evalsets = [EvalSet("organism", [BenchItem("a", "Q: 0+1=?", "1")] * 2 + twos[:1], 5, "first"),
                 EvalSet("organism", twos, 7, "second")]
     pair = resolve_pair("smoke", build=False)
-    results = bench.run_benchmarks(pair, ["base", "target", "hybrid"], evalsets, progress=False)
+    results = evaluation.run_benchmarks(pair, ["base", "target", "hybrid"], evalsets, progress=False)
     assert loaded == ["base", "target", "hybrid"]  # once each, not once per benchmark
     assert [round(r.models["target"]["accuracy"], 3) for r in results] == [0.333, 1.0]
     assert [r.models["base"]["accuracy"] for r in results] == [pytest.approx(2 / 3), 0.0]
-    summaries = [bench.benchmark_summary(r, TRAIN) for r in results]
-    written = bench.benchmark_results(summaries, None)
+    summaries = [evaluation.benchmark_summary(r, TRAIN) for r in results]
+    written = evaluation.benchmark_results(summaries, None)
     assert written["n_problems"] == 3 and written["max_new_tokens"] == 5 and written["decoding"] == {"sampled": False}
     assert written["models"] is summaries[0]["models"] and written["checks"] == summaries[0]["checks"]
-    assert "by_benchmark" not in bench.benchmark_results(summaries[:1], None)
+    assert "by_benchmark" not in evaluation.benchmark_results(summaries[:1], None)
     summaries[1]["benchmark"] = "second"
-    written = bench.benchmark_results(summaries, None)
+    written = evaluation.benchmark_results(summaries, None)
     assert list(written["by_benchmark"]) == ["organism", "second"]
     assert written["by_benchmark"]["second"]["max_new_tokens"] == 7
-    assert "target gain over base" in bench.target_gain_line(summaries[1])
+    assert "target gain over base" in evaluation.target_gain_line(summaries[1])
     fig = benchmarks_figure(summaries, TRAIN)
     assert len(fig.axes) == 4 and "second" in fig.axes[2].get_title()
     assert len(benchmarks_figure(summaries[:1], TRAIN).axes) == 2
 
 
 def test_pass_at_1_over_samples_with_an_interval_over_problems_and_the_budget_counter(monkeypatch):
-    import tdlib.bench as bench
+    import tdlib.evaluation as evaluation
     from tdlib.generate import Generation
 
     seeds = []
@@ -429,7 +426,7 @@ def test_pass_at_1_over_samples_with_an_interval_over_problems_and_the_budget_co
         right = sampling.seed % 2 == 0  # even seeds answer every problem, odd seeds none
         return Generation(prompts, [f" A: {2 if right else 3}"] * len(prompts), [4, max_new_tokens])
 
-    monkeypatch.setattr(bench, "generate_sampled", fake_sampled)
+    monkeypatch.setattr(evaluation, "generate_sampled", fake_sampled)
     items = [BenchItem("a", "Q: 1+1=?", "2"), BenchItem("b", "Q: 3-1=?", "2")]
     sampling = SamplingConfig(seed=10, n_samples=4)
     scores, generation, correct = evaluate_items(None, None, items, benchmark="organism", max_new_tokens=9,
@@ -438,7 +435,7 @@ def test_pass_at_1_over_samples_with_an_interval_over_problems_and_the_budget_co
     assert scores["accuracy"] == 0.5 and scores["n_samples"] == 4
     assert scores["accuracy_ci"] == [0.5, 0.5]  # every problem is right on exactly half its samples
     assert scores["hit_budget_share"] == 0.5  # one response of each pair ran into the 9-token budget
-    mean, interval = bench.pass_at_1([[True, False, True], [True, False, False]], n_bootstrap=2000)
+    mean, interval = evaluation.pass_at_1([[True, False, True], [True, False, False]], n_bootstrap=2000)
     assert mean == 0.5 and interval[0] < 0.5 < interval[1]
     with pytest.raises(ValueError, match="n_samples"):
         SamplingConfig(n_samples=0)

@@ -18,7 +18,9 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 
 from .generate import Generation, SamplingConfig, generate_greedy, generate_sampled
+from .models import load_tokenizer
 from .problems import BENCHMARKS, BenchItem, EvalSet, benchmark_prompts, check_organism_response, check_response
+from .runs import load_named
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring
@@ -34,12 +36,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
-def count_hesitations(text: str, word: str = "wait") -> int:
+def count_hesitations(text: str, word: str) -> int:
     """How often ``word`` occurs as a word, any case ("Wait," and " wait" count; "await" does not)."""
     return len(re.findall(rf"(?<![A-Za-z]){re.escape(word.strip())}(?![A-Za-z])", text, flags=re.IGNORECASE))
 
 
-def score_responses(correct: list[bool], generation: Generation, hesitation: str = "wait",
+def score_responses(correct: list[bool], generation: Generation, hesitation: str,
                     max_new_tokens: int | None = None) -> dict:
     """Accuracy (Wilson 95% interval), mean response tokens and the share of responses saying ``hesitation``
     (as a word, any case); with ``max_new_tokens``, also the share of responses that ran into that budget (cut
@@ -186,9 +188,6 @@ def run_benchmarks(pair, names: list[str], evalsets: list[EvalSet], *, batch_siz
     """Evaluate every named model of ``pair`` on every evalset, loading each model once (a 7B load costs more than
     a small benchmark); adds ``recovered_gain`` (and its reason when undefined, ``recovered_gains``) against base
     and target per benchmark."""
-    from .models import load_tokenizer
-    from .runs import load_named
-
     tokenizer = load_tokenizer(pair.target)
     runs = [BenchmarkRun(evalset, {}, {}) for evalset in evalsets]
     for name in tqdm(names, desc="models", disable=not progress):
