@@ -75,14 +75,14 @@ class TrainingDefaults:
     @classmethod
     def for_cpu(cls, d_model: int, **overrides) -> "TrainingDefaults":
         """Training sized for two CPU cores, from the SmolLM2-135M plan that ran end to end there (docs/real_models.md,
-        "SmolLM2": 256 features at d_model 576, 100 steps of 4 traces cut at 256 tokens, lr 2e-3, L1 0.1 / 0.03 /
-        0.01, a checkpoint every 20 steps, no memory-saving recomputation): the feature count scales with the width
+        "SmolLM2": 256 features at d_model 576, 100 steps of 4 traces cut at 256 tokens, lr 2e-3, L1 0.03 / 0.01,
+        a checkpoint every 20 steps, no memory-saving recomputation): the feature count scales with the width
         (the power of two nearest d_model / 2, 64-1024); ``overrides`` (flat settings) win. The lr is 2.5x the
         paper's because 100 steps are few: at 8e-4 the SmolLM2 sweep's best held-out KL was a sixth of the hybrid's,
         at 2e-3 it is below a tenth (``tdlib.smollm2.TRAINING``)."""
         n_features = min(1024, max(64, 2 ** round(math.log2(max(d_model, 2) / 2))))
         values = {"n_features": n_features, "lr": 2e-3, "batch_size": 4, "max_tokens": 256, "steps": 100,
-                  "l1_weights": (0.1, 0.03, 0.01), "gradient_checkpointing": False, "kl_chunk_tokens": None,
+                  "l1_weights": (0.03, 0.01), "gradient_checkpointing": False, "kl_chunk_tokens": None,
                   "checkpoint_every": 20}
         return cls.of(**{**values, **overrides})
 
