@@ -24,7 +24,7 @@ from .problems import EvalSet
 from .residual import capture_features
 from .splice import mlp_choice
 from .steer import (FeatureSet, ablate_features, add_feature_directions, as_entries, chosen_adapters, clamp_features,
-                    features_by_layer, n_chosen, random_features, union)
+                    features_by_layer, features_from_attribution, n_chosen, random_features, union)
 
 FALLBACK_SOURCE = "fallback: features most selectively active right before 'wait' (05_attribution.json missing)"
 
@@ -99,6 +99,20 @@ def fallback_count(n_features_total: int, share: float | None = None) -> int:
     return max(1, math.ceil((hesitation_share() if share is None else share) * n_features_total))
 
 
+def feature_sets_for(attribution: dict | None, adapter_model: str, stats: FeatureStats,
+                     fallback_share: float | None = None) -> tuple[dict[str, FeatureSet], str]:
+    """The feature sets notebook 06 studies and where they came from: notebook 05's selection (``attribution``,
+    which must have studied ``adapter_model``) with its groups, or, when 05's results are missing, the fallback
+    selector's (``select_hesitation_features``) as the single set "all"."""
+    if attribution is None:
+        n_total = sum(len(counts) for counts in stats.fire_count.values())
+        return {"all": select_hesitation_features(stats, fallback_count(n_total, fallback_share))}, FALLBACK_SOURCE
+    if attribution.get("analysis_model") != adapter_model:
+        raise ValueError(f"05_attribution.json selected features of {attribution.get('analysis_model')!r}, this run "
+                         f"studies {adapter_model!r}: run notebook 05 with the same adapter= first")
+    return features_from_attribution(attribution), "05_attribution"
+
+
 # ----------------------------------------------------------------------------------------------- measuring
 def wait_metrics(generation: Generation, word: str, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Hesitation counts beside the accuracy metrics: the pair's hesitation ``word`` (as a word, any case) per 1,000
@@ -132,6 +146,19 @@ def run_under(model, tokenizer, evalset: EvalSet, choice, contexts, config: "Abl
 
 
 METRIC_KEYS = ("accuracy", "mean_response_tokens", "wait_rate", "wait_per_1k_tokens")
+
+
+def summary_rows(results: dict) -> dict[str, dict]:
+    """Notebook 06's summary table, one row per condition (adapter, the output group and both groups ablated, the
+    random control's mean, each steering of the target): ``METRIC_KEYS`` and the 95% intervals on the hesitation
+    rate and the response length."""
+    rows = {"adapter": results["adapter"], "ablated: output": results.get("ablated_output"),
+            "ablated: both groups": results["ablated"], "random control (mean)": results["random_control"]}
+    rows = {k: v for k, v in rows.items() if v is not None}
+    rows.update({k: v for k, v in results["steered"].items() if k != "notes"})
+    return {k: {**{m: v[m] for m in METRIC_KEYS},
+                **{f"{m} 95%": v.get(f"{m}_ci") for m in ("wait_per_1k_tokens", "mean_response_tokens")}}
+            for k, v in rows.items()}
 
 
 def summarize_draws(draws: list[dict]) -> dict:

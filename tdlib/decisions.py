@@ -695,3 +695,27 @@ def claims_rows(study: dict) -> dict[str, dict]:
             rows[f"{name}, {measure.replace('_', '-')}"] = {**row, "ci_low": entry["ci"][0], "ci_high": entry["ci"][1],
                                                             "holds": claim["holds"]}
     return rows
+
+
+def skip_reason(pair, feature_source: str) -> str | None:
+    """Why notebook 06 cannot run the decision study on ``pair`` (None: it can): the study tests notebook 05's
+    selection, so it needs 05's results, and it places its measures with the pair's answer key."""
+    if feature_source != "05_attribution":
+        return "05_attribution.json is missing: the study tests 05's selection"
+    if decision_key(pair) is None:
+        return f"pair {pair.name!r} has no answer key for its decision points"
+    return None
+
+
+def study_rows(study: dict, word: str) -> dict[str, dict[str, dict]]:
+    """Notebook 06's three views of a decision study, each {row: {column: value}}: "claims" (``claims_rows``),
+    "teacher_forced" (P(word) at planted triggers and elsewhere, per condition) and "sampled" (hesitations per
+    1k tokens, the share at triggers, accuracy and length, per sampled condition)."""
+    return {
+        "claims": study["table"],
+        "teacher_forced": {name: {f"P({word}) {where}": v[where]["mean"] for where in (TRIGGER, ELSEWHERE)}
+                           for name, v in study["teacher_forced"].items()},
+        "sampled": {name: {"per 1k": v["per_1k"]["mean"], "at triggers": v.get("at_trigger_share", {}).get("mean"),
+                           "accuracy": v["accuracy"], "tokens": v["mean_response_tokens"]}
+                    for name, v in study["sampled"].items()},
+    }

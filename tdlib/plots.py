@@ -572,6 +572,20 @@ def scoreboard_rows(benchmark: dict, study: dict | None = None, stability: dict 
     return rows
 
 
+def stability_entries(stability: dict | None) -> dict:
+    """A seed-stability record (notebook 05 on the organism) without its ``seed_model`` name: the per-set entries
+    the scoreboard and its table show."""
+    return {k: v for k, v in (stability or {}).items() if k != "seed_model"}
+
+
+def answer_key_figures(answer_key: dict, figures_dir: str | Path = "figures") -> list[Path]:
+    """Notebook 05's organism figures, saved: the selected features against the answer key (``05_ground_truth``)
+    and every planted mechanism's set on the scoreboard with its seed stability (``05_scoreboard``)."""
+    truth = save_figure(ground_truth_figure(answer_key["ground_truth"]), "05_ground_truth", figures_dir)
+    board = scoreboard_figure(answer_key["benchmark"], stability=stability_entries(answer_key["stability"]))
+    return [truth, save_figure(board, "05_scoreboard", figures_dir)]
+
+
 def scoreboard_figure(benchmark: dict, study: dict | None = None, stability: dict | None = None):
     """One table-figure: the planted mechanisms by rows, the method's scores and the baselines by columns. AUROC
     columns (the probes' too) are coloured from 0.5 (chance, white) to 1; the others carry their numbers uncoloured."""

@@ -93,6 +93,31 @@ def test_linearity_check_removal_equals_total_effect(model, graph):
     assert check["max_direct_effect_error"] < 1e-10 and check["max_total_effect_error"] < 1e-9
 
 
+def test_require_exact_passes_an_exact_graph_and_names_what_is_off(model, graph):
+    check = A.linearity_check(model, graph, n_nodes=5)
+    A.require_exact(check, graph)
+    off = {**check, "max_total_effect_error": 1.0}
+    with pytest.raises(AssertionError, match="max_total_effect_error"):
+        A.require_exact(off, graph)
+
+
+def test_study_modes_drop_repeats_and_refuse_unknown_modes_and_rules():
+    assert A.study_modes(["relp", "frozen", "relp"]) == ["relp", "frozen"]
+    assert A.study_modes(["relp"], A.VERIFIED) == ["relp"]
+    with pytest.raises(ValueError, match="unknown attribution mode"):
+        A.study_modes(["relp", "exact"])
+    with pytest.raises(ValueError, match="selection_rule 'jacobian'"):
+        A.study_modes(["relp", "frozen"], "jacobian")
+
+
+def test_rule_rows_put_the_cross_fit_beside_each_held_out_agreement():
+    selection = {"rules": {"relp": {"selection_cross_fit": 0.4, "held_out": {"within": 0.5, "pooled": 0.6}},
+                           "gradient": {"selection_cross_fit": 0.9, "held_out": {"within": 0.95}}}}
+    rows = A.rule_rows(selection)
+    assert rows["relp"] == {"selection half (cross-fit)": 0.4, "held out: within": 0.5, "held out: pooled": 0.6}
+    assert list(rows) == ["relp", "gradient"] and rows["gradient"]["held out: within"] == 0.95
+
+
 def test_batching_and_method_do_not_change_edges(model, ids, graph):
     """The hand-written transposed pass and autograd on per-target copies agree, whatever the batch size."""
     single = A.attribute(model, ids, TOKEN, batch_size=1)

@@ -314,6 +314,21 @@ def test_the_graph_page_is_one_offline_file_with_every_kind_of_node(tmp_path):
     assert f'data-nodes="{len(data["nodes"])}"' in text
 
 
+def test_the_study_page_labels_the_selected_features_with_their_contexts(tmp_path):
+    from tdlib.attribution.graph_page import write_study_page
+
+    model = adapter_model("qwen2")
+    graph = A.attribute(model, IDS, TOKEN, mode="relp")
+    first = graph.state.features[0].tolist()
+    context = {"before": "zzbefore", "token": "zztoken", "after": "", "activation": 1.0}
+    study = {"features": [{"layer": first[0], "feature": first[2], "group": "output", "mechanism": "output"}],
+             "contexts": {f"{first[0]}/{first[2]}": [context]}}
+    page = write_study_page(graph, WordTokenizer(), study, tmp_path / "page.html", "study")
+    assert "zzbefore" in page.read_text()  # the selected feature's context travels into the page
+    study["contexts"] = {}
+    assert "zzbefore" not in write_study_page(graph, WordTokenizer(), study, tmp_path / "bare.html", "s").read_text()
+
+
 @pytest.mark.slow
 def test_the_graph_page_draws_in_headless_chromium(tmp_path):
     import sys

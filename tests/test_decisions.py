@@ -198,6 +198,21 @@ def test_the_study_runs_end_to_end_and_writes_every_claim(smoke):
     assert results["sampled"]["adapter"]["n_responses"] == 8 and len(generations["adapter"].responses) == 8
     assert set(results["table"]) >= {"necessity, teacher-forced", "necessity, sampled", "sufficiency, teacher-forced"}
     assert results["preregistered"]["thresholds"]["min_excess_reduction"] == 0.5
+    views = D.study_rows(results, pair.hesitation_word)
+    assert views["claims"] == results["table"]
+    assert set(views["teacher_forced"]) == set(results["teacher_forced"])
+    assert views["teacher_forced"]["adapter"][f"P({pair.hesitation_word}) trigger"] == \
+        results["teacher_forced"]["adapter"]["trigger"]["mean"]
+    assert set(views["sampled"]) == set(results["sampled"])
+    assert views["sampled"]["hybrid"]["per 1k"] == results["sampled"]["hybrid"]["per_1k"]["mean"]
+
+
+def test_the_study_is_skipped_without_05s_selection_or_an_answer_key(smoke):
+    pair = smoke[0]
+    assert D.skip_reason(pair, "05_attribution") is None
+    assert "05_attribution.json is missing" in D.skip_reason(pair, "fallback: ...")
+    hub = resolve_pair("hub:org/base->org/target", build=False)
+    assert "no answer key" in D.skip_reason(hub, "05_attribution")
 
 
 def test_logits_at_decision_points_equal_the_full_logits_there_with_or_without_logits_to_keep():

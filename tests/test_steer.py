@@ -9,8 +9,8 @@ from tdlib.models import anatomy, load_tokenizer
 from tdlib.organism.build import eval_problems, get_config
 from tdlib.pairs import resolve_pair
 from tdlib.splice import mlp_choice
-from tdlib.ablation import (AblationConfig, FeatureStats, collect_feature_stats, run_ablation_study,
-                            select_hesitation_features)
+from tdlib.ablation import (FALLBACK_SOURCE, AblationConfig, FeatureStats, collect_feature_stats, feature_sets_for,
+                            run_ablation_study, select_hesitation_features, summary_rows)
 from tdlib.steer import (ablate_features, add_feature_directions, clamp_features, feature_contribution,
                          features_by_layer, features_from_attribution, n_chosen, random_features)
 from tdlib.runs import load_adapters, load_named
@@ -216,6 +216,12 @@ def test_synthetic_stats_selection_and_attribution_groups():
                                 {"layer": 1, "feature": 3, "group": "output", "influence": 0.2}]}
     sets = features_from_attribution(attribution)
     assert sets == {"all": {0: [2], 1: [3, 4]}, "output": {1: [3, 4]}, "template": {0: [2]}}
+    attribution["analysis_model"] = "adapter_a"
+    assert feature_sets_for(attribution, "adapter_a", stats) == (sets, "05_attribution")
+    with pytest.raises(ValueError, match="selected features of 'adapter_a', this run studies 'adapter_b'"):
+        feature_sets_for(attribution, "adapter_b", stats)
+    fallback, source = feature_sets_for(None, "adapter_b", stats, fallback_share=0.25)  # 8 features: 2 of them
+    assert fallback == {"all": {0: [1], 1: [0]}} and source == FALLBACK_SOURCE
     assert features_by_layer([(1, 2), (1, 2), (0, 5)]) == {0: [5], 1: [2]}
     with pytest.raises(ValueError, match="no 'features'"):
         features_from_attribution({"features": []})
@@ -248,6 +254,11 @@ def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     assert set(generations) >= {"ablated_output", "ablated", "random_0", "random_1"}
     assert all(isinstance(v, bool) for v in results["checks"].values())
     assert (results["benchmark"], results["n_problems"], results["max_new_tokens"]) == ("organism", 4, 8)
+    rows = summary_rows(results)
+    assert list(rows)[:4] == ["adapter", "ablated: output", "ablated: both groups", "random control (mean)"]
+    assert {"hybrid", "target_steered_-0.5"} <= set(rows) and "notes" not in rows
+    assert rows["ablated: both groups"]["wait_per_1k_tokens"] == results["ablated"]["wait_per_1k_tokens"]
+    assert rows["adapter"]["wait_per_1k_tokens 95%"] == results["adapter"]["wait_per_1k_tokens_ci"]
 
     from tdlib.plots import ablation_figure
     fig = ablation_figure(results, word="wait")
@@ -285,7 +296,7 @@ def test_wait_metrics_count_the_pairs_word_with_intervals():
 
 
 def test_mechanism_checks_read_each_mechanisms_own_rate():
-    from tdlib.organism.ablation import mechanism_checks, mechanism_summary
+    from tdlib.organism.ablation import mechanism_checks, mechanism_rates, mechanism_summary
 
     def condition(**rates):
         full = {"crossing": 0.0, "repeat": 0.0, "slip": 0.0, "period": 0.0, "none": 0.0, "hesitation": 0.0, **rates}
@@ -307,3 +318,17 @@ def test_mechanism_checks_read_each_mechanisms_own_rate():
     summary = mechanism_summary(study, "crossing")
     assert summary["adapter"] == 10 and summary["ablated"] == 2 and summary["random_mean"] == 9
     assert summary["largest_change_elsewhere"] == pytest.approx(1 / 8)
+    rates = mechanism_rates(study)
+    assert list(rates) == ["adapter", "hybrid", "crossing: ablated", "slip: ablated", "crossing: hybrid + set",
+                           "slip: hybrid + set"]
+    assert rates["slip: ablated"]["slip"] == 1 and rates["crossing: hybrid + set"]["crossing"] == 4
+
+
+def test_mechanism_sets_take_05s_sets_and_06s_ablated_union():
+    from tdlib.organism.ablation import mechanism_sets
+
+    attribution = {"mechanism_sets": {"crossing": [{"layer": 1, "feature": 3}, {"layer": 0, "feature": 2}],
+                                      "slip": [{"layer": 2, "feature": 7}]}}
+    feature_sets = {"all": {0: [1, 2, 9]}, "output": {0: [1]}, "template": {0: [2]}, "suppressor": {0: [9]}}
+    sets = mechanism_sets(attribution, feature_sets)
+    assert sets == {"crossing": {0: [2], 1: [3]}, "slip": {2: [7]}, "hesitation": {0: [1, 2]}}

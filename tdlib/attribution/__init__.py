@@ -49,11 +49,11 @@ model against the graph's predictions, at two scales), ``hesitation`` (the hesit
 rule that chooses its features, decided on held-out prompts).
 """
 from .attribute import attribute, fold_into_errors, select_features_by_influence
-from .checks import derivative_check, linearity_check, max_identity_error, replay_logit
+from .checks import derivative_check, linearity_check, max_identity_error, replay_logit, require_exact
 from .graph import (AttributionGraph, PrunedGraph, graph_scores, logit_weights, node_influence, normalize_rows,
                     propagate, prune, total_effects)
 from .hesitation import (GROUPS, FEATURE_ROLES, FeatureEvidence, HesitationPrompt, StudyConfig, StudyEvidence,
-                         cut_at_token, gather_evidence, summarize_evidence,
+                         cut_at_token, gather_evidence, gather_modes, summarize_evidence,
                          decoder_logit_effect, decoder_top_tokens, hesitation_prompts, hesitation_study,
                          hesitation_token, judge_mechanisms, rule_positions, select_features, set_overlap,
                          shared_prefix_length,
@@ -62,7 +62,7 @@ from .interventions import (agreement, calibration_slope, intervention_records, 
                             two_scale_agreement)
 from .selection import (GRADIENT, VERIFIED, GradientEvidence, agreement_on, candidate_pool, compare_rules,
                         feature_removals, features_by_drop, gradient_evidence, rule_scores, select_by_held_out_rule,
-                        split_by_problem, verified_features)
+                        rule_rows, split_by_problem, study_modes, verified_features)
 from .replay import MODES, FrozenPrompt, Replay, freeze
 from .results import attribution_results, example_graph_summary, mode_agreement
 
@@ -79,5 +79,6 @@ __all__ = [
     "feature_removals", "rule_scores", "select_by_held_out_rule", "split_by_problem", "verified_features",
     "GRADIENT", "GradientEvidence", "features_by_drop", "gradient_evidence",
     "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze", "attribution_results",
-    "example_graph_summary", "mode_agreement", "study_prompts",
+    "example_graph_summary", "mode_agreement", "study_prompts", "gather_modes", "require_exact", "study_modes",
+    "rule_rows",
 ]

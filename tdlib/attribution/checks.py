@@ -97,6 +97,17 @@ def linearity_check(model, graph: AttributionGraph, n_nodes: int = 20, seed: int
             "logit_scale": abs(graph.logit_value), **max_identity_error(graph)}
 
 
+def require_exact(check: dict, graph: AttributionGraph, rel: float = 1e-3) -> None:
+    """Raise unless ``linearity_check``'s ``check`` shows the graph exact on its prompt: the row identity, the
+    direct and total effects of removed nodes and the replay's logit, each within ``rel`` x max(1, |logit|)."""
+    tolerance = rel * max(1.0, abs(graph.logit_value))
+    keys = ("max_row_identity_error", "max_direct_effect_error", "max_total_effect_error",
+            "replay_vs_model_logit_error")
+    off = {key: check[key] for key in keys if not check[key] < tolerance}
+    if off:
+        raise AssertionError(f"the graph is not exact within {tolerance:.3g}: {off} (full check: {check})")
+
+
 class _RealMLPReplay(Replay):
     """The frozen replay with each base MLP computed by the model's own module (not linearised): attention patterns
     and norm scales stay frozen, so its derivative at the prompt is what mode "jacobian" claims to compute."""

@@ -263,3 +263,11 @@ canvas.scrollLeft = canvas.scrollWidth;  // the logit sits at the last position
 document.body.dataset.ready = "1";
 </script></body></html>
 """
+
+
+def write_study_page(graph: AttributionGraph, tokenizer, study: dict, path: str | Path, title: str) -> Path:
+    """``write_graph_page`` for a hesitation study's example graph: its selected features labelled with their
+    study entries and top contexts."""
+    keys = [f"{f['layer']}/{f['feature']}" for f in study["features"]]
+    features = {key: {**f, "contexts": study["contexts"].get(key, [])} for key, f in zip(keys, study["features"])}
+    return write_graph_page(graph_page_data(graph, tokenizer, features), path, title)

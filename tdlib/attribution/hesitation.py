@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -343,6 +344,18 @@ def _add_evidence(stats, token_counts, graph, influence, prompt, number, prefix,
         entry.token_fires[word] = entry.token_fires.get(word, 0) + 1
         entry.contexts = sorted(entry.contexts + [(activation, number, pos)], reverse=True)[:TOP_CONTEXTS]
     return total, in_prefix
+
+
+def gather_modes(model, tokenizer, prompts: list[HesitationPrompt], token: int, config: StudyConfig, modes,
+                 select_on=None) -> tuple[dict[str, StudyEvidence], dict[str, float]]:
+    """``gather_evidence`` once per mode of ``modes`` (``config`` with its mode replaced), and the seconds each
+    mode took."""
+    evidences, seconds = {}, {}
+    for mode in modes:
+        started = time.time()
+        evidences[mode] = gather_evidence(model, tokenizer, prompts, token, replace(config, mode=mode), select_on)
+        seconds[mode] = time.time() - started
+    return evidences, seconds
 
 
 def summarize_evidence(evidence: StudyEvidence, model, tokenizer, token: int,

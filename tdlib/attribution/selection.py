@@ -25,11 +25,21 @@ from ..models import anatomy, unwrap
 from ..splice import mlp_choice
 from .hesitation import summarize_evidence
 from .interventions import rank_correlation, two_scale_agreement
+from .replay import check_mode
 
 VERIFIED = "verified"
 """The rule that ranks candidates by their measured removal effect on the selection prompts."""
 GRADIENT = "gradient"
 """The rule that ranks features by gradient x activation through the real model, nothing frozen."""
+
+
+def study_modes(compare_modes, selection_rule: str | None = None) -> list[str]:
+    """The modes a study compares (``compare_modes`` checked, repeats dropped, order kept); ``selection_rule``
+    must be None (chosen on held-out prompts), ``VERIFIED`` or one of them."""
+    modes = [check_mode(name) for name in dict.fromkeys(compare_modes)]
+    if selection_rule is not None and selection_rule not in (*modes, VERIFIED):
+        raise ValueError(f"selection_rule {selection_rule!r} must be None, {VERIFIED!r} or one of compare_modes {modes}")
+    return modes
 
 
 def _problem_key(prompt) -> tuple[str, int]:
@@ -325,6 +335,14 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
               "hesitation_features": study["hesitation_features"], "gradient_check": gradient_check}
     study["selection_rule"] = rule
     return study, record
+
+
+def rule_rows(selection: dict) -> dict[str, dict]:
+    """``select_by_held_out_rule``'s comparison as a table: per rule, its cross-fit agreement on the selection half
+    and each held-out agreement."""
+    return {rule: {"selection half (cross-fit)": v["selection_cross_fit"],
+                   **{f"held out: {k}": x for k, x in v["held_out"].items()}}
+            for rule, v in selection["rules"].items()}
 
 
 def _gradient_check(studies: dict, gradient: GradientEvidence) -> dict:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ablation import AblationConfig, FeatureStats, run_under
+from ..ablation import AblationConfig, FeatureStats, run_under, study_sets
 from ..faithfulness import bootstrap_ratio
 from ..generate import Generation
 from ..problems import EvalSet
-from ..steer import (FeatureSet, ablate_features, add_feature_directions, chosen_adapters, n_chosen,
-                     random_features)
+from ..steer import (FeatureSet, ablate_features, add_feature_directions, chosen_adapters, features_by_layer,
+                     n_chosen, random_features)
 from .mechanisms import hesitations_by_mechanism
 
 
@@ -123,3 +123,20 @@ def mechanism_checks(study: dict) -> dict[str, bool]:
         checks[f"{mechanism}: added to the hybrid it appears"] = \
             _rate(entry["hybrid_plus"], mechanism) > _rate(hybrid, mechanism)
     return checks
+
+
+def mechanism_sets(attribution: dict, feature_sets: dict[str, FeatureSet]) -> dict[str, FeatureSet]:
+    """The sets the per-mechanism study ablates: notebook 05's set for each planted mechanism, and "hesitation",
+    the union of 06's groups exactly as 06's main study ablated it."""
+    sets = {m: features_by_layer(entries) for m, entries in attribution["mechanism_sets"].items()}
+    sets["hesitation"] = study_sets(feature_sets)["both"]
+    return sets
+
+
+def mechanism_rates(study: dict) -> dict[str, dict[str, float]]:
+    """Each planted mechanism's rate per 1k tokens under every condition of ``mechanism_study``: the adapter, the
+    hybrid, each set ablated and each set added to the hybrid (rows), by mechanism (columns)."""
+    conditions = [("adapter", study["adapter"]), ("hybrid", study["hybrid"])]
+    conditions += [(f"{k}: ablated", e["ablated"]) for k, e in study["sets"].items()]
+    conditions += [(f"{k}: hybrid + set", e["hybrid_plus"]) for k, e in study["sets"].items()]
+    return {name: {m: v["per_1k_tokens"] for m, v in condition["mechanisms"].items()} for name, condition in conditions}
