@@ -90,15 +90,17 @@ def smoke_page(directory: Path) -> Path:
     """A feature page for the smoke pair's adapter_l1_0.001 (trains the smoke runs when missing)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tdlib.autointerp import (CacheConfig, OfflineBackend, ScoringConfig, build_cache, classify_units,
-                                  logit_effects, organism_batches, score_units, write_feature_page)
+                                  logit_effects, score_units, stream_batches, write_feature_page)
     from tdlib.models import load_tokenizer
+    from tdlib.pair_data import data_for
     from tdlib.pairs import resolve_pair
     from tdlib.runs import load_named
 
     pair = resolve_pair("smoke")
     model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)
     config = CacheConfig(n_batches=2, batch_size=16)
-    cache = build_cache(model, tokenizer, organism_batches(tokenizer, "smoke", config), config, progress=False)
+    data = data_for(pair, tokenizer, "validation", batch_size=config.batch_size, seed=config.seed)  # held out
+    cache = build_cache(model, tokenizer, stream_batches(data, config.n_batches), config, progress=False)
     backend = OfflineBackend()
     table = classify_units(score_units(cache, backend, ScoringConfig(units_per_layer=5)), cache, backend)
     return write_feature_page(table, cache, directory / "features.html", "smoke feature page",

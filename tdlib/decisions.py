@@ -68,16 +68,7 @@ def decision_key(pair) -> DecisionKey | None:
     """The answer key of a pair built here (the organism, or a pair ``tdlib.recipe`` built: SmolLM2, Gemma 3, a pair
     file it wrote), or None for a pair without one."""
     if pair.kind.has_ground_truth:
-        from .organism import mechanisms
-
-        def organism_decisions(text, start=0):
-            return [d for d in mechanisms.decisions(text, start) if d.mechanism != mechanisms.DISTRACTOR]
-
-        def organism_tokens(tokenizer, text, start):
-            ids, placed = mechanisms.token_decisions(tokenizer, text, start)
-            return ids, [(i, d) for i, d in placed if d.mechanism != mechanisms.DISTRACTOR]
-
-        return DecisionKey("organism", organism_tokens, organism_decisions, mechanisms.MECHANISMS)
+        return pair.kind.hooks().decision_key()
 
     if recipe.is_built(pair):
         return DecisionKey(pair.name, recipe.token_decisions, recipe.decisions, recipe.PLANTED)

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from .generate import Generation, SamplingConfig, generate_greedy, generate_sampled
 from .models import load_tokenizer
-from .problems import BENCHMARKS, BenchItem, EvalSet, benchmark_prompts, check_organism_response, check_response
+from .pairs import ORGANISM
+from .problems import BENCHMARKS, BenchItem, EvalSet, benchmark_prompts, check_response
 from .runs import load_named
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def evaluate_items(model, tokenizer, items: list[BenchItem], *, benchmark: str, 
                                         desc=desc if sampling.n_samples == 1 else f"{desc} sample {s + 1}")
                        for s in range(sampling.n_samples)]
     if benchmark == "organism":
-        by_sample = [[check_organism_response(i, r) for i, r in zip(items, g.responses)] for g in generations]
+        by_sample = [[ORGANISM.hooks().check_response(i, r) for i, r in zip(items, g.responses)] for g in generations]
     else:
         by_sample = [[check_response(i, r, kind) for i, r in zip(items, g.responses)] for g in generations]
     generation = Generation([p for g in generations for p in g.prompts], [r for g in generations for r in g.responses],
@@ -273,14 +274,12 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
             "base_model": pair.portable(pair.base), "target_model": pair.portable(pair.target)}, generations
 
 
-def pair_checks(results: dict, organism: bool) -> dict[str, bool]:
-    """What notebook 00 asks of a pair. The organism has pair-level design checks
-    (``tdlib.organism.report.design_checks``, docs/method.md); a real pair is only asked to show the difference the
-    adapters are meant to explain (the target is better, longer and hesitates more)."""
-    if organism:
-        from .organism.report import design_checks
-
-        return design_checks(results)
+def pair_checks(results: dict, pair) -> dict[str, bool]:
+    """What notebook 00 asks of ``pair``. The organism has pair-level design checks (its kind's
+    ``design_checks``, docs/method.md); a real pair is only asked to show the difference the adapters are meant to
+    explain (the target is better, longer and hesitates more)."""
+    if pair.kind.has_ground_truth:
+        return pair.kind.hooks().design_checks(results)
     base, target = results["base"], results["target"]
     return {
         "target is more accurate than base": target["accuracy"] > base["accuracy"],

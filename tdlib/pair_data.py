@@ -8,19 +8,18 @@ from pathlib import Path
 from .pair_config import HubPairConfig
 from . import pairs
 from .data import ReasoningTraces, read_conversations, render_trace
-from .organism.traces import OrganismTraces
 from .pairs import Pair
 from .results import atomic_write_text
 
 
 def data_for(pair: Pair, tokenizer, split: str = "train", batch_size: int | None = None, seed: int = 0):
-    """Training or validation batches for ``pair``: the organism's traces, or the hub pair's reasoning traces
+    """Training or validation batches for ``pair``: the organism's traces (its kind's ``training_traces``), or the hub pair's reasoning traces
     (``tdlib.data.ReasoningTraces``; a hub dataset id is exported once to ``artifacts/data/<key>/<split>.jsonl``)."""
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     batch_size = batch_size or pair.training.run.batch_size
     if pair.kind.has_ground_truth:
-        return OrganismTraces(tokenizer, config=pair.name, batch_size=batch_size, seed=seed, split=split)
+        return pair.kind.hooks().training_traces(pair, tokenizer, split, batch_size, seed)
     path = trace_file(pair.hub, split)
     return ReasoningTraces(path, tokenizer, batch_size=batch_size, max_tokens=pair.training.max_tokens, seed=seed,
                            prompt_format=pair.hub.prompt_format)
@@ -31,11 +30,7 @@ def reference_responses(pair: Pair, tokenizer, limit: int | None = None) -> list
     for its evaluation problems, or a hub pair's validation traces (the chat-templated conversation up to the
     last assistant turn, and that turn's text)."""
     if pair.kind.has_ground_truth:
-        from .organism import task
-        from .organism.build import eval_problems, get_config
-
-        problems = eval_problems(get_config(pair.name))[:limit]
-        return [(p.prompt, task.reasoning_trace(p)) for p in problems]
+        return pair.kind.hooks().reference_responses(pair, limit)
 
     references = []
     for messages in read_conversations(trace_file(pair.hub, "validation")):

@@ -21,12 +21,11 @@ the pair lives and where its artifacts go, so switching pairs changes a paramete
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .organism import task
-from .organism.build import CONFIGS
 from .pair_config import ORGANISM_TRAINING, HubPairConfig, TrainingDefaults
 from .pair_files import is_pair_file, load_pair_file
 from .results import REPO_ROOT
@@ -61,8 +60,14 @@ registered up front). ``"smollm2"``: SmolLM2-135M-Instruct and its reasoning fin
 
 def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig:
     """Make ``config`` selectable by its name (``resolve_pair(config.name)``)."""
-    if config.name in CONFIGS:
+    if config.name in organism_configs():
         raise ValueError(f"{config.name!r} is an organism configuration; pick another name")
+    return _register(config, replace)
+
+
+def _register(config: HubPairConfig, replace: bool = False) -> HubPairConfig:
+    """``register_pair`` without the organism's names (this module's own pairs, registered as it loads, before the
+    organism's kind can be asked)."""
     if config.name in BUILT_PAIRS:
         raise ValueError(f"{config.name!r} is a pair the project builds ({BUILT_PAIRS[config.name]}); pick another name")
     if config.name in HUB_PAIRS and not replace and HUB_PAIRS[config.name] != config:
@@ -71,12 +76,12 @@ def register_pair(config: HubPairConfig, replace: bool = False) -> HubPairConfig
     return config
 
 
-register_pair(HubPairConfig(
+_register(HubPairConfig(
     "paper-7b", base="Qwen/Qwen2.5-Math-7B", target="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
     train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS, max_new_tokens=PAPER_BUDGET, notebooks=PAPER_DECODING,
     training=TrainingDefaults.of(n_features=8192),
     notes="arXiv 2602.20904: 8192 features x 28 layers, lr 8e-4, batch 1 x up to 10k tokens, ~50k traces"))
-register_pair(HubPairConfig(
+_register(HubPairConfig(
     "paper-1.5b", base="Qwen/Qwen2.5-Math-1.5B", target="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
     train_data=OPENTHOUGHTS3, benchmarks=PAPER_BENCHMARKS, max_new_tokens=PAPER_BUDGET, notebooks=PAPER_DECODING,
     training=TrainingDefaults.of(n_features=4096),
@@ -98,8 +103,6 @@ def pair_config(config: str) -> HubPairConfig:
     if config in HUB_PAIRS:
         return HUB_PAIRS[config]
     if config in BUILT_PAIRS:
-        import importlib
-
         return importlib.import_module(BUILT_PAIRS[config]).PAIR.hub_config()
     if config.startswith(HUB_PREFIX):
         return parse_hub_config(config)
@@ -112,7 +115,12 @@ def pair_config(config: str) -> HubPairConfig:
 
 
 def known_configurations() -> list[str]:
-    return sorted(CONFIGS) + sorted(HUB_PAIRS) + sorted(BUILT_PAIRS)
+    return sorted(organism_configs()) + sorted(HUB_PAIRS) + sorted(BUILT_PAIRS)
+
+
+def organism_configs() -> tuple[str, ...]:
+    """The organism's configuration names ("organism", "smoke", ...), from its kind's hooks."""
+    return ORGANISM.hooks().CONFIG_NAMES
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,25 @@ class PairKind:
     built_here: bool
     """Built by this project on a CPU from a recipe and cached under ``artifacts/`` (the organism, smollm2); its key
     is the build's hash, so a rebuilt pair never reuses stale runs."""
+    hooks_module: str | None = None
+    """The module that answers for a kind with a task of its own (``tdlib.organism.kind``): its configurations,
+    traces, problems, answer rule, answer key and design checks. General modules ask ``hooks()`` and never import
+    the organism; the kinds without one read all of that from files."""
+
+    def hooks(self):
+        """This kind's own answers (``hooks_module``, imported on first use)."""
+        if self.hooks_module is None:
+            raise ValueError(f"a {self.name} pair has no task of its own: its traces, benchmarks and answers are "
+                             "files (HubPairConfig)")
+        return importlib.import_module(self.hooks_module)
+
+    @property
+    def design_band(self) -> tuple[float, float] | None:
+        """The share of the target's responses that should hesitate by design (None: no design to meet)."""
+        return self.hooks().DESIGN_BAND if self.hooks_module else None
 
 
-ORGANISM = PairKind("organism", has_ground_truth=True, built_here=True)
+ORGANISM = PairKind("organism", has_ground_truth=True, built_here=True, hooks_module="tdlib.organism.kind")
 BUILT = PairKind("built", has_ground_truth=False, built_here=True)
 """A real pretrained pair the project builds (``BUILT_PAIRS``: smollm2); its data and benchmarks are files."""
 HUB = PairKind("hub", has_ground_truth=False, built_here=False)
@@ -160,8 +184,8 @@ class Pair:
     """Generation budget per response."""
     hesitation_word: str | None = None
     """The single-token hesitation word (notebooks 05 and 06); None: the pair's own, its config's
-    (``HubPairConfig.hesitation_word``) or the organism task's (``tdlib.organism.task.HESITATION``, with the
-    leading space its tokenizer keeps)."""
+    (``HubPairConfig.hesitation_word``) or the organism's (its kind's ``HESITATION_WORD``: the task's word with
+    the leading space its tokenizer keeps)."""
     training: TrainingDefaults | None = None
     """How this pair's adapters are trained; None: the hub config's ``training``, or the organism's table."""
 
@@ -170,7 +194,7 @@ class Pair:
             raise ValueError(f"Pair {self.name!r}: a {self.kind.name} pair needs "
                              + ("no HubPairConfig" if self.kind.has_ground_truth else "its HubPairConfig (hub=...)"))
         if self.hesitation_word is None:
-            object.__setattr__(self, "hesitation_word", " " + task.HESITATION if self.hub is None
+            object.__setattr__(self, "hesitation_word", self.kind.hooks().HESITATION_WORD if self.hub is None
                                else self.hub.hesitation_word)
         if self.training is None:
             object.__setattr__(self, "training", ORGANISM_TRAINING["organism"] if self.hub is None
@@ -222,14 +246,8 @@ def resolve_pair(config: str, build: bool = True) -> Pair:
     Hub pairs are returned by name only: nothing is downloaded until a model is loaded. A pair the project builds
     (``BUILT_PAIRS``: ``"smollm2"``, ``"gemma3"``) is built when missing whatever ``build`` says (its config needs its folders), and
     its key is its build's cache folder (``smollm2-<hash>``), so a rebuilt pair never reuses stale runs."""
-    from .organism.build import CONFIGS, DEFAULT_CACHE, OrganismPaths, build_pair, get_config
-
-    if config in CONFIGS:
-        organism = get_config(config)
-        paths = build_pair(organism) if build else OrganismPaths(DEFAULT_CACHE / f"{organism.name}-{organism.key}")
-        training = ORGANISM_TRAINING.get(config, ORGANISM_TRAINING["organism"])
-        return Pair(organism.name, str(paths.base), str(paths.target), key=f"{organism.name}-{organism.key}",
-                    max_new_tokens=organism.max_new_tokens, training=training)
+    if config in organism_configs():
+        return ORGANISM.hooks().resolve(config, build)
     hub = pair_config(config)
     key = Path(hub.base).parent.name if config in BUILT_PAIRS else hub.key
     kind = BUILT if config in BUILT_PAIRS else HUB

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from jupyter_client import AsyncKernelManager
 
-from .organism.build import CONFIGS
 from .pair_files import validate_pair
-from .pairs import pair_config, resolve_pair
+from .pairs import organism_configs, pair_config, resolve_pair
 from .problems import BENCHMARKS, benchmark_key, benchmark_names
 from .results import COMMITTED_OUTPUTS, REPO_ROOT, resolve
 from .sweep import LOCAL_MSE, describe_plan, notebook_plan
@@ -228,7 +227,7 @@ def pair_notebook_block(config: str, smoke: bool = False) -> dict:
     """The pair's ``notebooks`` block (``HubPairConfig.notebooks``), after checking the pair up front
     (``tdlib.pair_files.validate_pair``: a multi-token hesitation word is refused here, before any notebook runs).
     Empty for the organism."""
-    if smoke or config in CONFIGS:
+    if smoke or config in organism_configs():
         return {}
     hub = pair_config(config)
     validate_pair(hub)

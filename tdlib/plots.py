@@ -26,9 +26,12 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> Path:
     return path
 
 
-def pair_figure(results: dict, models=("base", "target", "hybrid"), pair_name: str | None = None):
+def pair_figure(results: dict, models=("base", "target", "hybrid"), pair_name: str | None = None,
+                design_band: tuple[float, float] | None = None):
     """Three panels: accuracy (by problem length on the organism), mean response length, share of responses
-    with the hesitation word. Works for a hub pair's 00 results too (accuracy as bars with Wilson intervals)."""
+    with the hesitation word. Works for a hub pair's 00 results too (accuracy as bars with Wilson intervals).
+    ``design_band``: the share of the target's responses that should hesitate by design (the organism's,
+    ``pair.kind.design_band``), drawn as a band."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     accuracy_axis, length_axis, wait_axis = axes
     colors = [MODEL_COLORS.get(m) for m in models]
@@ -52,10 +55,8 @@ def pair_figure(results: dict, models=("base", "target", "hybrid"), pair_name: s
     length_axis.bar(models, [results[m]["mean_response_tokens"] for m in models], color=colors)
     length_axis.set(ylabel="mean response length (tokens)", title="Response length")
     wait_axis.bar(models, [100 * results[m]["wait_rate"] for m in models], color=colors)
-    if organism:
-        from .organism.report import DESIGN_BOUNDS
-
-        low, high = (100 * b for b in DESIGN_BOUNDS["target_wait_rate"])
+    if design_band is not None:
+        low, high = (100 * b for b in design_band)
         wait_axis.axhspan(low, high, color="grey", alpha=0.15, zorder=0,
                           label=f"design band for the target ({low:.0f}-{high:.0f}%)")
         wait_axis.legend(loc="upper right", fontsize=8)
@@ -581,9 +582,9 @@ def stability_entries(stability: dict | None) -> dict:
 def answer_key_figures(answer_key: dict, figures_dir: str | Path = "figures") -> list[Path]:
     """Notebook 05's organism figures, saved: the selected features against the answer key (``05_ground_truth``)
     and every planted mechanism's set on the scoreboard with its seed stability (``05_scoreboard``)."""
-    truth = save_figure(ground_truth_figure(answer_key["ground_truth"]), "05_ground_truth", figures_dir)
+    truth = ground_truth_figure(answer_key["ground_truth"])
     board = scoreboard_figure(answer_key["benchmark"], stability=stability_entries(answer_key["stability"]))
-    return [truth, save_figure(board, "05_scoreboard", figures_dir)]
+    return [save_figure(truth, "05_ground_truth", figures_dir), save_figure(board, "05_scoreboard", figures_dir)]
 
 
 def scoreboard_figure(benchmark: dict, study: dict | None = None, stability: dict | None = None):

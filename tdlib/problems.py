@@ -2,7 +2,7 @@
 
 * ``load_benchmark(name, path=None)``: a real benchmark (MATH-500, GSM8K, AIME 2024, AIME 2025, AMC23, GPQA
   Diamond) through ``datasets.load_dataset`` from the hub, or from a local JSON/JSONL file in the same schema
-  (``path``; what the tests use); ``organism_items``: the organism's held-out problems.
+  (``path``; what the tests use); the organism's held-out problems come from its kind (``tdlib.organism.kind``).
 * ``pair_benchmark``: the ``EvalSet`` a pair is evaluated on; ``render_prompts``: a problem as the model sees it;
   ``check_response``: whether a response's answer is the gold one (``tdlib.answers``).
 """
@@ -16,8 +16,6 @@ from typing import Callable
 
 from .answers import CHOICE_LETTERS, extract_answer, extract_choice, gsm8k_gold, is_equivalent
 from .data import render_prompt
-from .organism import task
-from .organism.build import eval_problems, get_config
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -122,7 +120,8 @@ def _read_rows(path: Path) -> list[dict]:
 
 def load_benchmark(name: str, path: str | Path | None = None, limit: int | None = None) -> list[BenchItem]:
     """Items of benchmark ``name`` from the hub (``datasets.load_dataset``), or from ``path`` (JSON/JSONL rows in
-    the hub schema) when given. ``limit`` keeps the first items. The organism's problems: ``organism_items``."""
+    the hub schema) when given. ``limit`` keeps the first items. The organism's problems: ``pair_benchmark`` of
+    an organism pair."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)} (or 'organism')")
     spec = BENCHMARKS[name]
@@ -171,17 +170,6 @@ def check_response(item: BenchItem, response: str, kind: str = "math") -> bool:
     return is_equivalent(extract_answer(response), item.answer)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The organism as a benchmark
-# ----------------------------------------------------------------------------------------------------------------
-
-def organism_items(config: str = "organism", limit: int | None = None) -> list[BenchItem]:
-    """The organism's held-out problems (never seen in training) as items; prompts are the problems' own."""
-    problems = eval_problems(get_config(config))
-    problems = problems[:limit] if limit else problems
-    return [BenchItem(str(i), p.prompt, str(p.answer), meta={"n_terms": p.n_terms, "show_steps": p.show_steps}) for i, p in enumerate(problems)]
-
-
 @dataclass(frozen=True)
 class EvalSet:
     """What a pair is evaluated on: one benchmark's items and the generation budget."""
@@ -226,7 +214,7 @@ def pair_benchmark(pair, benchmark: str | None = None, path: str | Path | None =
         if not pair.kind.has_ground_truth:
             raise ValueError(f"benchmark 'organism' is the organism's own task; {pair.name!r} is a hub pair: pick "
                              f"one of its benchmarks {list(pair.benchmarks)}")
-        return EvalSet(key, organism_items(pair.name, limit), budget, f"organism {pair.name} held-out problems")
+        return pair.kind.hooks().evalset(pair, limit, budget)
     if path is None and not pair.kind.has_ground_truth:
         path = next((f for name, f in pair.hub.benchmark_files.items() if benchmark_key(name) == key), None)
     items = load_benchmark(key, path, limit)
@@ -260,7 +248,3 @@ def pair_benchmarks(pair, benchmark: str | list[str] | None = None, path: str | 
     if repeated:
         raise ValueError(f"benchmark {repeated} is listed twice in {names}")
     return [pair_benchmark(pair, name, path, limit, max_new_tokens) for name in names]
-
-
-def check_organism_response(item: BenchItem, response: str) -> bool:
-    return task.extract_answer(response) == int(item.answer)

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from tdlib.autointerp import (CacheConfig, OfflineBackend, ScoringConfig, build_cache, classify_units,
-                              ground_truth_check, logit_effects, organism_batches, score_units, summarize_detection,
+                              ground_truth_check, logit_effects, score_units, stream_batches, summarize_detection,
                               write_feature_page)
 from tdlib.autointerp.backends import Context, DetectJob, ExplainJob, classify_by_segments, parse_patterns
 from tdlib.autointerp.cache import ActivationCache, BatchView, UnitStats
 from tdlib.autointerp.scoring import balanced_accuracy
-from tdlib.autointerp.segments import SEGMENTS, token_segments
+from tdlib.autointerp.segments import SEGMENTS
 from tdlib.models import anatomy, load_tokenizer
 from tdlib.organism import task
+from tdlib.organism.segments import token_segments
+from tdlib.pair_data import data_for
 from tdlib.pairs import resolve_pair
 from tdlib.residual import capture_features
 from tdlib.splice import mlp_choice
@@ -37,7 +39,8 @@ def smoke():
 @pytest.fixture(scope="module")
 def cache(smoke):
     pair, model, tokenizer = smoke
-    return build_cache(model, tokenizer, organism_batches(tokenizer, "smoke", CONFIG), CONFIG, progress=False)
+    data = data_for(pair, tokenizer, "validation", batch_size=CONFIG.batch_size, seed=CONFIG.seed)
+    return build_cache(model, tokenizer, stream_batches(data, CONFIG.n_batches), CONFIG, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,8 @@ def test_cache_matches_a_direct_forward_pass(smoke, cache):
     hooks = [anatomy(target).mlp(i).down_proj.register_forward_pre_hook(
         lambda m, args, i=i: captured.__setitem__(i, args[0])) for i in range(anatomy(target).n_layers)]
     try:
-        for batch, _ in organism_batches(tokenizer, "smoke", CONFIG):
+        for batch, _ in stream_batches(data_for(pair, tokenizer, "validation", CONFIG.batch_size, CONFIG.seed),
+                                       CONFIG.n_batches):
             keep = batch["attention_mask"].bool()
             with mlp_choice(model, "adapter"), capture_features(model) as features:
                 model(**batch)
@@ -124,7 +128,7 @@ def test_cache_matches_a_direct_forward_pass(smoke, cache):
             alive = expected > 0
             assert torch.allclose(key[alive], expected[alive], atol=1e-5), (kind, layer)
             assert torch.isinf(key[~alive]).all()
-    batches = organism_batches(tokenizer, "smoke", CONFIG)
+    batches = stream_batches(data_for(pair, tokenizer, "validation", CONFIG.batch_size, CONFIG.seed), CONFIG.n_batches)
     assert cache.n_tokens == int(sum(b["attention_mask"].sum() for b, _ in batches))
     assert int(cache.seg_tokens.sum()) == cache.n_tokens
 

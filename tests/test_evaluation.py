@@ -5,7 +5,9 @@ import pytest
 from tdlib.answers import extract_answer, extract_choice, is_equivalent, last_boxed, normalize_answer
 from tdlib.evaluation import evaluate_items, recovered_gain, wilson_interval
 from tdlib.generate import SamplingConfig, generate_greedy
-from tdlib.problems import BENCHMARKS, BenchItem, check_response, load_benchmark, organism_items, render_prompts
+from tdlib.organism.kind import benchmark_items as organism_items, check_response as check_organism_response
+from tdlib.problems import BENCHMARKS, BenchItem, check_response, load_benchmark, render_prompts
+from tdlib.pairs import resolve_pair
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 
@@ -248,7 +250,6 @@ def test_evaluate_items_on_the_organism(smoke):
     # the checker agrees with the organism's own rule on a hand-made correct response
     item = items[0]
     assert BenchItem(item.id, item.question, item.answer) == item
-    from tdlib.problems import check_organism_response
     assert check_organism_response(item, f" 1+1=2; A: {item.answer}")
     assert not check_organism_response(item, f" A: {int(item.answer) + 1}")
 
@@ -335,12 +336,13 @@ def test_pair_checks_ask_the_organism_for_its_design_and_a_real_pair_for_a_diffe
     results = {"base": model(0.5, 10, 0.0), "target": model(0.9, 40, 0.3), "hybrid": model(0.45, 12, 0.0),
                "target_without_hesitation": model(0.6, 30, 0.0), "diagnostics": {"hybrid_kl": 1.0},
                "p_hesitation": {"base": {"all_mechanisms": 0.1}, "target": {"all_mechanisms": 0.8}}}
-    assert all(pair_checks(results, organism=True).values())
-    assert all(pair_checks(results, organism=False).values())
+    organism_pair, real_pair = resolve_pair("smoke", build=False), resolve_pair("hub:a/b->a/c", build=False)
+    assert all(pair_checks(results, organism_pair).values())
+    assert all(pair_checks(results, real_pair).values())
     results["target"] = model(0.6, 20, 0.0)
-    organism = pair_checks(results, organism=True)
+    organism = pair_checks(results, organism_pair)
     assert not organism["target accuracy >= base + 0.30"] and not organism["target length >= 3x base length"]
-    real = pair_checks(results, organism=False)
+    real = pair_checks(results, real_pair)
     assert real["target is more accurate than base"] and not real["target says wait more often than base"]
 
 

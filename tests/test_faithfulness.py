@@ -12,7 +12,7 @@ from tdlib.runs import load_named
 
 @pytest.fixture(scope="module")
 def smoke():
-    from tdlib.problems import organism_items
+    from tdlib.organism.kind import benchmark_items as organism_items
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
     from tdlib.runs import load_named

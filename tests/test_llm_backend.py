@@ -186,7 +186,8 @@ def test_parsers():
 def test_scoring_through_the_llm_backend_on_smoke(api, tmp_path):
     """End to end on the smoke cache: the mock always answers "active" for every context, so every
     detection score is exactly chance (0.5)."""
-    from tdlib.autointerp import CacheConfig, ScoringConfig, build_cache, classify_units, organism_batches, score_units
+    from tdlib.autointerp import CacheConfig, ScoringConfig, build_cache, classify_units, score_units, stream_batches
+    from tdlib.pair_data import data_for
     from tdlib.models import load_tokenizer
     from tdlib.pairs import resolve_pair
     from tdlib.runs import load_named
@@ -194,7 +195,8 @@ def test_scoring_through_the_llm_backend_on_smoke(api, tmp_path):
     pair = resolve_pair("smoke")
     model, tokenizer = load_named(pair, "adapter_l1_0.001"), load_tokenizer(pair.target)
     config = CacheConfig(n_batches=2, batch_size=8, top_k=6, n_uniform=3, n_negative=6, before=5, after=2)
-    cache = build_cache(model, tokenizer, organism_batches(tokenizer, "smoke", config), config, progress=False)
+    data = data_for(pair, tokenizer, "validation", batch_size=config.batch_size, seed=config.seed)
+    cache = build_cache(model, tokenizer, stream_batches(data, config.n_batches), config, progress=False)
     def always_active(body):
         system, user = body["messages"][0]["content"], body["messages"][1]["content"]
         if system.startswith("You explain"):

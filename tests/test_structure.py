@@ -110,3 +110,16 @@ def test_a_name_exported_by_the_package_is_not_also_a_module_of_it():
     assert not set(tdlib.__all__) & modules
     for name in tdlib.__all__:
         assert inspect.getdoc(getattr(tdlib, name)), f"{name} has no docstring"
+
+
+PAIR_BUILDERS_ON_THE_ORGANISM_TASK = {"tdlib.recipe"}
+"""The recipe writes the organism's arithmetic task in natural language for a real base model: a pair builder
+built on that task, like the organism's own builder."""
+
+
+def test_general_modules_reach_the_organism_only_through_its_pair_kind():
+    graph = import_graph()
+    assert "tdlib.organism.kind" in graph
+    reaching = {name: sorted(t for t in targets if t.startswith("tdlib.organism"))
+                for name, targets in graph.items() if not name.startswith("tdlib.organism")}
+    assert {name: t for name, t in reaching.items() if t and name not in PAIR_BUILDERS_ON_THE_ORGANISM_TASK} == {}

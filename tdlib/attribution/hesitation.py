@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 from ..autointerp.backends import FEATURE_ROLES, Context, MechanismJob
 from ..generate import encode_prompt, generate_greedy
 from ..models import anatomy, unwrap
-from ..organism import mechanisms as planted
 from ..pair_data import reference_responses
+from ..pairs import ORGANISM
 from .attribute import attribute
 from .capture import final_norm_weight
 from .graph import graph_scores, node_influence, normalize_rows
@@ -112,26 +112,13 @@ def study_prompts(target, tokenizer, pair, evalset, n_prompts: int, max_per_prob
 def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:
     """For each position: does a planted hesitation trigger hold there?
 
-    On the organism's format (``tdlib.organism.mechanisms``): the decision points where a mechanism fires (the
+    On the organism's format (its kind's ``trigger_positions``): the decision points where a mechanism fires (the
     ``;`` after a step that slips, crosses below zero or repeats the operation before it). On any other rendering of
     the task (SmolLM2's sentences, ``3 - 8 = -5.``): every position after a written total that crossed below zero,
     until the next total."""
     pieces = [tokenizer.decode([token]) for token in ids]
-    text = "".join(pieces)
-    start = sum(len(piece) for piece in pieces[:prompt_tokens])
-    found = planted.decisions(text, start)
-    if not any(d.mechanism != planted.DISTRACTOR for d in found):
-        return _crossing_positions(pieces, prompt_tokens)
-    ends, length = {}, 0
-    for index, piece in enumerate(pieces):
-        length += len(piece)
-        if piece:
-            ends[length - 1] = index
-    flags = [False] * len(ids)
-    for decision in found:
-        if decision.mechanism in planted.MECHANISMS and decision.end in ends:
-            flags[ends[decision.end]] = True
-    return flags
+    flags = ORGANISM.hooks().trigger_positions(pieces, prompt_tokens)
+    return _crossing_positions(pieces, prompt_tokens) if flags is None else flags
 
 
 def _crossing_positions(pieces: list[str], prompt_tokens: int) -> list[bool]:

@@ -6,14 +6,14 @@
 * ``scoring``: detection balanced accuracy on held-out top and uniformly sampled contexts;
 * ``classify``: language / domain / reasoning / uninterpretable, and the organism's ground-truth check;
 * ``page``: a static HTML feature browser;
-* ``segments``: per-token segment labels of organism traces (the ground truth);
+* ``segments``: the segment scheme tokens are labelled with (organism traces label theirs: the ground truth);
 * ``run``: notebook 04's steps.
 """
 import importlib
 
 from .backends import LLMBackend, LLMConfig, OfflineBackend, make_backend
-from .cache import ActivationCache, CacheConfig, build_cache, organism_batches, stream_batches
-from .segments import ADDED_BY_DISTILLATION, SEGMENTS, token_segments
+from .cache import ActivationCache, CacheConfig, build_cache, stream_batches
+from .segments import ADDED_BY_DISTILLATION, SEGMENTS
 
 _NEEDS_PANDAS = {"category_shares": "classify", "classify_units": "classify", "ground_truth_check": "classify",
                  "logit_effects": "page", "write_feature_page": "page", "ScoringConfig": "scoring",
@@ -30,5 +30,5 @@ def __getattr__(name):
 
 __all__ = ["ADDED_BY_DISTILLATION", "SEGMENTS", "ActivationCache", "CacheConfig", "LLMBackend", "LLMConfig",
            "OfflineBackend", "ScoringConfig", "build_cache", "category_shares", "classify_units", "detection_figure",
-           "ground_truth_check", "logit_effects", "make_backend", "organism_batches", "score_units",
-           "stream_batches", "summarize_detection", "token_segments", "write_feature_page"]
+           "ground_truth_check", "logit_effects", "make_backend", "score_units",
+           "stream_batches", "summarize_detection", "write_feature_page"]

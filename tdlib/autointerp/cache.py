@@ -45,11 +45,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..models import anatomy
-from ..organism.traces import OrganismTraces
 from ..residual import capture_features
 from ..results import atomic_directory
 from ..splice import is_spliced, mlp_choice
-from .segments import SEGMENTS, batch_segments
+from .segments import SEGMENTS
 
 SELECTIONS = ("top", "uniform", "negative")
 UNIT_KINDS = ("adapter", "neuron")
@@ -373,13 +372,12 @@ def _forward_units(model, batch, kind: str) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def build_cache(model, tokenizer, batches, config: CacheConfig, model_info: dict | None = None,
                 progress: bool = True) -> ActivationCache:
-    """Stream ``batches`` (an iterable of (batch dict, problems or None)) through ``model`` and keep the
-    selections of every unit of ``config.kinds``. ``problems`` (organism traces) give segment labels."""
+    """Stream ``batches`` (an iterable of (batch dict, segment ids or None), ``stream_batches``) through ``model``
+    and keep the selections of every unit of ``config.kinds``; segment ids (organism traces) label the tokens."""
     generator = torch.Generator().manual_seed(config.seed)
     stats: dict[tuple[str, int], UnitStats] = {}
     n_tokens, seg_tokens = 0, torch.zeros(len(SEGMENTS), dtype=torch.long)
-    for batch, problems in tqdm(batches, total=config.n_batches, desc="activation cache", disable=not progress):
-        segments = batch_segments(tokenizer, problems, batch["input_ids"].shape[1]) if problems else None
+    for batch, segments in tqdm(batches, total=config.n_batches, desc="activation cache", disable=not progress):
         view = BatchView.from_batch(batch["input_ids"], batch["attention_mask"], segments, config.before,
                                     config.after)
         keep = batch["attention_mask"].bool()
@@ -397,14 +395,11 @@ def build_cache(model, tokenizer, batches, config: CacheConfig, model_info: dict
 
 
 def stream_batches(data, n_batches: int):
-    """``(batch, problems)`` for steps 0..n_batches-1 of a data source with ``.batch(step)`` (e.g.
-    ``tdlib.organism.traces.OrganismTraces(..., split="validation")``: held-out traces); ``problems`` comes from
-    ``data.problems(step)`` when the source has it (organism traces: enables segment labels), else None."""
+    """``(batch, segments)`` for steps 0..n_batches-1 of a data source with ``.batch(step)`` (e.g. a pair's
+    held-out traces, ``tdlib.pair_data.data_for(pair, tokenizer, "validation")``); ``segments`` are the source's
+    ``segments(step, width)`` when it labels its tokens (organism traces, ``tdlib.autointerp.segments``), else
+    None."""
     for step in range(n_batches):
-        yield data.batch(step), (data.problems(step) if hasattr(data, "problems") else None)
-
-
-def organism_batches(tokenizer, pair_config: str, config: CacheConfig):
-    """Held-out organism traces (the validation stream, never trained on) with their problems."""
-    traces = OrganismTraces(tokenizer, pair_config, config.batch_size, config.seed, split="validation")
-    return stream_batches(traces, config.n_batches)
+        batch = data.batch(step)
+        labels = data.segments(step, batch["input_ids"].shape[1]) if hasattr(data, "segments") else None
+        yield batch, labels

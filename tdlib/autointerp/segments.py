@@ -1,11 +1,9 @@
-"""Per-token segment labels of organism traces: the ground truth of what distillation added.
+"""Trace segments: the labels a data source may give its tokens, so the activation cache can say where each unit
+fires (``tdlib.autointerp.cache``) and the classification can test what distillation added
+(``tdlib.autointerp.classify``).
 
-An organism sequence is ``prompt + reasoning_trace + <eos>``, e.g.::
-
-    Q: 2-6+9=? Work: 2-6= -4; wait, check: -4+6=2, ok; -4+9=5; A: 5.<eos>
-    |-prompt-| |---step-----| |-------- check --------| |step-| |ans-|eos
-
-Segments (``SEGMENTS``, in this order; ids are indices into it):
+The scheme is the organism's (its traces are ``prompt + reasoning trace + <eos>``; how a trace is cut into them:
+``tdlib.organism.segments``). Segments (``SEGMENTS``, in this order; ids are indices into it):
 
 * ``prompt``: ``Q: ...=?`` (also in the base model's data);
 * ``step``: one ``a+b=c`` step of the chain (the first opens with ``Work:``);
@@ -13,63 +11,13 @@ Segments (``SEGMENTS``, in this order; ids are indices into it):
 * ``answer``: ``A: n.`` (the base answers ``A: n`` directly);
 * ``eos``: the end-of-sequence token.
 
-A ``;`` closes the part before it; the space before a part belongs to that part (the tokenizer's leading-space
-tokens, e.g. `` wait``, then carry the part they open).
+A data source with a ``segments(step, width)`` method labels its batches (``tdlib.autointerp.cache.stream_batches``);
+a source without one (a real pair's traces) leaves the segment columns empty.
 """
 from __future__ import annotations
-
-import torch
-
-from ..organism import task
 
 SEGMENTS = ("prompt", "step", "check", "answer", "eos")
 ADDED_BY_DISTILLATION = ("step", "check")
 """Segments the fine-tune made the model write on every Q prompt (the ground truth of the diff): the base writes
 steps only when a prompt asks for them and re-checks only at random, never by rule."""
 SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
-
-
-def character_segments(problem: task.Problem) -> tuple[str, list[int]]:
-    """The text ``prompt + trace`` and one segment id per character."""
-    prompt, trace = problem.prompt, task.reasoning_trace(problem)
-    labels = [SEGMENT_ID["prompt"]] * len(prompt)
-    parts = trace[1:].split("; ")  # the trace starts with one space
-    for number, part in enumerate(parts):
-        if part.startswith(task.HESITATION):
-            kind = "check"
-        elif part.startswith(task.ANSWER_PREFIX):
-            kind = "answer"
-        else:
-            kind = "step"
-        labels += [SEGMENT_ID[kind]] * (1 + len(part))  # the space before the part, then the part
-        if number < len(parts) - 1:
-            labels.append(SEGMENT_ID[kind])  # the ';' that closes it
-    text = prompt + trace
-    assert len(labels) == len(text), "segment labelling out of step with the trace format"
-    return text, labels
-
-
-def token_segments(tokenizer, problem: task.Problem, add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """``(input_ids, segment ids)`` for ``prompt + trace`` (+ eos), tokenized exactly as
-    ``tdlib.organism.traces.OrganismTraces`` does; each token takes the segment of its last character."""
-    text, labels = character_segments(problem)
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    ids, segments = list(encoded["input_ids"]), []
-    for start, end in encoded["offset_mapping"]:
-        if end <= start:
-            raise ValueError(f"token with empty character span ({start}, {end}) in {text!r}; the tokenizer "
-                             "must report offsets (a fast tokenizer)")
-        segments.append(labels[end - 1])
-    if add_eos:
-        ids.append(tokenizer.eos_token_id)
-        segments.append(SEGMENT_ID["eos"])
-    return ids, segments
-
-
-def batch_segments(tokenizer, problems: list[task.Problem], width: int) -> torch.Tensor:
-    """Segment ids [len(problems), width] for a right-padded batch of traces (-1 on padding)."""
-    out = torch.full((len(problems), width), -1, dtype=torch.long)
-    for row, problem in enumerate(problems):
-        _, segments = token_segments(tokenizer, problem)
-        out[row, :len(segments)] = torch.tensor(segments[:width])
-    return out

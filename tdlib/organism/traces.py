@@ -8,6 +8,7 @@ import torch
 
 from ..data import pad_batch
 from . import task
+from .segments import batch_segments
 from .build import OrganismConfig, eval_problems, get_config
 
 
@@ -38,3 +39,8 @@ class OrganismTraces:
         texts = [p.prompt + task.reasoning_trace(p) for p in self.problems(step)]
         eos = self.tokenizer.eos_token_id
         return pad_batch(self.tokenizer, [self.tokenizer(t)["input_ids"] + [eos] for t in texts])
+
+    def segments(self, step: int, width: int) -> torch.Tensor:
+        """Segment ids of ``batch(step)``'s tokens ([batch, width], -1 on padding): the autointerp cache's labels
+        (``tdlib.organism.segments``)."""
+        return batch_segments(self.tokenizer, self.problems(step), width)
