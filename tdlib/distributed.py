@@ -151,8 +151,6 @@ def run_config(pair, l1_weight: float | None = None, world_size: int = 1, steps:
 
 def main(argv: list[str] | None = None) -> None:
     """Train one adapter run of a pair data-parallel; rank 0 saves it where ``tdlib.sweep`` finds it."""
-    from .sweep import adapter_run_name
-
     parser = argparse.ArgumentParser(description="data-parallel adapter training (launch with torchrun)")
     parser.add_argument("--config", default="organism", help="pair configuration (tdlib.pairs)")
     parser.add_argument("--l1-weight", type=float, default=None, help="default: the first of the pair's "

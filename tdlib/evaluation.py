@@ -15,10 +15,11 @@ import re
 from dataclasses import replace
 from typing import NamedTuple
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .generate import Generation, SamplingConfig, generate_greedy, generate_sampled
-from .models import load_tokenizer
+from .models import IncompatiblePairError, load_tokenizer
 from .pairs import ORGANISM
 from .problems import BENCHMARKS, BenchItem, EvalSet, benchmark_prompts, check_response
 from .runs import load_named
@@ -67,8 +68,6 @@ def pass_at_1(correct_by_sample: list[list[bool]], n_bootstrap: int = 1000, seed
     """pass@1 from k samples per problem (``correct_by_sample[s][i]``: sample s of problem i): the mean over
     samples and problems, with a 95% percentile interval from resampling problems (a problem's samples are not
     independent draws of the benchmark, so a Wilson interval over n x k responses would be too narrow)."""
-    import numpy as np
-
     per_problem = np.asarray(correct_by_sample, dtype=float).mean(0)
     if per_problem.size == 0:
         raise ValueError("no problems to score")
@@ -259,8 +258,6 @@ def evaluate_pair(pair, evalset: EvalSet, batch_size: int = 64, progress: bool =
 
     Loading the hybrid splices the base's MLPs into the target, which checks the pair is compatible (same
     architecture, layers and MLP shapes); the two tokenizers must also share their vocabulary."""
-    from .models import IncompatiblePairError, load_tokenizer
-
     base_tokenizer, target_tokenizer = load_tokenizer(pair.base), load_tokenizer(pair.target)
     if base_tokenizer.get_vocab() != target_tokenizer.get_vocab():
         raise IncompatiblePairError(f"{pair.base} and {pair.target} have different tokenizer vocabularies "

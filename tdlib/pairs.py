@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .pair_config import ORGANISM_TRAINING, HubPairConfig, TrainingDefaults
 from .pair_files import is_pair_file, load_pair_file
-from .results import REPO_ROOT
+from .results import REPO_ROOT, resolve
 
 ARTIFACTS = Path(os.environ.get("TDLIB_ARTIFACTS") or REPO_ROOT / "artifacts")
 """Where pipeline stages write per-pair artifacts (trained runs, data copies, autointerp caches); the environment
@@ -107,8 +107,6 @@ def pair_config(config: str) -> HubPairConfig:
     if config.startswith(HUB_PREFIX):
         return parse_hub_config(config)
     if is_pair_file(config):
-        from .results import resolve
-
         return load_pair_file(resolve(config))
     raise ValueError(f"unknown configuration {config!r}; choose one of {known_configurations()}, name a hub pair "
                      "as 'hub:BASE->TARGET', or give a pair file 'path/to/pair.json'")

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 from .data import pad_batch, read_conversations, render_trace
 from .generate import encode_prompt
@@ -65,6 +66,7 @@ from .organism.mechanisms import token_ends
 from .pair_config import HubPairConfig
 from .pair_data import reference_responses
 from .pair_files import check_hesitation_word
+from .pairs import resolve_pair
 from .problems import MATH_INSTRUCTION
 from .results import REPO_ROOT, atomic_directory
 from .runs import load_named
@@ -456,8 +458,6 @@ def supervised_batch(tokenizer, conversations: list[list[dict]], form: str = "ch
     EOS), each trace rendered as the adapters will read it (``tdlib.data.render_trace`` in ``form``, the pair's
     ``prompt_format``: the chat template up to the generation prompt, or plain text; then the response's raw
     text)."""
-    import torch
-
     rows = []
     for messages in conversations:
         prompt, response = render_trace(tokenizer, messages, form)
@@ -478,8 +478,6 @@ def supervised_batch(tokenizer, conversations: list[list[dict]], form: str = "ch
 
 def response_loss(model, batch):
     """Mean next-token cross-entropy on the labelled (assistant) positions; the head runs on those only."""
-    import torch.nn.functional as F
-
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     scored = targets != -100
@@ -649,8 +647,6 @@ class GGUFPair:
             torch.set_num_threads(args.threads)
         print(describe_build(self.config.name, self.build_pair(rebuild=args.rebuild)))
         if args.check:
-            from .pairs import resolve_pair
-
             if not check_built_pair(resolve_pair(self.config.name), args.traces):
                 raise SystemExit("design checks failed")
 
@@ -861,8 +857,6 @@ def main(argv: list[str] | None = None) -> None:
     print(describe_build(args.name, paths))
     print(f"pair file: {pair_file}\nrun every notebook on it: make figures CONFIG={pair_file}")
     if args.check:
-        from .pairs import resolve_pair
-
         if not check_built_pair(resolve_pair(str(pair_file)), args.traces):
             raise SystemExit("design checks failed")
 

@@ -138,8 +138,6 @@ def collect(model, prompts: list[str], layers: list[int] | None = None,
 
 
 def _block_envoy(model, layer: int):
-    from .models import anatomy
-
     envoy = model
     for name in anatomy(model).layers_path.split("."):
         envoy = getattr(envoy, name)

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from .adapter import AdapterSet
@@ -87,8 +88,6 @@ def write_run_info(directory: Path, pair: Pair, name: str, config: TrainConfig, 
 def checkpoint_is_stale(directory: Path, config: TrainConfig) -> bool:
     """Whether ``directory`` holds an interrupted run's checkpoint trained with another identity than ``config``
     (``tdlib.train.training_identity``); a checkpoint that cannot be read raises ``DamagedRunError``."""
-    import torch
-
     checkpoint = directory / "checkpoint.pt"
     if not checkpoint.exists():
         return False

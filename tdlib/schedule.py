@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
+from tqdm.auto import tqdm
+
 
 def warmup_cosine(steps: int, warmup: float, floor: float = 0.1):
     """Multiplier for ``LambdaLR``: linear warm-up over ``warmup`` of the steps, then cosine decay to ``floor``."""
@@ -25,9 +28,6 @@ def fine_tune_steps(model, parameters: list, loss_at: Callable[[int], "torch.Ten
     """``steps`` AdamW steps on ``parameters`` of ``model`` (in train mode, left in eval mode): ``loss_at(step)``
     gives the step's loss, the gradient norm is clipped at 1, the learning rate follows ``warmup_cosine``.
     Returns the loss curve."""
-    import torch
-    from tqdm.auto import tqdm
-
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     model.train()

@@ -426,8 +426,6 @@ def answer_key_study(pair, adapter_model, target, tokenizer, *, study: dict, mod
     baselines (``mechanism_benchmark``); with ``stability_seed``, the same for the analysis adapter retrained with
     that seed (Jaccard overlap and AUROC of each set). ``mode_study``: the selected mode's own study (the like-for-like
     set the seeds are compared on). Returns the entries of ``05_attribution.json`` these fill."""
-    from .mechanisms import DISTRACTOR
-
     problems = eval_problems(get_config(pair.name))
     n_truth = min(n_truth_problems, len(problems) // 2)  # the tiny smoke organism has 32 problems
     truth_problems, selection_problems = problems[-n_truth:], problems[:len(problems) - n_truth]
