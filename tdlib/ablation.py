@@ -45,6 +45,11 @@ class FeatureStats:
     n_pre_wait: int
     n_tokens: int
 
+    @property
+    def n_features(self) -> int:
+        """Features over all layers."""
+        return sum(len(counts) for counts in self.fire_count.values())
+
     def alive(self, layer: int) -> torch.Tensor:
         return self.fire_count[layer] > 0
 
@@ -105,8 +110,8 @@ def feature_sets_for(attribution: dict | None, adapter_model: str, stats: Featur
     which must have studied ``adapter_model``) with its groups, or, when 05's results are missing, the fallback
     selector's (``select_hesitation_features``) as the single set "all"."""
     if attribution is None:
-        n_total = sum(len(counts) for counts in stats.fire_count.values())
-        return {"all": select_hesitation_features(stats, fallback_count(n_total, fallback_share))}, FALLBACK_SOURCE
+        n = fallback_count(stats.n_features, fallback_share)
+        return {"all": select_hesitation_features(stats, n)}, FALLBACK_SOURCE
     if attribution.get("analysis_model") != adapter_model:
         raise ValueError(f"05_attribution.json selected features of {attribution.get('analysis_model')!r}, this run "
                          f"studies {adapter_model!r}: run notebook 05 with the same adapter= first")

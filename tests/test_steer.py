@@ -220,6 +220,7 @@ def test_synthetic_stats_selection_and_attribution_groups():
     assert feature_sets_for(attribution, "adapter_a", stats) == (sets, "05_attribution")
     with pytest.raises(ValueError, match="selected features of 'adapter_a', this run studies 'adapter_b'"):
         feature_sets_for(attribution, "adapter_b", stats)
+    assert stats.n_features == 8
     fallback, source = feature_sets_for(None, "adapter_b", stats, fallback_share=0.25)  # 8 features: 2 of them
     assert fallback == {"all": {0: [1], 1: [0]}} and source == FALLBACK_SOURCE
     assert features_by_layer([(1, 2), (1, 2), (0, 5)]) == {0: [5], 1: [2]}
