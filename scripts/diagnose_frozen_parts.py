@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tdlib.models import load_tokenizer
     from tdlib.pair_data import reference_responses
     from tdlib.pairs import resolve_pair
-    from tdlib.results import COMMITTED_OUTPUTS, atomic_write_text, read_results, resolve
-    from tdlib.runs import load_named
-    from tdlib.sweep import study_model
+    from tdlib.results import COMMITTED_OUTPUTS, atomic_write_text, resolve
+    from tdlib.sweep import load_studied
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="organism")
@@ -72,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     pair = resolve_pair(args.config)
     results_dir = COMMITTED_OUTPUTS.get(args.config, COMMITTED_OUTPUTS["organism"])[0]
-    name = study_model(read_results("01_train", results_dir, config=pair.name), None)
-    model = load_named(pair, name)
+    _, model = load_studied(pair, results_dir)
     model.set_attn_implementation("eager")  # the softmax the patch detaches
     tokenizer = load_tokenizer(pair.target)
     token = A.hesitation_token(tokenizer, pair.hesitation_word)

@@ -166,6 +166,19 @@ def summary_rows(results: dict) -> dict[str, dict]:
             for k, v in rows.items()}
 
 
+def example_responses(evalset: EvalSet, generations: dict, transfer_scale: float, n: int = 3,
+                      width: int = 300) -> str:
+    """The first ``n`` problems with their answers and each main condition's response (its first ``width``
+    characters), for reading beside the numbers."""
+    names = ("adapter", "ablated_output", "ablated", "random_0", "hybrid", "hybrid_plus_features", "target",
+             f"target_steered_{transfer_scale:g}")
+    lines = []
+    for i in range(n):
+        lines.append(f"{evalset.items[i].question} answer {evalset.items[i].answer}")
+        lines += [f"  {name:>22}:{generations[name].responses[i][:width]}" for name in names if name in generations]
+    return "\n".join(lines)
+
+
 def summarize_draws(draws: list[dict]) -> dict:
     """Random-control draws: the mean of each metric, its spread (sample std, "<key>_std") and every draw."""
     if not draws:

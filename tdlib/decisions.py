@@ -22,6 +22,7 @@ attribution (``activation_difference_features``). Their thresholds are parameter
 from __future__ import annotations
 
 import inspect
+import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -565,7 +566,8 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
 
     ``model``: the spliced adapter run (``tdlib.runs.load_named``); ``evalset``: the pair's benchmark, of which
     the problems after ``config.n_selection_problems`` are evaluated; ``entries``: notebook 05's selected features
-    in selection order (each with its "group")."""
+    in selection order (each with its "group"). The results end with the study's time (``seconds``)."""
+    started = time.time()
     key = decision_key(pair)
     if key is None:
         raise ValueError(f"pair {pair.name!r} has no answer key for its decision points (only pairs built here "
@@ -660,6 +662,7 @@ def run_decision_study(model, tokenizer, pair, evalset, entries: list[dict], tok
         "decision_point_activity": activations["counts"],
     }
     results["table"] = claims_rows(results)
+    results["seconds"] = round(time.time() - started, 1)
     return results, generations
 
 

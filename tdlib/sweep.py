@@ -21,7 +21,7 @@ from .pair_data import data_for
 from .pair_files import model_shape
 from .pairs import Pair
 from .paper import reported
-from .results import atomic_write_text
+from .results import atomic_write_text, read_results
 from .runs import (BASE_MLPS_FILE, DamagedRunError, checkpoint_is_stale, load_named, read_run, run_dir,
                    spliced_target, train_root, write_run_info)
 from .splice import attach_adapters, get_mlp_choice, set_mlp_choice, spliced_mlps
@@ -407,6 +407,13 @@ def study_model(train_results: dict, choice: str | None = None) -> str:
         raise ValueError(f"adapter {choice!r} is not among notebook 01's runs {sorted(models)}; pass None, "
                          "'paper_l0' or one of those names")
     return choice
+
+
+def load_studied(pair: Pair, results_dir, choice: str | None = None, train_root: Path | None = None):
+    """The adapter model notebooks 04-06 study: its name (``study_model`` on notebook 01's results in
+    ``results_dir``) and the model (``load_named``, runs under ``train_root``, None: the pair's)."""
+    name = study_model(read_results("01_train", results_dir, config=pair.name), choice)
+    return name, load_named(pair, name, train_root)
 
 
 def analysis_models(models: dict) -> dict:

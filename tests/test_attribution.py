@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from families import with_random_adapters
 from tdlib import attribution as A
-from tdlib.attribution.graph_export import frontend_graph, plot_hesitation
+from tdlib.attribution.graph_export import example_graph, frontend_graph, plot_hesitation
 from tdlib.splice import set_mlp_choice
 
 TOKEN = 5
@@ -179,6 +179,80 @@ def test_frontend_json_links_known_nodes(graph, tmp_path):
     assert {"embedding", "logit"} <= kinds
     assert sum(node["is_target_logit"] for node in document["nodes"]) == 1
     json.dumps(document)
+
+
+def test_the_example_graph_is_the_graph_checked_pruned_and_written(model, ids, graph, tmp_path):
+    """Notebook 05's example graph in one call: the same graph ``attribute`` builds, checked exact, pruned, and
+    written as the frontend's JSON; its summary has the committed results' keys, in order."""
+    from pathlib import Path
+
+    example = example_graph(model, WordTokenizer(), ids, TOKEN, "frozen", A.StudyConfig(batch_size=16),
+                            n_linearity_nodes=10, node_threshold=0.8, edge_threshold=0.98, slug="tiny",
+                            scan="tiny:adapter", path=tmp_path / "graph.json")
+    assert torch.equal(example.graph.adjacency, graph.adjacency)
+    pruned = A.prune(graph, 0.8, 0.98)
+    assert torch.equal(example.pruned.node_mask, pruned.node_mask)
+    written = json.loads(example.path.read_text())
+    assert written == json.loads(json.dumps(frontend_graph(graph, pruned, WordTokenizer(), slug="tiny",
+                                                           scan="tiny:adapter", node_threshold=0.8)))
+    assert example.check == A.linearity_check(model, graph, n_nodes=10)
+    assert set(example.table()) == set(example.check) | {k for k, v in example.scores.items()
+                                                          if not isinstance(v, dict)}
+    assert f"kept {int(pruned.node_mask.sum())} nodes" in example.describe()
+    committed = json.loads((Path(__file__).resolve().parents[1] / "results" / "05_attribution.json").read_text())
+    summary = A.example_graph_summary(example, "graph.html")
+    assert list(summary) == list(committed["example_graph"])
+    assert summary["json"] == "graph.json" and summary["kept_edges"] == int(pruned.edge_mask.sum())
+
+
+def test_an_inexact_example_graph_is_refused_before_anything_is_written(model, ids, tmp_path, monkeypatch):
+    from tdlib.attribution import graph_export
+
+    def off_check(model, graph, n_nodes):
+        return {"max_row_identity_error": 1.0, "max_direct_effect_error": 0.0, "max_total_effect_error": 0.0,
+                "replay_vs_model_logit_error": 0.0}
+
+    monkeypatch.setattr(graph_export, "linearity_check", off_check)
+    with pytest.raises(AssertionError, match="max_row_identity_error"):
+        example_graph(model, WordTokenizer(), ids, TOKEN, "frozen", A.StudyConfig(batch_size=16),
+                      n_linearity_nodes=10, node_threshold=0.8, edge_threshold=0.98, slug="tiny", scan="tiny",
+                      path=tmp_path / "graph.json")
+    assert not (tmp_path / "graph.json").exists()
+
+
+def test_the_recorded_parameters_and_descriptions_read_the_study():
+    """What notebook 05 records and prints comes from its settings and results: the parameters in the committed
+    order, the selection and the study beside the paper's share."""
+    from pathlib import Path
+
+    from tdlib.paper import hesitation_share
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "results" / "05_attribution.json").read_text())
+    recorded = committed["parameters"]
+    settings = A.StudyConfig(influence_mass=recorded["influence_mass"], batch_size=7, max_feature_nodes=None,
+                             n_check_features=3, exclude_shared_prefix=False, small_removal=0.1)
+    parameters = A.study_parameters(settings, node_threshold=0.5, edge_threshold=0.9, max_per_problem=2,
+                                    search_problems=11, compare_modes=["relp"], selection_rule=None,
+                                    n_candidates=40, verify_min_drop=0.0)
+    assert list(parameters) == list(recorded)
+    assert (parameters["batch_size"], parameters["max_feature_nodes"], parameters["small_removal"]) == (7, None, 0.1)
+    assert parameters["search_problems"] == 11 and parameters["exclude_shared_prefix"] is False
+    study = {key: committed[key] for key in ("hesitation_features", "hesitation_share", "n_features_total",
+                                             "n_prompts", "selected_influence_share")}
+    line = A.describe_study(study, 12.0)
+    assert f"{hesitation_share():.2%}" in line and f"{study['hesitation_features']} hesitation features" in line
+    selection = committed["selection"]
+    text = A.describe_selection(study, selection)
+    assert repr(selection["rule"]) in text and len(text.splitlines()) == 2
+    assert f"{selection['held_out_within_prompt_rank_correlation']:.3f}" in text
+
+
+def test_prompt_sources_count_each_source_and_the_description_shows_the_first_prompt():
+    prompts = [A.HesitationPrompt([1, 2, 3], 0, 2, source="rollout"), A.HesitationPrompt([4, 5], 1, 1, "trace"),
+               A.HesitationPrompt([6], 2, 1, "rollout")]
+    assert A.prompt_sources(prompts) == {"rollout": 2, "trace": 1}
+    text = A.describe_prompts(prompts, 9, WordTokenizer(), " wait")
+    assert "at most 9 problems" in text and "1 - 3 tokens" in text and "' t1 t2 t3' -> ' wait'" in text
 
 
 def test_hesitation_study_selects_and_groups(model):

@@ -1,5 +1,8 @@
 """The pre-registered decision study (tdlib.decisions): its controls, statistics and tests, and its measures on
 the smoke organism's trained adapter run against plain PyTorch."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -198,6 +201,8 @@ def test_the_study_runs_end_to_end_and_writes_every_claim(smoke):
     assert results["sampled"]["adapter"]["n_responses"] == 8 and len(generations["adapter"].responses) == 8
     assert set(results["table"]) >= {"necessity, teacher-forced", "necessity, sampled", "sufficiency, teacher-forced"}
     assert results["preregistered"]["thresholds"]["min_excess_reduction"] == 0.5
+    committed = json.loads((Path(__file__).resolve().parents[1] / "results" / "06_ablation.json").read_text())
+    assert list(results) == list(committed["decision_study"]) and results["seconds"] >= 0  # timed inside
     views = D.study_rows(results, pair.hesitation_word)
     assert views["claims"] == results["table"]
     assert set(views["teacher_forced"]) == set(results["teacher_forced"])

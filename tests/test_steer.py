@@ -10,7 +10,7 @@ from tdlib.organism.build import eval_problems, get_config
 from tdlib.pairs import resolve_pair
 from tdlib.splice import mlp_choice
 from tdlib.ablation import (FALLBACK_SOURCE, AblationConfig, FeatureStats, collect_feature_stats, feature_sets_for,
-                            run_ablation_study, select_hesitation_features, summary_rows)
+                            example_responses, run_ablation_study, select_hesitation_features, summary_rows)
 from tdlib.steer import (ablate_features, add_feature_directions, clamp_features, feature_contribution,
                          features_by_layer, features_from_attribution, n_chosen, random_features)
 from tdlib.runs import load_adapters, load_named
@@ -260,6 +260,11 @@ def test_run_ablation_study_on_smoke(pair, model, tokenizer):
     assert {"hybrid", "target_steered_-0.5"} <= set(rows) and "notes" not in rows
     assert rows["ablated: both groups"]["wait_per_1k_tokens"] == results["ablated"]["wait_per_1k_tokens"]
     assert rows["adapter"]["wait_per_1k_tokens 95%"] == results["adapter"]["wait_per_1k_tokens_ci"]
+    shown = example_responses(evalset, generations, -0.5, n=2, width=20).splitlines()
+    assert shown[0] == f"{evalset.items[0].question} answer {evalset.items[0].answer}"
+    assert shown[1] == f"  {'adapter':>22}:{generations['adapter'].responses[0][:20]}"
+    assert sum(line.strip().startswith("target_steered_-0.5:") for line in shown) == 2
+    assert not any("clamped" in line for line in shown)
 
     from tdlib.plots import ablation_figure
     fig = ablation_figure(results, word="wait")

@@ -6,6 +6,7 @@ import shutil
 from tdlib.models import load_tokenizer
 from tdlib.pair_data import data_for
 import pytest
+import torch
 
 from tdlib.sweep import RunSpec, analysis_models, default_plan, local_mse_calibration, search_l1, sweep_checks, train_run
 from tdlib.runs import RUN_FILE, DamagedRunError, load_named, run_dir
@@ -126,3 +127,21 @@ def test_the_studied_adapter_is_a_parameter():
     assert study_model(train, "adapter_l1_1") == "adapter_l1_1"
     with pytest.raises(ValueError, match="not among notebook 01's runs"):
         study_model(train, "adapter_l1_7")
+
+
+def test_the_studied_adapter_is_loaded_by_the_name_notebook_01_chose(smoke_runs, tmp_path):
+    """Notebooks 04-06 load the adapter they study in one call: the name ``study_model`` reads from notebook 01's
+    results and the same run ``load_named`` loads."""
+    from tdlib.results import write_results
+    from tdlib.sweep import load_studied
+
+    pair, run = smoke_runs, default_plan(smoke_runs).run_names[0]
+    write_results("01_train", {"analysis_model": run, "models": {run: {"kind": "adapter", "l0": 2.0}}},
+                  config=pair.name, results_dir=tmp_path)
+    name, model = load_studied(pair, tmp_path)
+    assert name == run
+    reference = load_named(pair, run)
+    ids = torch.arange(1, 9)[None]
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    with pytest.raises(ValueError, match="not among notebook 01's runs"):
+        load_studied(pair, tmp_path, "adapter_l1_7")

@@ -53,18 +53,18 @@ from .checks import derivative_check, linearity_check, max_identity_error, repla
 from .graph import (AttributionGraph, PrunedGraph, graph_scores, logit_weights, node_influence, normalize_rows,
                     propagate, prune, total_effects)
 from .hesitation import (GROUPS, FEATURE_ROLES, FeatureEvidence, HesitationPrompt, StudyConfig, StudyEvidence,
-                         cut_at_token, gather_evidence, gather_modes, summarize_evidence,
+                         cut_at_token, describe_prompts, gather_evidence, gather_modes, summarize_evidence,
                          decoder_logit_effect, decoder_top_tokens, hesitation_prompts, hesitation_study,
                          hesitation_token, judge_mechanisms, rule_positions, select_features, set_overlap,
-                         shared_prefix_length,
+                         prompt_sources, shared_prefix_length,
                          study_prompts, summarize_study, trace_prompts)
 from .interventions import (agreement, calibration_slope, intervention_records, rank_correlation, removal_effects,
                             two_scale_agreement)
 from .selection import (GRADIENT, VERIFIED, GradientEvidence, agreement_on, candidate_pool, compare_rules,
                         feature_removals, features_by_drop, gradient_evidence, rule_scores, select_by_held_out_rule,
-                        rule_rows, split_by_problem, study_modes, verified_features)
+                        describe_selection, rule_rows, split_by_problem, study_modes, verified_features)
 from .replay import MODES, FrozenPrompt, Replay, freeze
-from .results import attribution_results, example_graph_summary, mode_agreement
+from .results import attribution_results, describe_study, example_graph_summary, mode_agreement, study_parameters
 
 __all__ = [
     "attribute", "fold_into_errors", "select_features_by_influence", "derivative_check", "linearity_check",
@@ -80,5 +80,5 @@ __all__ = [
     "GRADIENT", "GradientEvidence", "features_by_drop", "gradient_evidence",
     "rank_correlation", "removal_effects", "MODES", "FrozenPrompt", "Replay", "freeze", "attribution_results",
     "example_graph_summary", "mode_agreement", "study_prompts", "gather_modes", "require_exact", "study_modes",
-    "rule_rows",
+    "rule_rows", "describe_prompts", "prompt_sources", "describe_selection", "describe_study", "study_parameters",
 ]

@@ -7,11 +7,14 @@ tokens, ``{n_layers + 1}_{token}_{pos}`` for the logit). circuit-tracer itself i
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 
-from . import AttributionGraph, PrunedGraph
+from . import (AttributionGraph, PrunedGraph, StudyConfig, attribute, graph_scores, linearity_check, prune,
+               require_exact)
 from .graph_page import ERROR_MEANING
 from ..paper import hesitation_share
 from ..results import atomic_write_text, resolve
@@ -102,6 +105,54 @@ def write_frontend_graph(document: dict, path: str | Path) -> Path:
     path = resolve(path)
     atomic_write_text(path, json.dumps(document, indent=1))
     return path
+
+
+class ExampleGraph(NamedTuple):
+    """One prompt's attribution graph, checked exact, pruned and written for the frontend (``example_graph``)."""
+
+    graph: AttributionGraph
+    pruned: PrunedGraph
+    check: dict
+    """``linearity_check``'s discrepancies (each within tolerance: ``require_exact`` passed)."""
+    scores: dict
+    """``graph_scores``: replacement score, completeness and the signed decomposition of the logit."""
+    seconds: float
+    """Time to attribute the graph."""
+    path: Path
+    """The frontend JSON."""
+
+    def describe(self) -> str:
+        graph = self.graph
+        return (f"mode {graph.state.mode}: {graph.n_pos} tokens, {graph.n_active_features} active features "
+                f"({graph.n_features} as nodes), {graph.n_nodes} nodes, {self.seconds:.1f} s; kept "
+                f"{int(self.pruned.node_mask.sum())} nodes, {int(self.pruned.edge_mask.sum())} edges -> {self.path}")
+
+    def table(self) -> dict:
+        """The check and the scalar scores, one row each."""
+        return {**self.check, **{k: v for k, v in self.scores.items() if not isinstance(v, dict)}}
+
+    def signed_effects(self) -> dict:
+        """Per source (tokens, error nodes, bias): its signed total and direct effect on the logit."""
+        return {"signed total effect (tokens/errors/bias)": self.scores["signed_total"],
+                "signed direct effect on the logit": self.scores["signed_direct"]}
+
+
+def example_graph(model, tokenizer, input_ids, token: int, mode: str, settings: StudyConfig, *,
+                  n_linearity_nodes: int, node_threshold: float, edge_threshold: float, slug: str, scan: str,
+                  path: str | Path) -> ExampleGraph:
+    """Attribute one prompt in ``mode`` (with the study ``settings``' batch size and feature-node cap), check that the graph is
+    exact on the prompt (``linearity_check`` with ``n_linearity_nodes`` removals, then ``require_exact``: raises
+    otherwise), prune it and write it as the frontend's JSON to ``path``."""
+    started = time.time()
+    graph = attribute(model, input_ids, token, batch_size=settings.batch_size, progress=True,
+                      max_feature_nodes=settings.max_feature_nodes, mode=mode)
+    seconds = time.time() - started
+    check = linearity_check(model, graph, n_nodes=n_linearity_nodes)
+    scores = graph_scores(graph)
+    require_exact(check, graph)
+    pruned = prune(graph, node_threshold, edge_threshold)
+    document = frontend_graph(graph, pruned, tokenizer, slug=slug, scan=scan, node_threshold=node_threshold)
+    return ExampleGraph(graph, pruned, check, scores, seconds, write_frontend_graph(document, path))
 
 
 def plot_hesitation(study: dict, word: str):

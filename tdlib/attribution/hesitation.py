@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -107,6 +108,18 @@ def study_prompts(target, tokenizer, pair, evalset, n_prompts: int, max_per_prob
         raise ValueError(f"no {word!r} in the target's rollouts or the reference traces: nothing to attribute; "
                          "check the pair's hesitation_word")
     return prompts, len(search)
+
+
+def prompt_sources(prompts: list[HesitationPrompt]) -> dict[str, int]:
+    """How many prompts came from each source (the target's rollouts, the reference traces)."""
+    return dict(Counter(p.source for p in prompts))
+
+
+def describe_prompts(prompts: list[HesitationPrompt], n_searched: int, tokenizer, word: str) -> str:
+    """``study_prompts``' outcome: where the prompts came from, their lengths and the first one."""
+    lengths = [len(p.input_ids) for p in prompts]
+    return (f"at most {n_searched} problems rolled out; {prompt_sources(prompts)} | prompt lengths: {min(lengths)} - "
+            f"{max(lengths)} tokens\n{tokenizer.decode(prompts[0].input_ids)!r} -> {word!r}")
 
 
 def rule_positions(tokenizer, ids: list[int], prompt_tokens: int) -> list[bool]:

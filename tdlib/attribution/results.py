@@ -43,12 +43,35 @@ def mode_agreement(studies: dict, study_seconds: dict) -> dict:
     return table
 
 
-def example_graph_summary(graph, pruned, scores: dict, seconds: float, json_name: str, page_name: str) -> dict:
-    """The example graph: its size, pruning, scores and the files that show it."""
+def example_graph_summary(example, page_name: str) -> dict:
+    """The example graph (``graph_export.example_graph``'s ``ExampleGraph``): its size, pruning, scores and the files
+    that show it."""
+    graph, pruned = example.graph, example.pruned
     return {"n_tokens": graph.n_pos, "n_features": graph.n_features, "mode": graph.state.mode,
-            "n_active_features": graph.n_active_features, "seconds": seconds,
+            "n_active_features": graph.n_active_features, "seconds": example.seconds,
             "kept_nodes": int(pruned.node_mask.sum()), "kept_edges": int(pruned.edge_mask.sum()),
-            "scores": scores, "json": json_name, "page": page_name}
+            "scores": example.scores, "json": example.path.name, "page": page_name}
+
+
+def study_parameters(settings, *, node_threshold: float, edge_threshold: float, max_per_problem: int,
+                     search_problems: int, compare_modes: list, selection_rule: str | None, n_candidates: int,
+                     verify_min_drop: float) -> dict:
+    """The parameters ``05_attribution.json`` records: the study ``settings`` (``StudyConfig``) and the rest of
+    notebook 05's knobs (``search_problems``: the number of problems actually rolled out)."""
+    return {"node_threshold": node_threshold, "edge_threshold": edge_threshold,
+            "influence_mass": settings.influence_mass, "output_direct_share": settings.output_direct_share,
+            "max_per_problem": max_per_problem, "search_problems": search_problems, "batch_size": settings.batch_size,
+            "max_feature_nodes": settings.max_feature_nodes, "n_check_features": settings.n_check_features,
+            "exclude_shared_prefix": settings.exclude_shared_prefix, "compare_modes": compare_modes,
+            "selection_rule": selection_rule, "small_removal": settings.small_removal, "n_candidates": n_candidates,
+            "verify_min_drop": verify_min_drop}
+
+
+def describe_study(study: dict, seconds: float) -> str:
+    """The selected set in one line, beside the paper's share (``paper_reference``)."""
+    return (f"{study['hesitation_features']} hesitation features = {100 * study['hesitation_share']:.2f}% of "
+            f"{study['n_features_total']} (paper: {paper_reference()['hesitation_share']:.2%}); {seconds:.0f} s for "
+            f"{study['n_prompts']} graphs")
 
 
 def paper_reference() -> dict:

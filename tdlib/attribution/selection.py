@@ -18,6 +18,8 @@ made on:
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm.auto import tqdm
 
@@ -301,7 +303,9 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
     selects by influence mass on the selection prompts (``studies[mode]``); the gradient and verified rules select
     from the candidate pool by predicted or measured drop (``features_by_drop``), grouped by the graphs of the
     adapter-model mode that ranked best on the selection half. The record also holds the gradient rule's node
-    predictions against the graph modes' intervention checks (``gradient_check``)."""
+    predictions against the graph modes' intervention checks (``gradient_check``) and the time it took
+    (``seconds``)."""
+    started = time.time()
     prefix = next(iter(studies.values()))["shared_prefix_tokens"]
     evidences = {**evidences, GRADIENT: gradient_evidence(model, prompts, token, prefix, selection,
                                                           progress=progress)}
@@ -332,9 +336,21 @@ def select_by_held_out_rule(model, tokenizer, prompts, token: int, evidences: di
               "selection_prompts": selection, "evaluation_prompts": evaluation,
               "parameters": {"n_candidates": n_candidates, "influence_mass": influence_mass, "min_drop": min_drop},
               "selected_influence_share": study["selected_influence_share"],
-              "hesitation_features": study["hesitation_features"], "gradient_check": gradient_check}
+              "hesitation_features": study["hesitation_features"], "gradient_check": gradient_check,
+              "seconds": round(time.time() - started, 1)}
     study["selection_rule"] = rule
     return study, record
+
+
+def describe_selection(study: dict, selection: dict) -> str:
+    """``select_by_held_out_rule``'s outcome in two lines: the rule, its held-out agreement with removals and the
+    set it selected; the nothing-frozen gradient's agreement with the same removals, per scale."""
+    gradient = {scale: round(v["within_prompt_rank_correlation"], 3)
+                for scale, v in selection["gradient_check"].items()}
+    return (f"rule {selection['rule']!r} (chosen on the selection half: {selection['chosen_on_selection_half']!r}); "
+            f"held-out within-prompt rank correlation {selection['held_out_within_prompt_rank_correlation']:.3f}; "
+            f"{study['hesitation_features']} features carrying {study['selected_influence_share']:.0%} of the "
+            f"influence\ngradient x activation (nothing frozen) against the same removals: {gradient}")
 
 
 def rule_rows(selection: dict) -> dict[str, dict]:

@@ -16,7 +16,7 @@ mechanism that fires (``crossing``, ``repeat``, ``slip``) or none. On them we me
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -422,10 +422,12 @@ def answer_key_study(pair, adapter_model, target, tokenizer, *, study: dict, mod
                      train_root=None, progress=print) -> dict:
     """Notebook 05 on the organism: the selected hesitation features (``study``) scored against the answer key on
     the last ``n_truth_problems`` held-out problems (``score_against_rule``); a study per planted mechanism on
-    prompts cut at its decision points (``settings``: the per-mechanism ``StudyConfig``) and every set scored with
+    prompts cut at its decision points (``settings``: the study's ``StudyConfig``, here in the selected mode and
+    without the intervention check) and every set scored with
     baselines (``mechanism_benchmark``); with ``stability_seed``, the same for the analysis adapter retrained with
     that seed (Jaccard overlap and AUROC of each set). ``mode_study``: the selected mode's own study (the like-for-like
     set the seeds are compared on). Returns the entries of ``05_attribution.json`` these fill."""
+    settings = replace(settings, mode=study["mode"], n_check_features=0)
     problems = eval_problems(get_config(pair.name))
     n_truth = min(n_truth_problems, len(problems) // 2)  # the tiny smoke organism has 32 problems
     truth_problems, selection_problems = problems[-n_truth:], problems[:len(problems) - n_truth]
