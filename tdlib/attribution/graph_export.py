@@ -140,9 +140,9 @@ class ExampleGraph(NamedTuple):
 def example_graph(model, tokenizer, input_ids, token: int, mode: str, settings: StudyConfig, *,
                   n_linearity_nodes: int, node_threshold: float, edge_threshold: float, slug: str, scan: str,
                   path: str | Path) -> ExampleGraph:
-    """Attribute one prompt in ``mode`` (with the study ``settings``' batch size and feature-node cap), check that the graph is
-    exact on the prompt (``linearity_check`` with ``n_linearity_nodes`` removals, then ``require_exact``: raises
-    otherwise), prune it and write it as the frontend's JSON to ``path``."""
+    """Attribute one prompt in ``mode`` (with the study ``settings``' batch size and feature-node cap), check that
+    the graph is exact on the prompt (``linearity_check`` with ``n_linearity_nodes`` removals, then
+    ``require_exact``: raises otherwise), prune it and write it as the frontend's JSON to ``path``."""
     started = time.time()
     graph = attribute(model, input_ids, token, batch_size=settings.batch_size, progress=True,
                       max_feature_nodes=settings.max_feature_nodes, mode=mode)
